@@ -1,0 +1,219 @@
+"""VLMModule: a Hugging Face VLM as a LightningModule.
+
+Trains with the LM loss on answer tokens, validates with teacher-forced loss and greedy generation scored by the
+task metrics, and hands the model to every compression plugin in ``configure_model`` (the plugin contract in
+:mod:`framework.plugin`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn as nn
+from typing_extensions import override
+
+from framework.metrics import MeanTokenLoss, TaskMetrics
+from framework.models import load_vlm
+from framework.plugin import check_plugins, find_plugins
+from framework.processing import VLMProcessor, family_for
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+
+
+def model_inputs(batch: dict[str, Any], *, labels: bool = True) -> dict[str, Any]:
+    """The tensors of a batch that the HF forward takes."""
+    keys = MODEL_INPUTS if labels else MODEL_INPUTS[:2] + MODEL_INPUTS[3:]
+    return {k: batch[k] for k in keys if k in batch}
+
+
+class VLMModule(pl.LightningModule):
+    """A VLM trained on answer tokens, evaluated by generation.
+
+    Args:
+        model: tiny spec JSON (built offline), local HF folder, or hub id of an image-text-to-text model.
+        text_gguf: GGUF file (or ``smollm2``) loaded into the text tower of a tiny spec.
+        tokenizer: tokenizer override (file or folder).
+        trust_remote_code: allow checkpoint code; off unless you trust the checkpoint.
+        dtype: weight dtype after loading (``float32``, ``bfloat16``, ``float16``); mixed precision is the
+            Trainer's ``precision``.
+        lr: peak learning rate of AdamW.
+        weight_decay: AdamW weight decay (not applied to norms, biases and embeddings).
+        betas: AdamW betas.
+        warmup_fraction: share of training spent warming the learning rate up linearly.
+        min_lr_ratio: final learning rate of the cosine decay, as a fraction of ``lr``.
+        max_new_tokens: generation length during validation.
+        generate_batches: validation batches per task that are also scored by generation (-1: all).
+        max_length: default longest sequence when no datamodule sets it.
+
+    Example::
+
+        model:
+          class_path: framework.VLMModule
+          init_args: {model: experiments/models/llava-tiny.json, lr: 2.0e-3}
+    """
+
+    def __init__(
+        self,
+        model: str = "experiments/models/llava-tiny.json",
+        text_gguf: str | None = None,
+        tokenizer: str | None = None,
+        trust_remote_code: bool = False,
+        dtype: str | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_fraction: float = 0.05,
+        min_lr_ratio: float = 0.1,
+        max_new_tokens: int = 64,
+        generate_batches: int = 1,
+        max_length: int = 512,
+    ) -> None:
+        super().__init__()
+        if not (lr > 0 and math.isfinite(lr)):
+            raise ValueError(f"model.lr: must be a positive number, got {lr}")
+        if not 0 <= warmup_fraction < 1:
+            raise ValueError(f"model.warmup_fraction: must be in [0, 1), got {warmup_fraction}")
+        if not 0 <= min_lr_ratio <= 1:
+            raise ValueError(f"model.min_lr_ratio: must be in [0, 1], got {min_lr_ratio}")
+        if max_new_tokens < 1:
+            raise ValueError(f"model.max_new_tokens: must be >= 1, got {max_new_tokens}")
+        if generate_batches < -1:
+            raise ValueError(f"model.generate_batches: must be -1 (all) or >= 0, got {generate_batches}")
+        self.save_hyperparameters()
+        loaded = load_vlm(model, text_gguf=text_gguf, tokenizer=tokenizer, trust_remote_code=trust_remote_code,
+                          dtype=dtype)
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.image_processor = loaded.image_processor
+        self.processor = VLMProcessor(family_for(self.model.config, loaded.tokenizer, loaded.image_processor),
+                                      max_length)
+        self.val_metrics = nn.ModuleDict()
+        self.val_losses = nn.ModuleDict()
+
+    # ------------------------------------------------------------------ structure
+    @override
+    def configure_model(self) -> None:
+        plugins = find_plugins(self._trainer)
+        for plugin in plugins:
+            plugin.transform(self.model)
+        check_plugins(plugins, self.model)
+
+    @override
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is None:
+            return
+        if hasattr(datamodule, "max_length"):
+            self.processor.max_length = datamodule.max_length
+        if hasattr(datamodule, "check_lengths"):
+            datamodule.check_lengths(self.processor)
+        for task in getattr(datamodule, "val_sets", {}):
+            if task not in self.val_metrics:
+                self.val_metrics[task] = TaskMetrics(task)
+                self.val_losses[task] = MeanTokenLoss()
+
+    # ------------------------------------------------------------------ training
+    @override
+    def forward(self, **inputs: Any) -> Any:
+        return self.model(**inputs)
+
+    @override
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        out = self.model(**model_inputs(batch))
+        tokens = int((batch["labels"] != -100).sum())
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=tokens)
+        return out.loss
+
+    @override
+    def configure_optimizers(self) -> dict[str, Any]:
+        decay, no_decay = [], []
+        for name, param in self.model.named_parameters():
+            if not param.requires_grad:
+                continue
+            # Norms, biases and embeddings are not decayed (the usual transformer recipe).
+            (no_decay if param.ndim < 2 or "embed" in name or "norm" in name else decay).append(param)
+        if not decay and not no_decay:
+            raise ValueError("no trainable parameters: every parameter is frozen by the configured plugins")
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.lr,
+            betas=tuple(hp.betas),
+            fused=self.device.type == "cuda",
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(total * hp.warmup_fraction)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup,
+                                                                                       hp.min_lr_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ------------------------------------------------------------------ evaluation
+    def _eval_step(self, batch: dict[str, Any], batch_idx: int, stage: str) -> None:
+        task = batch["task"]
+        out = self.model(**model_inputs(batch))
+        self.val_losses[task].update(out.logits, batch["labels"])
+        limit = self.hparams.generate_batches
+        if limit == -1 or batch_idx < limit:
+            predictions = self.generate(batch["prompt_inputs"])
+            self.val_metrics[task].update(predictions, batch["samples"])
+
+    @override
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, batch_idx, "val")
+
+    @override
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, batch_idx, "test")
+
+    def _log_eval(self, stage: str) -> None:
+        losses = []
+        for task, loss_metric in self.val_losses.items():
+            if not loss_metric.update_called:
+                continue
+            loss = loss_metric.compute()
+            losses.append(loss)
+            self.log(f"{stage}/{task}/loss", loss, sync_dist=False)
+            self.log(f"{stage}/{task}/ppl", torch.exp(loss), sync_dist=False)
+            loss_metric.reset()
+            metrics = self.val_metrics[task]
+            if metrics.update_called:
+                for name, value in metrics.compute().items():
+                    self.log(f"{stage}/{task}/{name}", value, sync_dist=False)
+            metrics.reset()
+        if losses:
+            self.log(f"{stage}/loss", torch.stack(losses).mean(), prog_bar=True, sync_dist=False)
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val")
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
+
+    @torch.no_grad()
+    def generate(self, prompt_inputs: dict[str, Any], max_new_tokens: int | None = None) -> list[str]:
+        """Greedy answers for a left-padded prompt batch (see :meth:`VLMProcessor.encode`)."""
+        inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in prompt_inputs.items()}
+        if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        width = inputs["input_ids"].shape[1]
+        output = self.model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens or self.hparams.max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.processor.pad_id,
+            eos_token_id=self.processor.eos_id,
+        )
+        return self.processor.decode(output[:, width:])
+
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Linear warm-up then cosine decay to ``min_ratio``."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -1,0 +1,139 @@
+"""The one contract every compression technique follows.
+
+A technique is a Lightning ``Callback`` subclassing :class:`CompressionPlugin`. Lightning runs
+callback.setup -> module.setup -> module.configure_model -> checkpoint restore -> optimizers -> on_fit_start, so:
+
+1. Structure changes happen in :meth:`CompressionPlugin.transform`, which :class:`framework.module.VLMModule`
+   calls from ``configure_model``: after the HF model exists, before any checkpoint is restored and before the
+   optimizer sees the parameters. ``transform`` must be idempotent. Masks, gates and quantizers are modules,
+   parameters or buffers of the model, so they are checkpointed with it and reach the optimizer.
+2. Training-time behaviour lives in the ordinary Lightning hooks; schedules are measured in steps
+   (``trainer.global_step`` against ``trainer.estimated_stepping_batches``), never in wall time.
+3. Callback state is scalars only (:meth:`plugin_state` / :meth:`load_plugin_state`); tensors live in the model.
+4. Arguments are checked in ``__init__`` (errors name the YAML key); model-dependent checks in ``transform``.
+5. Modules are chosen with :class:`framework.selection.ModuleSelection`.
+6. Logs go to ``compression/<plugin name>/<metric>`` through :meth:`log_metric`; :meth:`summary` feeds the run's
+   machine-readable summary.
+7. Export: :meth:`prepare_export` turns the trained model into what is deployed (e.g. bakes masks into weights)
+   and :meth:`export_artifacts` writes the plugin's own files beside the HF model.
+8. :meth:`claims` names the parameters a plugin rewrites so two plugins that would fight over the same weights
+   fail at start-up; :meth:`check_compatible` covers other meaningless combinations.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+from lightning.pytorch import Callback, LightningModule, Trainer
+from typing_extensions import override
+
+
+class PluginConflictError(ValueError):
+    """Two plugins in one run cannot be combined."""
+
+
+class CompressionPlugin(Callback):
+    """Base class of every compression plugin.
+
+    Subclasses set :attr:`name` (the log namespace) and override the hooks they need. Only scalar state is kept
+    on the callback; it is saved in the checkpoint under :attr:`state_key`.
+    """
+
+    name: str = "plugin"
+    #: Whether the parameters this plugin rewrites may also be rewritten by another plugin.
+    exclusive_claims: bool = True
+
+    # ----------------------------------------------------------------- structure
+    def transform(self, model: nn.Module) -> None:
+        """Change the model's structure (add masks, gates, quantizers...). Idempotent."""
+
+    def claims(self, model: nn.Module) -> set[str]:
+        """Qualified names of the parameters this plugin rewrites (after :meth:`transform`)."""
+        return set()
+
+    def check_compatible(self, others: list[CompressionPlugin]) -> None:
+        """Raise :class:`PluginConflictError` if this plugin cannot run beside ``others``."""
+
+    # ----------------------------------------------------------------- state
+    def plugin_state(self) -> dict[str, int | float | str | bool | None]:
+        """Scalar state to checkpoint (counters, schedule position, flags)."""
+        return {}
+
+    def load_plugin_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`plugin_state` returned."""
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return f"{type(self).__qualname__}[{self.name}]"
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state = self.plugin_state()
+        for key, value in state.items():
+            if not isinstance(value, (int, float, str, bool, type(None))):
+                raise TypeError(
+                    f"{type(self).__name__}.plugin_state()['{key}'] is a {type(value).__name__}; plugin state must "
+                    "be scalars (keep tensors in the model as buffers or parameters)"
+                )
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.load_plugin_state(dict(state_dict))
+
+    # ----------------------------------------------------------------- logging and results
+    def log_metric(self, pl_module: LightningModule, metric: str, value: float, **kwargs: Any) -> None:
+        """Log under ``compression/<name>/<metric>``."""
+        kwargs.setdefault("on_step", True)
+        kwargs.setdefault("on_epoch", False)
+        pl_module.log(f"compression/{self.name}/{metric}", float(value), **kwargs)
+
+    def summary(self, model: nn.Module) -> dict[str, float | int | str]:
+        """Final numbers of the run for the machine-readable summary (e.g. sparsity reached)."""
+        return {}
+
+    # ----------------------------------------------------------------- export
+    def prepare_export(self, model: nn.Module) -> None:
+        """Turn ``model`` (a copy) into what is deployed, removing anything HF cannot save or load."""
+
+    def export_artifacts(self, model: nn.Module, directory: Path) -> list[str]:
+        """Write the plugin's own files into ``directory``; return their names."""
+        return []
+
+
+def find_plugins(trainer: Trainer | None) -> list[CompressionPlugin]:
+    """The compression plugins among a trainer's callbacks, in config order."""
+    if trainer is None:
+        return []
+    return [cb for cb in trainer.callbacks if isinstance(cb, CompressionPlugin)]
+
+
+def check_plugins(plugins: list[CompressionPlugin], model: nn.Module) -> None:
+    """Start-up checks across plugins: unique log names, declared conflicts, overlapping claims.
+
+    Raises:
+        PluginConflictError: naming both plugins and the reason.
+    """
+    seen: dict[str, CompressionPlugin] = {}
+    for plugin in plugins:
+        if plugin.state_key in seen:
+            raise PluginConflictError(
+                f"two {type(plugin).__name__} plugins share the name {plugin.name!r}; give each a distinct `name` "
+                "so their state and logs do not collide"
+            )
+        seen[plugin.state_key] = plugin
+    for plugin in plugins:
+        plugin.check_compatible([other for other in plugins if other is not plugin])
+    owners: dict[str, CompressionPlugin] = {}
+    for plugin in plugins:
+        for param in sorted(plugin.claims(model)):
+            other = owners.get(param)
+            if other is not None and (plugin.exclusive_claims or other.exclusive_claims):
+                raise PluginConflictError(
+                    f"{other.name!r} ({type(other).__name__}) and {plugin.name!r} ({type(plugin).__name__}) both "
+                    f"rewrite {param}; narrow one plugin's `targets` so they do not overlap"
+                )
+            owners[param] = plugin

@@ -1,0 +1,164 @@
+"""Turning samples into model inputs, for each supported VLM family.
+
+The HF image processor of each family prepares pixels; the family knows how many placeholder tokens an image
+takes and which extra inputs its forward needs. Text is laid out without a chat template, which tiny models
+trained here do not have::
+
+    <bos>[image placeholder]<prompt>\\n<answer><eos>
+
+Labels are ``-100`` on the prompt and padding, so the loss covers answer tokens only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from framework.data.sample import Sample
+
+IGNORE_INDEX = -100
+
+
+class Family:
+    """How one VLM family lays out image tokens."""
+
+    model_types: tuple[str, ...] = ()
+    image_token: str = "<image>"
+
+    def __init__(self, config: Any, tokenizer: Any, image_processor: Any) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+
+    def pixel_inputs(self, images: list) -> tuple[dict[str, torch.Tensor], list[int]]:
+        """Pixel tensors for ``images`` and the number of placeholder tokens each image takes."""
+        raise NotImplementedError
+
+    def placeholder(self, n_tokens: int) -> str:
+        return self.image_token * n_tokens
+
+    def extra_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {}
+
+
+class LlavaFamily(Family):
+    """LLaVA: CLIP-like tower, a fixed number of patch tokens per image."""
+
+    model_types = ("llava",)
+
+    def __init__(self, config: Any, tokenizer: Any, image_processor: Any) -> None:
+        super().__init__(config, tokenizer, image_processor)
+        self.image_token = tokenizer.convert_ids_to_tokens(config.image_token_index)
+        vision = config.vision_config
+        n = (vision.image_size // vision.patch_size) ** 2
+        if config.vision_feature_select_strategy == "full":
+            n += 1
+        self.tokens_per_image = n
+
+    def pixel_inputs(self, images: list) -> tuple[dict[str, torch.Tensor], list[int]]:
+        out = self.image_processor(images=images, return_tensors="pt")
+        return {"pixel_values": out["pixel_values"]}, [self.tokens_per_image] * len(images)
+
+
+class QwenVLFamily(Family):
+    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL: dynamic resolution, tokens = grid cells / merge^2."""
+
+    model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+    def __init__(self, config: Any, tokenizer: Any, image_processor: Any) -> None:
+        super().__init__(config, tokenizer, image_processor)
+        self.image_token = tokenizer.convert_ids_to_tokens(config.image_token_id)
+        self.start = tokenizer.convert_ids_to_tokens(config.vision_start_token_id)
+        self.end = tokenizer.convert_ids_to_tokens(config.vision_end_token_id)
+        self.merge = image_processor.merge_size
+
+    def pixel_inputs(self, images: list) -> tuple[dict[str, torch.Tensor], list[int]]:
+        out = self.image_processor(images=images, return_tensors="pt")
+        grid = out["image_grid_thw"]
+        counts = [int(g.prod()) // (self.merge**2) for g in grid]
+        return {"pixel_values": out["pixel_values"], "image_grid_thw": grid}, counts
+
+    def placeholder(self, n_tokens: int) -> str:
+        return self.start + self.image_token * n_tokens + self.end
+
+    def extra_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        # Qwen-VL's rotary positions need to know which tokens are image tokens.
+        return {"mm_token_type_ids": (input_ids == self.config.image_token_id).long()}
+
+
+FAMILIES: tuple[type[Family], ...] = (LlavaFamily, QwenVLFamily)
+
+
+def family_for(config: Any, tokenizer: Any, image_processor: Any) -> Family:
+    """The :class:`Family` for an HF config, or a clear error for an unsupported one."""
+    for family in FAMILIES:
+        if config.model_type in family.model_types:
+            return family(config, tokenizer, image_processor)
+    known = sorted(t for f in FAMILIES for t in f.model_types)
+    raise ValueError(f"model: VLM family {config.model_type!r} is not supported yet; supported: {known}")
+
+
+@dataclass
+class EncodedPrompt:
+    ids: list[int]
+    answer_ids: list[int]
+
+
+class VLMProcessor:
+    """Encodes :class:`Sample` batches for training (right padding) and generation (left padding).
+
+    Args:
+        family: the model family (knows the image placeholder).
+        max_length: longest sequence allowed (prompt + answer); longer samples raise.
+    """
+
+    def __init__(self, family: Family, max_length: int) -> None:
+        self.family = family
+        self.tokenizer = family.tokenizer
+        self.max_length = max_length
+        self.pad_id = self.tokenizer.pad_token_id
+        self.eos_id = self.tokenizer.eos_token_id
+        self.bos_id = self.tokenizer.bos_token_id
+        if self.pad_id is None:
+            self.pad_id = self.eos_id
+
+    def _tokens(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def encode(self, samples: list[Sample], *, with_answer: bool = True) -> dict[str, Any]:
+        """A padded batch. With ``with_answer`` the answer and EOS follow the prompt and labels are set."""
+        images = [s.image for s in samples if s.image is not None]
+        pixel, counts = self.family.pixel_inputs(images) if images else ({}, [])
+        counts_iter = iter(counts)
+        rows: list[tuple[list[int], list[int]]] = []
+        for sample in samples:
+            text = self.family.placeholder(next(counts_iter)) if sample.image is not None else ""
+            prompt = ([self.bos_id] if self.bos_id is not None else []) + self._tokens(text + sample.prompt + "\n")
+            answer = self._tokens(sample.answer) + [self.eos_id] if with_answer else []
+            if len(prompt) + len(answer) > self.max_length:
+                raise ValueError(
+                    f"{sample.source or sample.task}: prompt + answer take {len(prompt) + len(answer)} tokens but "
+                    f"data.max_length is {self.max_length}; raise max_length or shorten the sample"
+                )
+            rows.append((prompt, answer))
+        width = max(len(p) + len(a) for p, a in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        for i, (prompt, answer) in enumerate(rows):
+            seq = prompt + answer
+            # Generation pads on the left so every prompt ends where new tokens begin.
+            start = 0 if with_answer else width - len(seq)
+            ids[i, start : start + len(seq)] = torch.tensor(seq)
+            mask[i, start : start + len(seq)] = 1
+            if with_answer:
+                labels[i, len(prompt) : len(seq)] = torch.tensor(answer)
+        batch: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, **pixel, **self.family.extra_inputs(ids)}
+        if with_answer:
+            batch["labels"] = labels
+        return batch
+
+    def decode(self, ids: torch.Tensor) -> list[str]:
+        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]

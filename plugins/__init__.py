@@ -1,0 +1,1 @@
+"""Compression techniques, one package each; each depends on framework/ only."""

@@ -1,0 +1,134 @@
+"""Building, loading and encoding for both supported VLM families, and the bad inputs of model loading."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAMILY_SPECS, MODELS
+
+from framework.data.sample import Sample
+from framework.data.tasks import make_task
+from framework.models import load_vlm, resolve_gguf
+from framework.processing import IGNORE_INDEX, VLMProcessor, family_for
+
+
+def _processor(loaded, max_length: int = 4096) -> VLMProcessor:
+    return VLMProcessor(family_for(loaded.model.config, loaded.tokenizer, loaded.image_processor), max_length)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_SPECS))
+def test_family_trains_and_generates(family: str) -> None:
+    torch.manual_seed(0)
+    loaded = load_vlm(str(FAMILY_SPECS[family]))
+    assert loaded.model.config.model_type == family
+    processor = _processor(loaded)
+    samples = [make_task("caption", image_size=64)[0], make_task("autofill", image_size=64)[1],
+               make_task("longcall", min_words=320, max_words=400)[2]]
+    batch = processor.encode(samples)
+    # Labels cover exactly the answer tokens plus EOS of each row.
+    for row, sample in zip(batch["labels"], samples):
+        answer = processor.tokenizer(sample.answer, add_special_tokens=False)["input_ids"] + [processor.eos_id]
+        assert row[row != IGNORE_INDEX].tolist() == answer
+    out = loaded.model(**batch)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    grads = [p.grad for p in loaded.model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    # Generation from left-padded prompts: one output row per sample, prompts untouched.
+    prompts = processor.encode(samples, with_answer=False)
+    assert (prompts["attention_mask"][:, -1] == 1).all(), "prompts must be left padded"
+    generated = loaded.model.generate(**prompts, max_new_tokens=4, do_sample=False, pad_token_id=processor.pad_id)
+    assert generated.shape[0] == 3 and torch.equal(generated[:, : prompts["input_ids"].shape[1]], prompts["input_ids"])
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_SPECS))
+def test_image_placeholders_match_features(family: str) -> None:
+    loaded = load_vlm(str(FAMILY_SPECS[family]))
+    processor = _processor(loaded)
+    batch = processor.encode([make_task("caption", image_size=64)[i] for i in range(2)])
+    image_id = loaded.model.config.image_token_index if family == "llava" else loaded.model.config.image_token_id
+    n_placeholders = int((batch["input_ids"] == image_id).sum())
+    features = loaded.model.get_image_features(**{k: batch[k] for k in batch if k in ("pixel_values", "image_grid_thw")})
+    features = features.pooler_output if hasattr(features, "pooler_output") else features
+    n_features = sum(f.shape[0] for f in features) if isinstance(features, (list, tuple)) else features.shape[0] * features.shape[1]
+    assert n_placeholders == n_features
+
+
+def test_answer_longer_than_context_names_sample() -> None:
+    loaded = load_vlm(str(FAMILY_SPECS["llava"]))
+    processor = _processor(loaded, max_length=32)
+    sample = Sample(task="t", prompt="hi", answer="word " * 100, image=None, source="data.jsonl:7")
+    with pytest.raises(ValueError, match=r"data.jsonl:7.*max_length is 32"):
+        processor.encode([sample])
+
+
+def test_missing_inputs_fail_clearly(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="tiny model spec .*nope.json does not exist"):
+        load_vlm(str(tmp_path / "nope.json"))
+    with pytest.raises(FileNotFoundError, match="checkpoint folder .* does not exist"):
+        load_vlm(str(tmp_path / "no" / "such" / "folder"))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"hf_config": {}}))
+    with pytest.raises(ValueError, match="'hf_config' and 'image_processor'"):
+        load_vlm(str(bad))
+    with pytest.raises(ValueError, match="model.dtype"):
+        load_vlm(str(FAMILY_SPECS["llava"]), dtype="float8")
+    with pytest.raises(FileNotFoundError, match="GGUF file .* does not exist"):
+        resolve_gguf(str(tmp_path / "x.gguf"))
+
+
+def test_unsupported_family_is_named() -> None:
+    spec = json.loads((MODELS / "llava-test.json").read_text())
+    loaded = load_vlm(str(FAMILY_SPECS["llava"]))
+    loaded.model.config.model_type = "paligemma"
+    with pytest.raises(ValueError, match="'paligemma' is not supported yet"):
+        family_for(loaded.model.config, loaded.tokenizer, loaded.image_processor)
+    assert spec["hf_config"]["model_type"] == "llava"
+
+
+def test_gguf_of_unsupported_architecture(tmp_path: Path) -> None:
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    path = tmp_path / "odd.gguf"
+    writer = gguf.GGUFWriter(str(path), "rwkv6")
+    writer.add_block_count(1)
+    writer.add_context_length(16)
+    writer.add_embedding_length(8)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match=r"model.text_gguf: .*odd.gguf .*rwkv6"):
+        load_vlm(str(FAMILY_SPECS["llava"]), text_gguf=str(path))
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"not a gguf file at all")
+    with pytest.raises(ValueError, match=r"model.text_gguf: .*garbage.gguf"):
+        load_vlm(str(FAMILY_SPECS["llava"]), text_gguf=str(garbage))
+
+
+def test_remote_code_needed_but_off(tmp_path: Path) -> None:
+    folder = tmp_path / "remote"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "my_custom_vlm", "auto_map": {"AutoConfig": "configuration_custom.CustomConfig"},
+    }))
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        load_vlm(str(folder))
+
+
+def test_pretrained_folder_round_trip(tmp_path: Path) -> None:
+    """A saved HF folder loads back through the same code path as a hub checkpoint."""
+    loaded = load_vlm(str(FAMILY_SPECS["llava"]))
+    loaded.model.save_pretrained(tmp_path / "ckpt")
+    loaded.tokenizer.save_pretrained(tmp_path / "ckpt")
+    loaded.image_processor.save_pretrained(tmp_path / "ckpt")
+    again = load_vlm(str(tmp_path / "ckpt"))
+    batch = _processor(loaded).encode([make_task("caption", image_size=64)[0]])
+    loaded.model.eval()
+    again.model.eval()
+    torch.testing.assert_close(again.model(**batch).logits, loaded.model(**batch).logits, rtol=0, atol=0)
