@@ -21,6 +21,7 @@ import torch.nn as nn
 
 log = logging.getLogger(__name__)
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_TOKENIZER = Path(__file__).parent / "assets" / "tokenizer.json"
 SPECIAL_TOKENS = {
     "pad_token": "<pad>",
@@ -40,6 +41,14 @@ class LoadedVLM:
     model: nn.Module
     tokenizer: Any
     image_processor: Any
+
+
+def project_path(spec: str) -> Path:
+    """``spec`` as given, or, when that does not exist, relative to the project (``experiments/models/...``)."""
+    path = Path(spec).expanduser()
+    if not path.is_absolute() and not path.exists() and (PROJECT_ROOT / path).exists():
+        return PROJECT_ROOT / path
+    return path
 
 
 def shipped_tokenizer() -> Any:
@@ -94,7 +103,7 @@ def load_vlm(
         ValueError: an unsupported architecture, or remote code needed while ``trust_remote_code`` is off.
     """
     torch_dtype = _dtype(dtype)
-    path = Path(model).expanduser()
+    path = project_path(model)
     if path.suffix == ".json":
         if not path.is_file():
             raise FileNotFoundError(f"model: tiny model spec {path} does not exist")

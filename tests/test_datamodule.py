@@ -16,18 +16,18 @@ from framework.data.tasks import make_task
 def test_batches_are_a_function_of_seed_and_position() -> None:
     a = MixtureBatchSampler({"caption": 1.0, "autofill": 3.0}, batch_size=4, batches_per_epoch=50, seed=7)
     b = MixtureBatchSampler({"caption": 1.0, "autofill": 3.0}, batch_size=4, batches_per_epoch=50, seed=7)
-    assert list(a) == list(b)
+    batches = list(a)
+    assert batches == list(b)
     # Resuming at position 20 yields exactly the tail of the uninterrupted epoch.
     b.start_position = 20
-    assert list(b) == list(a)[20:]
+    assert list(b) == batches[20:]
     # Each batch holds one task; the weights shape the mixture.
-    batches = list(a)
     assert all(len({key.task for key in batch}) == 1 for batch in batches)
     autofill_share = sum(batch[0].task == "autofill" for batch in batches) / len(batches)
     assert 0.55 < autofill_share < 0.95
-    # Next epoch: new samples, same length.
-    a.set_epoch(1)
-    assert len(list(a)) == 50 and list(a)[0] != batches[0]
+    # The next pass is the next epoch: new positions, new samples, same length.
+    second = list(a)
+    assert len(second) == 50 and second[0][0].position == 50 and second[0] != batches[0]
 
 
 def test_ranks_read_disjoint_samples() -> None:

@@ -87,11 +87,7 @@ class MixtureBatchSampler(Sampler[list[SampleKey]]):
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
-        self.epoch = 0
         self.start_position = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -102,9 +98,12 @@ class MixtureBatchSampler(Sampler[list[SampleKey]]):
         return [SampleKey(task, first + i, position) for i in range(self.batch_size)]
 
     def __iter__(self) -> Iterator[list[SampleKey]]:
-        begin = self.epoch * self.batches_per_epoch
-        end = begin + self.batches_per_epoch
-        for position in range(max(begin, self.start_position), end):
+        # Each pass runs from the current position to the end of its epoch; the position, not an epoch counter
+        # kept by someone else, decides what comes next, so a resumed run continues mid-epoch exactly.
+        end = (self.start_position // self.batches_per_epoch + 1) * self.batches_per_epoch
+        while self.start_position < end:
+            position = self.start_position
+            self.start_position += 1
             yield self.batch_at(position)
 
 
@@ -282,7 +281,6 @@ class VLMDataModule(pl.LightningDataModule):
         world = self.trainer.world_size if self.trainer is not None else 1
         sampler = MixtureBatchSampler(self.tasks, self.batch_size, self.batches_per_epoch, self.seed, rank, world)
         sampler.start_position = self._next_position
-        sampler.set_epoch(self.trainer.current_epoch if self.trainer is not None else 0)
         return DataLoader(
             _KeyedDataset(self.train_sources),  # type: ignore[arg-type]
             batch_sampler=sampler,

@@ -1,0 +1,58 @@
+"""Building tiny runs the way the CLI does, for tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from framework.cli import build
+
+TINY_DATA = {
+    "class_path": "framework.VLMDataModule",
+    "init_args": {
+        "tasks": {"caption": 1.0, "autofill": 1.0},
+        "image_size": 64,
+        "batch_size": 4,
+        "batches_per_epoch": 6,
+        "val_samples": 4,
+        "max_length": 128,
+    },
+}
+
+
+def tiny_config(tmp_path: Path, *, spec: str = "experiments/models/llava-test.json", max_steps: int = 8,
+                callbacks: list[dict[str, Any]] | None = None, data: dict[str, Any] | None = None,
+                name: str = "config.yaml", **trainer: Any) -> Path:
+    """Write a small run config (few steps, tiny model) and return its path."""
+    config = {
+        "seed_everything": 0,
+        "model": {"class_path": "framework.VLMModule",
+                  "init_args": {"model": spec, "lr": 3e-3, "max_new_tokens": 16, "warmup_fraction": 0.25}},
+        "data": data or TINY_DATA,
+        "trainer": {
+            "max_steps": max_steps,
+            "val_check_interval": 3,
+            "num_sanity_val_steps": 0,
+            "log_every_n_steps": 1,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "default_root_dir": str(tmp_path),
+            "callbacks": callbacks or [],
+            **trainer,
+        },
+        "checkpoint": {"dirpath": str(tmp_path / "ckpt"), "every_n_train_steps": 4, "save_top_k": -1},
+    }
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def make_cli(config: Path, *extra: str) -> Any:
+    return build(["--config", str(config), *extra], run=False)
+
+
+def model_state(module: Any) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.model.state_dict().items()}
