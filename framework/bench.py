@@ -116,7 +116,7 @@ def main(argv: list[str]) -> dict[str, Any]:
 
     overrides = [
         f"--trainer.max_steps={opts.warmup + opts.steps}", "--trainer.limit_val_batches=0", "--trainer.logger=false",
-        "--trainer.enable_checkpointing=false", "--checkpoint.every_n_train_steps=0", "--trainer.num_sanity_val_steps=0",
+        "--checkpoint.save_top_k=0", "--checkpoint.save_last=false", "--trainer.num_sanity_val_steps=0",
         "--trainer.enable_progress_bar=false",
     ]
     cli = build([a for c in opts.config for a in ("--config", c)] + rest + overrides, run=False)

@@ -103,7 +103,8 @@ def build(args: list[str], *, run: bool) -> Any:
         trainer_defaults=trainer_defaults(),
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"parser_mode": "omegaconf"} if _has_omegaconf() else None,
-        args=args,
+        # LightningCLI warns when given the process's own argv as `args`; let it read sys.argv itself then.
+        args=None if args == sys.argv[1:] else args,
         run=run,
         auto_configure_optimizers=False,
     )

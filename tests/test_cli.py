@@ -1,0 +1,93 @@
+"""The `vlmc` command: help speed, every shipped YAML parses, export and bench verbs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT
+from helpers import tiny_config
+
+from framework.cli import build, main
+
+EXPERIMENTS = sorted(p for p in (ROOT / "experiments").rglob("*.yaml") if "results" not in p.parts)
+
+
+def test_top_level_help_is_fast() -> None:
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "framework.cli", "--help"], capture_output=True, text=True,
+                            cwd=ROOT, check=True)
+    elapsed = time.perf_counter() - start
+    assert "export" in result.stdout and "bench" in result.stdout and "fit" in result.stdout
+    assert elapsed < 5.0, f"vlmc --help took {elapsed:.1f}s"
+
+
+def test_unknown_verb() -> None:
+    with pytest.raises(SystemExit, match="unknown verb 'train'"):
+        main(["train"])
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=[str(p.relative_to(ROOT)) for p in EXPERIMENTS])
+def test_every_experiment_yaml_parses(path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Each shipped config parses and validates against the classes it names (nothing is instantiated)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(path), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "class_path: framework.VLMModule" in printed or "class_path: framework.module.VLMModule" in printed
+
+
+def test_unknown_key_names_it(tmp_path: Path) -> None:
+    config = tiny_config(tmp_path)
+    with pytest.raises(SystemExit):
+        build(["--config", str(config), "--data.init_args.bacth_size=3"], run=False)
+
+
+def test_export_verb_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from transformers import AutoModelForImageTextToText
+
+    callbacks = [{"class_path": "plugins.channel_ablation.ChannelAblation", "init_args": {"fraction": 0.25}}]
+    config = tiny_config(tmp_path, max_steps=4, callbacks=callbacks)
+    main(["fit", "--config", str(config)])
+    checkpoint = tmp_path / "ckpt" / "last.ckpt"
+    main(["export", "--config", str(config), "--ckpt_path", str(checkpoint), "--out", str(tmp_path / "export")])
+    assert "exported to" in capsys.readouterr().out
+    exported = AutoModelForImageTextToText.from_pretrained(tmp_path / "export")
+    trained = torch.load(checkpoint, weights_only=True)["state_dict"]
+    # Weights equal the checkpoint's, with the ablation mask baked into each masked layer.
+    name = next(k for k in trained if k.endswith("channel_mask"))
+    layer = name[len("model."): -len(".channel_mask")]
+    want = trained[f"model.{layer}.weight"] * trained[name][:, None]
+    torch.testing.assert_close(exported.state_dict()[f"{layer}.weight"], want, rtol=0, atol=0)
+    manifest = json.loads((tmp_path / "export" / "vlmc_export.json").read_text())
+    assert manifest["checkpoint"] == str(checkpoint)
+    # A second export to the same folder needs --overwrite.
+    with pytest.raises(FileExistsError):
+        main(["export", "--config", str(config), "--ckpt_path", str(checkpoint), "--out", str(tmp_path / "export")])
+    with pytest.raises(FileNotFoundError, match="missing.ckpt"):
+        main(["export", "--config", str(config), "--ckpt_path", str(tmp_path / "missing.ckpt"), "--out",
+              str(tmp_path / "e2")])
+
+
+def test_bench_verb_prints_throughput(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = tiny_config(tmp_path)
+    out = tmp_path / "bench.json"
+    results = main_bench(["--config", str(config), "--steps", "3", "--warmup", "1", "--new_tokens", "4",
+                          "--repeats", "1", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "tokens_per_s" in printed and "generate_tokens_per_s" in printed
+    saved = json.loads(out.read_text())
+    assert saved["steps_per_s"] > 0 and saved["tokens_per_s"] > 0 and saved["tflops_per_s"] > 0
+    assert saved["mfu"] is None  # no peak FLOP/s is known for a CPU
+    assert results["device"] == "cpu"
+
+
+def main_bench(argv: list[str]) -> dict:
+    from framework.bench import main as bench
+
+    return bench(argv)
