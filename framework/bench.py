@@ -9,6 +9,7 @@ peak for the run's precision (known for data-centre GPUs only). Generation is gr
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -28,11 +29,17 @@ def _sync(device: torch.device) -> None:
 
 
 class StepTimer(pl.Callback):
-    """Wall time and token counts of each training step after ``warmup`` steps."""
+    """Time and token counts of each training step after ``warmup`` steps.
+
+    ``times`` spans one batch end to the next (data loading included, what a run really gets); ``compute_times``
+    spans batch start to batch end (forward, backward and optimizer only).
+    """
 
     def __init__(self, warmup: int) -> None:
         self.warmup = warmup
         self.times: list[float] = []
+        self.compute_times: list[float] = []
+        self._last_end: float | None = None
         self.tokens: list[int] = []
         self.padded_tokens: list[int] = []
         self.samples: list[int] = []
@@ -47,11 +54,14 @@ class StepTimer(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         _sync(pl_module.device)
-        if batch_idx >= self.warmup:
-            self.times.append(time.perf_counter() - self._start)
+        now = time.perf_counter()
+        if batch_idx >= self.warmup and self._last_end is not None:
+            self.times.append(now - self._last_end)
+            self.compute_times.append(now - self._start)
             self.tokens.append(int(batch["attention_mask"].sum()))
             self.padded_tokens.append(int(batch["attention_mask"].numel()))
             self.samples.append(int(batch["input_ids"].shape[0]))
+        self._last_end = now
 
 
 def training_flops(module: Any, batch: dict[str, Any]) -> int:
@@ -68,6 +78,33 @@ def training_flops(module: Any, batch: dict[str, Any]) -> int:
     return counter.get_total_flops()
 
 
+def plain_loop_step_time(module: Any, loader: Any, steps: int, warmup: int, precision: str) -> float:
+    """Median step time of a bare PyTorch loop (autocast, fused AdamW) on the same model and data: the floor a
+    framework run is compared with."""
+    from framework.module import model_inputs
+
+    device = module.device
+    autocast_dtype = torch.bfloat16 if "bf16" in precision else torch.float16 if precision.startswith("16") else None
+    params = [p for p in module.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+    times = []
+    batches = iter(loader)
+    for i in range(warmup + steps):
+        batch = next(batches)
+        inputs = {k: v.to(device, non_blocking=True) for k, v in model_inputs(batch).items()}
+        _sync(device)
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            loss = module.model(**inputs).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def peak_flops(device: torch.device, precision: str) -> float | None:
     if device.type != "cuda":
         return None
@@ -77,23 +114,25 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
     return get_available_flops(device, dtype)
 
 
-def generation_speed(module: Any, sample: Any, new_tokens: int, repeats: int, static_cache: bool) -> float:
+def generation_speed(model: Any, processor: Any, sample: Any, new_tokens: int, repeats: int,
+                     static_cache: bool) -> float:
     """Greedy decode tokens/s at batch 1 (prefill included, as a user waits for it)."""
-    inputs = module.processor.encode([sample], with_answer=False)
-    inputs = {k: v.to(module.device) for k, v in inputs.items()}
+    device = next(model.parameters()).device
+    inputs = processor.encode([sample], with_answer=False)
+    inputs = {k: v.to(device) for k, v in inputs.items()}
     if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(module.model.dtype)
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     kwargs: dict[str, Any] = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                  pad_token_id=module.processor.pad_id)
+                                  pad_token_id=processor.pad_id)
     if static_cache:
         kwargs["cache_implementation"] = "static"
     times = []
     with torch.no_grad():
         for i in range(repeats + 1):
-            _sync(module.device)
+            _sync(device)
             start = time.perf_counter()
-            module.model.generate(**inputs, **kwargs)
-            _sync(module.device)
+            model.generate(**inputs, **kwargs)
+            _sync(device)
             if i:  # the first call warms up (and compiles, with a static cache)
                 times.append(time.perf_counter() - start)
     return new_tokens / statistics.median(times)
@@ -107,6 +146,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--new_tokens", type=int, default=64, help="tokens generated per timed generation")
     parser.add_argument("--repeats", type=int, default=3, help="timed generations (median reported)")
     parser.add_argument("--static_cache", action="store_true", help="also time HF's static-cache generation")
+    parser.add_argument("--plain", action="store_true", help="also time a bare PyTorch loop on the same model and data")
     parser.add_argument("--out", help="write the numbers as JSON here")
     opts, rest = parser.parse_known_args(argv)
     if opts.steps < 1 or opts.warmup < 0:
@@ -124,18 +164,26 @@ def main(argv: list[str]) -> dict[str, Any]:
     cli.trainer.callbacks.append(timer)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     module, trainer = cli.model, cli.trainer
+    module.to(trainer.strategy.root_device)  # fit's teardown moved it back to the CPU
 
     datamodule = cli.datamodule
-    batch = datamodule.train_dataloader().collate_fn([(datamodule.train_sources[k], 0) for k in
-                                                       datamodule.train_dataloader().batch_sampler.batch_at(0)])
+    batch = datamodule.training_batch(0)
     module.train()
     flops = training_flops(module, batch)
     flops_per_padded_token = flops / batch["attention_mask"].numel()
     step_time = statistics.median(timer.times)
+    compute_time = statistics.median(timer.compute_times)
     padded_per_step = statistics.mean(timer.padded_tokens)
     precision = str(trainer.precision)
     peak = peak_flops(module.device, precision)
     achieved = flops_per_padded_token * padded_per_step / step_time
+    if opts.plain:
+        datamodule._next_position = 0
+        plain = plain_loop_step_time(module, datamodule.train_dataloader(), opts.steps, opts.warmup, precision)
+        # Both sides without data loading: the plain loop times forward, backward and optimizer only.
+        results_plain = {"plain_loop_steps_per_s": 1 / plain, "framework_vs_plain_step_time": compute_time / plain}
+    else:
+        results_plain = {}
     module.eval()
     sample = next(iter(datamodule.val_sets.values()))[0] if datamodule.val_sets else None
     results: dict[str, Any] = {
@@ -144,16 +192,25 @@ def main(argv: list[str]) -> dict[str, Any]:
         "parameters": sum(p.numel() for p in module.model.parameters()),
         "batch_size": statistics.mean(timer.samples),
         "steps_per_s": 1 / step_time,
+        "compute_steps_per_s": 1 / compute_time,
         "tokens_per_s": statistics.mean(timer.tokens) / step_time,
         "padded_tokens_per_s": padded_per_step / step_time,
         "tflops_per_s": achieved / 1e12,
         "mfu": achieved / peak if peak else None,
+        "compute_mfu": achieved * step_time / compute_time / peak if peak else None,
+        **results_plain,
     }
     if sample is not None:
-        results["generate_tokens_per_s"] = generation_speed(module, sample, opts.new_tokens, opts.repeats, False)
+        # Decode in the run's half precision (weights cast, as deployed), not in fp32 master weights.
+        half = torch.bfloat16 if "bf16" in precision else torch.float16 if precision.startswith("16") else None
+        model = copy.deepcopy(module.model).to(half) if half is not None else module.model
+        model.eval()
+        results["generate_dtype"] = str(model.dtype).replace("torch.", "")
+        results["generate_tokens_per_s"] = generation_speed(model, module.processor, sample, opts.new_tokens,
+                                                            opts.repeats, False)
         if opts.static_cache:
-            results["generate_static_tokens_per_s"] = generation_speed(module, sample, opts.new_tokens, opts.repeats,
-                                                                       True)
+            results["generate_static_tokens_per_s"] = generation_speed(model, module.processor, sample,
+                                                                       opts.new_tokens, opts.repeats, True)
     width = max(len(k) for k in results)
     print("\n".join(f"{k.ljust(width)}  {_fmt(v)}" for k, v in results.items()))
     if opts.out:

@@ -175,7 +175,8 @@ def _build_tiny(spec_path: Path, *, text_gguf: str | None, tokenizer: str | None
         raise ValueError(f"model: {spec_path} hf_config needs a 'model_type' (e.g. 'llava' or 'qwen2_vl')")
     text = dict(hf_config.get("text_config", {}))
     text.update(
-        vocab_size=len(tok),
+        # A spec may pad the vocabulary (e.g. to a real model's size or a multiple of 64); never below the tokenizer.
+        vocab_size=max(len(tok), int(text.get("vocab_size", 0) or 0)) if gguf_path is None else len(tok),
         pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,

@@ -47,6 +47,8 @@ class VLMModule(pl.LightningModule):
         max_new_tokens: generation length during validation.
         generate_batches: validation batches per task that are also scored by generation (-1: all).
         max_length: default longest sequence when no datamodule sets it.
+        compile: compile each transformer block with ``torch.compile`` (regional compilation: one graph reused by
+            every layer; parameter names are unchanged, so checkpoints and exports are the same).
 
     Example::
 
@@ -70,6 +72,7 @@ class VLMModule(pl.LightningModule):
         max_new_tokens: int = 64,
         generate_batches: int = 1,
         max_length: int = 512,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if not (lr > 0 and math.isfinite(lr)):
@@ -90,6 +93,7 @@ class VLMModule(pl.LightningModule):
         self.image_processor = loaded.image_processor
         self.processor = VLMProcessor(family_for(self.model.config, loaded.tokenizer, loaded.image_processor),
                                       max_length)
+        self._compiled = False
         self.val_metrics = nn.ModuleDict()
         self.val_losses = nn.ModuleDict()
 
@@ -100,6 +104,12 @@ class VLMModule(pl.LightningModule):
         for plugin in plugins:
             plugin.transform(self.model)
         check_plugins(plugins, self.model)
+        if self.hparams.compile and not self._compiled:
+            # After the plugins: their masks and hooks are part of what gets compiled.
+            for module in self.model.modules():
+                if type(module).__name__.endswith(("DecoderLayer", "EncoderLayer", "VisionBlock")):
+                    module.compile(dynamic=True)
+            self._compiled = True
 
     @override
     def setup(self, stage: str) -> None:
@@ -123,8 +133,7 @@ class VLMModule(pl.LightningModule):
     @override
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         out = self.model(**model_inputs(batch))
-        tokens = int((batch["labels"] != -100).sum())
-        self.log("train/loss", out.loss, prog_bar=True, batch_size=tokens)
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=batch["num_answer_tokens"])
         return out.loss
 
     @override
@@ -142,7 +151,8 @@ class VLMModule(pl.LightningModule):
             [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=hp.lr,
             betas=tuple(hp.betas),
-            fused=self.device.type == "cuda",
+            # Lightning cannot clip gradients of a fused optimizer under AMP (it unscales internally).
+            fused=self.device.type == "cuda" and not self.trainer.gradient_clip_val,
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(total * hp.warmup_fraction)

@@ -158,6 +158,8 @@ class VLMProcessor:
         batch: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, **pixel, **self.family.extra_inputs(ids)}
         if with_answer:
             batch["labels"] = labels
+            # Counted here, on the CPU: counting on the GPU in the training step would stall the launch queue.
+            batch["num_answer_tokens"] = int((labels != IGNORE_INDEX).sum())
         return batch
 
     def decode(self, ids: torch.Tensor) -> list[str]:

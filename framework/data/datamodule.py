@@ -289,6 +289,12 @@ class VLMDataModule(pl.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
+    def training_batch(self, position: int = 0) -> dict[str, Any]:
+        """The collated training batch at ``position`` (what the loader yields there), e.g. to count FLOPs."""
+        loader = self.train_dataloader()
+        keys = loader.batch_sampler.batch_at(position)
+        return loader.collate_fn([(self.train_sources[key], position) for key in keys])
+
     def _eval_loader(self) -> list[DataLoader]:
         rank = self.trainer.global_rank if self.trainer is not None else 0
         world = self.trainer.world_size if self.trainer is not None else 1

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Reproduces the GPU numbers of README's Results section on one CUDA GPU.
+#   bash experiments/run_gpu_results.sh bench   # throughput + MFU of the GPU base, SmolLM2-shaped preset step time
+#   bash experiments/run_gpu_results.sh train   # trains the GPU base (experiments/pretrain/gpu_base.yaml)
+# Results land in $OUT (default experiments/results/gpu). Uses CSV logging so it runs where wandb is absent.
+set -euo pipefail
+OUT=${OUT:-experiments/results/gpu}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>/dev/null || true
+LOGGER=(--config experiments/csv_logger.yaml)
+
+case "${1:-bench}" in
+bench)
+  # Batch 128 and the training batch, 256; 60 warm-up steps drain the workers' prefetched batches, so the timed
+  # steps include data loading at its steady rate.
+  $PY -m framework.cli bench --config experiments/pretrain/gpu_base.yaml "${LOGGER[@]}" --data.init_args.batch_size=128 \
+    --steps 40 --warmup 60 --plain --static_cache --out "$OUT/bench_gpu_base_b128.json" 2>&1 | tail -n 20
+  $PY -m framework.cli bench --config experiments/pretrain/gpu_base.yaml "${LOGGER[@]}" \
+    --steps 40 --warmup 60 --plain --out "$OUT/bench_gpu_base.json" 2>&1 | tail -n 20
+  $PY -m framework.cli bench --config experiments/pretrain/smollm2_vlm.yaml "${LOGGER[@]}" \
+    --model.init_args.model=experiments/models/llava-smollm2-shape.json --model.init_args.text_gguf=null \
+    --trainer.accelerator=gpu --data.init_args.num_workers=8 --steps 20 --warmup 10 \
+    --out "$OUT/bench_smollm2_shape.json" 2>&1 | tail -n 20
+  # Regional torch.compile of every transformer block, same batch as the first run.
+  $PY -m framework.cli bench --config experiments/pretrain/gpu_base.yaml "${LOGGER[@]}" --model.init_args.compile=true \
+    --steps 40 --warmup 60 --plain --out "$OUT/bench_gpu_base_compiled.json" 2>&1 | tail -n 20 || true
+  ;;
+train)
+  STEPS=${STEPS:-4000}
+  start=$(date +%s)
+  # Bounded by TRAIN_LIMIT seconds so the logs below are kept even if the run is cut short.
+  timeout "${TRAIN_LIMIT:-3600}" $PY -m framework.cli fit --config experiments/pretrain/gpu_base.yaml "${LOGGER[@]}" \
+    --trainer.max_steps="$STEPS" --trainer.val_check_interval=$((STEPS / 4)) --trainer.log_every_n_steps=20 \
+    --trainer.enable_progress_bar=false --checkpoint.dirpath=/tmp/vlmc_gpu_base \
+    --report.filename="$(cd "$OUT" && pwd)/summary_gpu_base.json" > "$OUT/train_gpu_base.log" 2>&1 || true
+  echo "wall_seconds=$(( $(date +%s) - start ))" | tee -a "$OUT/train_gpu_base.log"
+  cp runs/csv/version_*/metrics.csv "$OUT/train_gpu_base_metrics.csv" 2>/dev/null || true
+  grep -v -i "warn" "$OUT/train_gpu_base.log" | tail -n 15
+  ;;
+esac
