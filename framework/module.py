@@ -179,20 +179,22 @@ class VLMModule(pl.LightningModule):
         self._eval_step(batch, batch_idx, "test")
 
     def _log_eval(self, stage: str) -> None:
+        # Every rank computes every task's metrics (compute() syncs across ranks, so skipping a task on a rank that
+        # saw none of its batches would hang the others); values are synced already, hence sync_dist=False.
         losses = []
         for task, loss_metric in self.val_losses.items():
-            if not loss_metric.update_called:
-                continue
             loss = loss_metric.compute()
+            loss_metric.reset()
+            metrics = self.val_metrics[task]
+            values = metrics.compute()
+            metrics.reset()
+            if torch.isnan(loss):  # no batch of this task was evaluated on any rank
+                continue
             losses.append(loss)
             self.log(f"{stage}/{task}/loss", loss, sync_dist=False)
             self.log(f"{stage}/{task}/ppl", torch.exp(loss), sync_dist=False)
-            loss_metric.reset()
-            metrics = self.val_metrics[task]
-            if metrics.update_called:
-                for name, value in metrics.compute().items():
-                    self.log(f"{stage}/{task}/{name}", value, sync_dist=False)
-            metrics.reset()
+            for name, value in values.items():
+                self.log(f"{stage}/{task}/{name}", value, sync_dist=False)
         if losses:
             self.log(f"{stage}/loss", torch.stack(losses).mean(), prog_bar=True, sync_dist=False)
 
