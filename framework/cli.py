@@ -57,24 +57,23 @@ def _cli_class() -> Any:
             parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
             parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 500})
 
+        def _run_report(self) -> RunReport:
+            return next(c for c in self.trainer.callbacks if isinstance(c, RunReport))
+
         def after_fit(self) -> None:
-            report = self.trainer.callbacks[[type(c).__name__ for c in self.trainer.callbacks].index("RunReport")]
             if self.trainer.interrupted:
                 return
+            report = self._run_report()
+            # The table reports the final weights: evaluate once more unless the last validation was at the end.
             if report.eval_step != self.trainer.global_step and self.trainer.limit_val_batches != 0:
                 self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
             report.write(self.trainer, self.model)
 
         def after_validate(self) -> None:
-            self._report()
+            self._run_report().write(self.trainer, self.model)
 
         def after_test(self) -> None:
-            self._report()
-
-        def _report(self) -> None:
-            for callback in self.trainer.callbacks:
-                if isinstance(callback, RunReport):
-                    callback.write(self.trainer, self.model)
+            self._run_report().write(self.trainer, self.model)
 
     return VLMCLI
 

@@ -249,10 +249,9 @@ def _image_processor(spec: dict[str, Any], spec_path: Path) -> Any:
 
 
 def _load_pretrained(source: str, tokenizer: str | None, trust_remote_code: bool, dtype: torch.dtype | None) -> LoadedVLM:
-    from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
     try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
         model = AutoModelForImageTextToText.from_pretrained(
             source, trust_remote_code=trust_remote_code, dtype=dtype or "auto"
         )
@@ -269,5 +268,4 @@ def _load_pretrained(source: str, tokenizer: str | None, trust_remote_code: bool
         else AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     )
     image_processor = AutoImageProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
-    del config
     return LoadedVLM(model, tok, image_processor)

@@ -11,7 +11,6 @@ Labels are ``-100`` on the prompt and padding, so the loss covers answer tokens 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -98,12 +97,6 @@ def family_for(config: Any, tokenizer: Any, image_processor: Any) -> Family:
             return family(config, tokenizer, image_processor)
     known = sorted(t for f in FAMILIES for t in f.model_types)
     raise ValueError(f"model: VLM family {config.model_type!r} is not supported yet; supported: {known}")
-
-
-@dataclass
-class EncodedPrompt:
-    ids: list[int]
-    answer_ids: list[int]
 
 
 class VLMProcessor:

@@ -44,9 +44,6 @@ class TaskSources:
     def is_finite(self, task: str) -> bool:
         return isinstance(self.sources[task], JsonlDataset)
 
-    def __len__(self) -> int:  # DataLoader needs a length only for sized datasets; ours is index-addressed
-        return 0
-
     def __getitem__(self, key: SampleKey) -> Sample:
         source = self.sources[key.task]
         if not self.is_finite(key.task):
