@@ -134,30 +134,51 @@ class VLMModule(pl.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         out = self.model(**model_inputs(batch))
         self.log("train/loss", out.loss, prog_bar=True, batch_size=batch["num_answer_tokens"])
-        return out.loss
+        loss = out.loss
+        for plugin in find_plugins(self._trainer):
+            for term, value in plugin.loss_terms(self.model, batch, out).items():
+                self.log(f"compression/{plugin.name}/loss_{term}", value.detach(), on_step=True, on_epoch=False)
+                loss = loss + value
+        return loss
 
     @override
     def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        plugin_groups, owned = [], set()
+        for plugin in find_plugins(self._trainer):
+            for group in plugin.param_groups(self.model):
+                params = [p for p in group["params"] if p.requires_grad]
+                clash = [p for p in params if id(p) in owned]
+                if clash:
+                    raise ValueError(f"{plugin.name}: param_groups() lists parameters another plugin already owns")
+                owned.update(id(p) for p in params)
+                plugin_groups.append({"weight_decay": 0.0, **group, "params": params})
         decay, no_decay = [], []
         for name, param in self.model.named_parameters():
-            if not param.requires_grad:
+            if not param.requires_grad or id(param) in owned:
                 continue
             # Norms, biases and embeddings are not decayed (the usual transformer recipe).
             (no_decay if param.ndim < 2 or "embed" in name or "norm" in name else decay).append(param)
-        if not decay and not no_decay:
+        if not decay and not no_decay and not plugin_groups:
             raise ValueError("no trainable parameters: every parameter is frozen by the configured plugins")
-        hp = self.hparams
+        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]] + [g for g in plugin_groups if g["params"]]
+        scheduled = [g.pop("lr_schedule", True) for g in groups]
         optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            groups,
             lr=hp.lr,
             betas=tuple(hp.betas),
-            # Lightning cannot clip gradients of a fused optimizer under AMP (it unscales internally).
-            fused=self.device.type == "cuda" and not self.trainer.gradient_clip_val,
+            # Lightning cannot clip gradients of a fused optimizer under AMP (it unscales internally), and a fused
+            # AdamW takes no per-group `maximize`.
+            fused=self.device.type == "cuda" and not self.trainer.gradient_clip_val and not plugin_groups,
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(total * hp.warmup_fraction)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup,
-                                                                                       hp.min_lr_ratio))
+
+        def schedule_for(follows: bool) -> Any:
+            return (lambda step: lr_factor(step, total, warmup, hp.min_lr_ratio)) if follows else (lambda step: 1.0)
+
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, [schedule_for(f) for f in scheduled])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # ------------------------------------------------------------------ evaluation

@@ -18,6 +18,9 @@ callback.setup -> module.setup -> module.configure_model -> checkpoint restore -
    and :meth:`export_artifacts` writes the plugin's own files beside the HF model.
 8. :meth:`claims` names the parameters a plugin rewrites so two plugins that would fight over the same weights
    fail at start-up; :meth:`check_compatible` covers other meaningless combinations.
+9. Training objectives: :meth:`loss_terms` adds named terms (regularisers, penalties, distillation) to the task
+   loss; :meth:`param_groups` gives a plugin's own parameters their optimizer settings (learning rate, weight
+   decay, ``maximize`` for Lagrange multipliers). Both are called by :class:`framework.module.VLMModule`.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.nn as nn
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
@@ -55,6 +59,19 @@ class CompressionPlugin(Callback):
 
     def check_compatible(self, others: list[CompressionPlugin]) -> None:
         """Raise :class:`PluginConflictError` if this plugin cannot run beside ``others``."""
+
+    # ----------------------------------------------------------------- training objective
+    def loss_terms(self, model: nn.Module, batch: dict[str, Any], outputs: Any) -> dict[str, torch.Tensor]:
+        """Extra loss terms for this training step, added to the task loss and logged as
+        ``compression/<name>/loss_<term>``. ``outputs`` is the HF model output of the step (logits, loss)."""
+        return {}
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """Optimizer groups for parameters this plugin owns, e.g. ``[{"params": gates, "lr": 0.1,
+        "weight_decay": 0.0}]``. Parameters listed here are left out of the model's default groups. A group may
+        set ``lr_schedule: False`` to keep its learning rate constant instead of following the warm-up/cosine
+        schedule."""
+        return []
 
     # ----------------------------------------------------------------- state
     def plugin_state(self) -> dict[str, int | float | str | bool | None]:
