@@ -21,6 +21,7 @@ import torch
 from typing_extensions import override
 
 from framework.io import atomic_write_json
+from framework.plugin import find_plugins
 
 
 def _sync(device: torch.device) -> None:
@@ -55,8 +56,9 @@ class StepTimer(pl.Callback):
                            batch_idx: int) -> None:
         _sync(pl_module.device)
         now = time.perf_counter()
-        if batch_idx >= self.warmup and self._last_end is not None:
-            self.times.append(now - self._last_end)
+        if batch_idx >= self.warmup:
+            # The first step after start-up has no previous end to measure from: count its compute only.
+            self.times.append(now - (self._last_end if self._last_end is not None else self._start))
             self.compute_times.append(now - self._start)
             self.tokens.append(int(batch["attention_mask"].sum()))
             self.padded_tokens.append(int(batch["attention_mask"].numel()))
@@ -138,6 +140,44 @@ def generation_speed(model: Any, processor: Any, sample: Any, new_tokens: int, r
     return new_tokens / statistics.median(times)
 
 
+def timed_fit(args: list[str], steps: int, warmup: int, *, drop_plugins: bool = False) -> tuple[Any, StepTimer]:
+    """Build the config's run without logging, checkpoints or validation and time ``steps`` training steps."""
+    from framework.cli import build
+
+    overrides = [
+        f"--trainer.max_steps={warmup + steps}", "--trainer.limit_val_batches=0", "--trainer.logger=false",
+        "--checkpoint.save_top_k=0", "--checkpoint.save_last=false", "--trainer.num_sanity_val_steps=0",
+        "--trainer.enable_progress_bar=false",
+    ]
+    cli = build(args + overrides, run=False)
+    if drop_plugins:
+        plugins = find_plugins(cli.trainer)
+        cli.trainer.callbacks[:] = [cb for cb in cli.trainer.callbacks if cb not in plugins]
+    timer = StepTimer(warmup)
+    cli.trainer.callbacks.append(timer)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return cli, timer
+
+
+def plugin_overhead(args: list[str], steps: int, warmup: int, with_plugins: StepTimer,
+                    names: list[str]) -> dict[str, Any]:
+    """Training overhead of a config's plugins: the same steps timed again with the plugins removed.
+
+    Means, not medians: plugins often do their work every few steps (mask updates), and that work is overhead.
+    """
+    if not names:
+        raise SystemExit("vlmc bench --without_plugins: the config has no compression plugins to compare against")
+    _, without = timed_fit(args, steps, warmup, drop_plugins=True)
+    mean_with = statistics.mean(with_plugins.compute_times)
+    mean_without = statistics.mean(without.compute_times)
+    return {
+        "plugins": ",".join(names),
+        "step_s_with_plugins": mean_with,
+        "step_s_without_plugins": mean_without,
+        "plugin_overhead": mean_with / mean_without,
+    }
+
+
 def main(argv: list[str]) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="vlmc bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", action="append", required=True)
@@ -147,22 +187,16 @@ def main(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=3, help="timed generations (median reported)")
     parser.add_argument("--static_cache", action="store_true", help="also time HF's static-cache generation")
     parser.add_argument("--plain", action="store_true", help="also time a bare PyTorch loop on the same model and data")
+    parser.add_argument("--without_plugins", action="store_true",
+                        help="also time the same config with its compression plugins removed, in the same process, "
+                             "and report the plugins' training overhead (mean step time with / without)")
     parser.add_argument("--out", help="write the numbers as JSON here")
     opts, rest = parser.parse_known_args(argv)
     if opts.steps < 1 or opts.warmup < 0:
         raise SystemExit("vlmc bench: --steps must be >= 1 and --warmup >= 0")
 
-    from framework.cli import build
-
-    overrides = [
-        f"--trainer.max_steps={opts.warmup + opts.steps}", "--trainer.limit_val_batches=0", "--trainer.logger=false",
-        "--checkpoint.save_top_k=0", "--checkpoint.save_last=false", "--trainer.num_sanity_val_steps=0",
-        "--trainer.enable_progress_bar=false",
-    ]
-    cli = build([a for c in opts.config for a in ("--config", c)] + rest + overrides, run=False)
-    timer = StepTimer(opts.warmup)
-    cli.trainer.callbacks.append(timer)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    args = [a for c in opts.config for a in ("--config", c)] + rest
+    cli, timer = timed_fit(args, opts.steps, opts.warmup)
     module, trainer = cli.model, cli.trainer
     module.to(trainer.strategy.root_device)  # fit's teardown moved it back to the CPU
 
@@ -200,6 +234,9 @@ def main(argv: list[str]) -> dict[str, Any]:
         "compute_mfu": achieved * step_time / compute_time / peak if peak else None,
         **results_plain,
     }
+    if opts.without_plugins:
+        results.update(plugin_overhead(args, opts.steps, opts.warmup, timer, [type(p).__name__ for p in
+                                                                              find_plugins(trainer)]))
     if sample is not None:
         # Decode in the run's half precision (weights cast, as deployed), not in fp32 master weights.
         half = torch.bfloat16 if "bf16" in precision else torch.float16 if precision.startswith("16") else None

@@ -95,6 +95,20 @@ def test_bench_verb_prints_throughput(tmp_path: Path, capsys: pytest.CaptureFixt
     assert results["device"] == "cpu"
 
 
+def test_bench_measures_plugin_overhead_side_by_side(tmp_path: Path) -> None:
+    ablation = {"class_path": "plugins.channel_ablation.ChannelAblation", "init_args": {"fraction": 0.5}}
+    config = tiny_config(tmp_path, callbacks=[ablation])
+    results = main_bench(["--config", str(config), "--steps", "3", "--warmup", "1", "--new_tokens", "2",
+                          "--repeats", "1", "--without_plugins"])
+    assert results["plugins"] == "ChannelAblation"
+    assert results["step_s_with_plugins"] > 0 and results["step_s_without_plugins"] > 0
+    assert results["plugin_overhead"] == pytest.approx(results["step_s_with_plugins"]
+                                                       / results["step_s_without_plugins"])
+    with pytest.raises(SystemExit, match="no compression plugins"):
+        main_bench(["--config", str(tiny_config(tmp_path, name="plain.yaml")), "--steps", "1", "--warmup", "0",
+                    "--without_plugins"])
+
+
 def main_bench(argv: list[str]) -> dict:
     from framework.bench import main as bench
 
