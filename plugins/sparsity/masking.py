@@ -1,0 +1,180 @@
+"""Lightning glue shared by the ramp and the one-shot pruner: masks on the selected layers, kept exact.
+
+:class:`MaskedLinears` registers a ``weight_mask`` on every selected Linear in ``transform``, claims those
+weights (two sparsity plugins on one layer fail at start-up), keeps pruned weights exactly zero through every
+optimizer step (gradient masked before the step, weight re-masked right after it, so AdamW's weight decay and
+momentum cannot revive them), computes new masks from scores on request, reports the sparsity reached and
+exports the baked weights with their packed form and BPV.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn as nn
+from typing_extensions import override
+
+from framework.plugin import CompressionPlugin
+from framework.selection import ModuleSelection
+from plugins.sparsity.config import Pattern, default_targets
+from plugins.sparsity.export import write_sparse_export
+from plugins.sparsity.layer import (
+    COUNT_BUFFER,
+    SQ_MEAN_BUFFER,
+    add_weight_mask,
+    apply_weight_mask,
+    bake_weight_mask,
+    mask_gradient,
+    nm_masks,
+    set_weight_mask,
+    sparsity_of,
+    unstructured_masks,
+    weight_mask_of,
+    weight_score,
+)
+
+
+class MaskedLinears(CompressionPlugin):
+    """Base of the sparsity plugins: selection, masks, exact zeros, summary and export (not used on its own).
+
+    Args:
+        targets: which Linear layers; default: the language model's, except the LM head.
+        pattern: parsed ``unstructured`` or N:M pattern.
+        scope: ``layer`` or ``global``.
+        score: ``magnitude`` or ``activation``.
+        target: the final sparsity the plugin aims at.
+        name: log namespace and checkpoint key.
+    """
+
+    def __init__(self, targets: ModuleSelection | None, pattern: Pattern, scope: str, score: str, target: float,
+                 name: str) -> None:
+        self.targets = targets or default_targets()
+        self.pattern = pattern
+        self.scope = scope
+        self.score = score
+        self.target = target
+        self.name = name
+        self.layers: dict[str, nn.Linear] = {}
+        self.sparsity = 0.0  # measured at the last mask change (masks change nowhere else)
+        self._masked_step = -1
+
+    # ------------------------------------------------------------------ structure
+    @override
+    def transform(self, model: nn.Module) -> None:
+        layers = self.targets.select(model, owner=f"{self.name}.targets")
+        for qualified, layer in layers.items():
+            if not isinstance(layer, nn.Linear):
+                raise ValueError(f"{self.name}.targets: {qualified} is a {type(layer).__name__}, expected Linear")
+            if self.pattern.is_nm and layer.in_features % self.pattern.m:
+                raise ValueError(
+                    f"{self.name}.pattern: {qualified} has {layer.in_features} inputs, not divisible by M="
+                    f"{self.pattern.m} of pattern {self.pattern}; narrow `targets` or choose another M"
+                )
+        for layer in layers.values():
+            add_weight_mask(layer)
+            apply_weight_mask(layer)
+        self.layers = layers
+
+    @override
+    def claims(self, model: nn.Module) -> set[str]:
+        return {f"{name}.weight" for name in self.layers}
+
+    # ------------------------------------------------------------------ masks
+    def masks(self) -> dict[str, torch.Tensor]:
+        return {name: weight_mask_of(layer) for name, layer in self.layers.items()}
+
+    def measure(self) -> float:
+        """Share of pruned weights over the selected layers (reads the masks; a device sync)."""
+        self.sparsity = sparsity_of(list(self.masks().values())) if self.layers else 0.0
+        return self.sparsity
+
+    def reapply_masks(self) -> None:
+        for layer in self.layers.values():
+            apply_weight_mask(layer)
+
+    def activation_stats(self) -> dict[str, torch.Tensor] | None:
+        """Per-layer mean squared inputs from the statistics buffers; ``None`` until every layer has seen data."""
+        stats = {}
+        for name, layer in self.layers.items():
+            count = getattr(layer, COUNT_BUFFER, None)
+            if count is None or int(count) == 0:
+                return None
+            stats[name] = getattr(layer, SQ_MEAN_BUFFER)
+        return stats
+
+    @torch.no_grad()
+    def update_masks(self, sparsity: float, input_sq_means: dict[str, torch.Tensor] | None = None) -> float:
+        """Recompute every mask for ``sparsity`` (unstructured) or the matching share of N:M groups; zero the
+        pruned weights. ``input_sq_means`` switches to activation-aware scores. Returns the measured sparsity."""
+        scores = {name: weight_score(layer.weight, None if input_sq_means is None else input_sq_means[name])
+                  for name, layer in self.layers.items()}
+        current = self.masks()
+        if self.pattern.is_nm:
+            fraction = min(1.0, sparsity / self.pattern.sparsity)
+            new = nm_masks(scores, self.pattern.n, self.pattern.m, fraction, self.scope, current)
+        else:
+            new = unstructured_masks(scores, sparsity, self.scope, current)
+        for name, layer in self.layers.items():
+            set_weight_mask(layer, new[name])
+        return self.measure()
+
+    # ------------------------------------------------------------------ keeping pruned weights at zero
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        for layer in self.layers.values():
+            mask_gradient(layer)
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        # Runs after the optimizer step: momentum and weight decay may have moved pruned weights; put them back.
+        if trainer.global_step != self._masked_step:
+            self.reapply_masks()
+            self._masked_step = trainer.global_step
+
+    # ------------------------------------------------------------------ results and export
+    def config_echo(self) -> dict[str, Any]:
+        """What a resumed run must share with the checkpoint (compared in ``load_plugin_state``)."""
+        return {"pattern": str(self.pattern), "scope": self.scope, "score": self.score, "target": self.target}
+
+    def check_echo(self, state: dict[str, Any]) -> None:
+        """Refuse a checkpoint made with another configuration.
+
+        Raises:
+            ValueError: naming the keys that differ.
+        """
+        if "config" not in state:
+            return
+        saved, now = json.loads(state["config"]), self.config_echo()
+        differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        if differ:
+            detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r}, config {now.get(k)!r}" for k in differ)
+            raise ValueError(f"{self.name}: the checkpoint was made with another sparsity configuration ({detail}); "
+                             "a resumed run must use the same one")
+
+    @override
+    def summary(self, model: nn.Module) -> dict[str, float | int | str]:
+        return {"target_sparsity": self.target, "sparsity": self.measure(), "layers": len(self.layers),
+                "pattern": str(self.pattern), "scope": self.scope, "score": self.score}
+
+    @override
+    def prepare_export(self, model: nn.Module) -> None:
+        for name in self.layers:
+            layer = model.get_submodule(name)
+            bake_weight_mask(layer)
+
+    @override
+    def export_artifacts(self, model: nn.Module, directory: Path) -> list[str]:
+        weights = {}
+        for name in self.layers:
+            layer = model.get_submodule(name)
+            mask = weight_mask_of(layer)
+            weight = layer.weight.detach() if mask is None else layer.weight.detach().masked_fill(~mask, 0.0)
+            weights[f"{name}.weight"] = weight
+        return write_sparse_export(weights, self.pattern, directory, self.name,
+                                   extra={"plugin": type(self).__name__, "target_sparsity": self.target})
