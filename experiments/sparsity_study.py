@@ -1,0 +1,326 @@
+"""The sparsity study of experiments/results/sparsity: every run, in dependency order, several at a time on one GPU.
+
+1. ``kernels``: 2:4 kernel speed for the GPU base's linear shapes and large shapes (GPU idle, run first).
+2. ``base``: pretrain the dense GPU base (experiments/pretrain/gpu_base.yaml) and export it as an HF folder.
+   Beside it, from scratch, a model of the 50%-pruned shape trained with the same total compute as base + L0.
+3. ``sweep``: from the dense base, fine-tunes with the sparsity ramp (50/65/70/75/90% unstructured, 2:4, 4:8) and a
+   dense fine-tune of the same length; one-shot magnitude and activation-aware pruning at the same settings
+   (validated without retraining); L0 structured pruning to 50% and 90% of the text tower, improved and plain.
+4. ``latency`` of the exported pruned models against the dense base, and ``overhead`` of each plugin in training
+   (``vlmc bench --without_plugins``), both with the GPU otherwise idle.
+5. ``collect``: every run's summary into ``accuracy.csv`` (read by notebooks/sparsity_accuracy.ipynb).
+
+    python experiments/sparsity_study.py --out experiments/results/sparsity            # on one CUDA GPU
+    python experiments/sparsity_study.py --out /tmp/smoke --smoke                       # wiring check on a CPU
+
+Each run's log, summary and export land under ``--work``; summaries, tables and benchmark JSONs under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tarfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE_CONFIG = ROOT / "experiments" / "pretrain" / "gpu_base.yaml"
+BASE_SPEC = ROOT / "experiments" / "models" / "llava-base-gpu.json"
+RAMPS = {"ramp50": {"final_sparsity": 0.5}, "ramp65": {"final_sparsity": 0.65}, "ramp70": {"final_sparsity": 0.7},
+         "ramp75": {"final_sparsity": 0.75}, "ramp90": {"final_sparsity": 0.9},
+         "ramp2of4": {"pattern": "2:4"}, "ramp4of8": {"pattern": "4:8"}}
+LANGUAGE_MODEL = {"include": "language_model", "exclude": "lm_head"}
+
+
+@dataclass
+class Job:
+    name: str
+    verb: str
+    callbacks: list[dict[str, Any]] = field(default_factory=list)
+    overrides: list[str] = field(default_factory=list)
+    export_to: Path | None = None
+    gpu: int | None = None
+
+
+def callback(class_path: str, **init_args: Any) -> dict[str, Any]:
+    return {"class_path": class_path, "init_args": init_args}
+
+
+class Study:
+    def __init__(self, opts: argparse.Namespace) -> None:
+        self.opts = opts
+        self.out = Path(opts.out).resolve()
+        self.work = Path(opts.work).resolve()
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.work / "logs").mkdir(parents=True, exist_ok=True)
+        self.base_export = self.work / "exports" / "dense_base"
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+                    "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
+
+    # ------------------------------------------------------------------ running one job
+    def common(self) -> list[str]:
+        o = self.opts
+        args = ["--config", str(BASE_CONFIG), "--config", str(ROOT / "experiments" / "csv_logger.yaml"),
+                f"--data.init_args.num_workers={o.workers}", "--trainer.enable_progress_bar=false"]
+        if o.smoke:
+            args += ["--trainer.accelerator=cpu", "--trainer.precision=32-true", "--data.init_args.batch_size=4",
+                     "--data.init_args.val_batch_size=4", "--data.init_args.image_size=64",
+                     "--data.init_args.val_samples=4", "--data.init_args.max_length=128",
+                     "--model.init_args.max_new_tokens=8"]
+        return args
+
+    def run(self, job: Job) -> int:
+        log = self.work / "logs" / f"{job.name}.log"
+        if (self.out / f"summary_{job.name}.json").exists() and not self.opts.rerun:
+            print(f"[skip] {job.name}: summary exists", flush=True)
+            return 0
+        config = self.work / "configs" / f"{job.name}.yaml"
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text(yaml.safe_dump({"trainer": {"callbacks": job.callbacks}}))
+        ckpt_dir = self.work / "ckpt" / job.name
+        argv = [sys.executable, "-m", "framework.cli", job.verb, *self.common(), "--config", str(config),
+                *job.overrides, f"--report.filename={self.out / f'summary_{job.name}.json'}"]
+        if job.verb == "fit":
+            argv += [f"--checkpoint.dirpath={ckpt_dir}"]
+        start = time.time()
+        env = dict(self.env)
+        if job.gpu is not None and self.opts.gpus > 1:
+            env["CUDA_VISIBLE_DEVICES"] = str(job.gpu % self.opts.gpus)
+        print(f"[start] {job.name} (gpu {env.get('CUDA_VISIBLE_DEVICES', 'default')})", flush=True)
+        log.write_text(shlex.join(argv[1:]) + "\n")
+        # One working folder per run: loggers number their versions per folder, and runs start concurrently.
+        cwd = self.work / "runs" / job.name
+        cwd.mkdir(parents=True, exist_ok=True)
+        with log.open("a") as handle:
+            code = subprocess.call(argv, cwd=cwd, stdout=handle, stderr=subprocess.STDOUT, env=env)
+        if code == 0 and job.export_to is not None:
+            export = [sys.executable, "-m", "framework.cli", "export", *self.common(), "--config", str(config),
+                      *job.overrides, "--ckpt_path", str(ckpt_dir / "last.ckpt"), "--out", str(job.export_to),
+                      "--overwrite", "true"]
+            with log.open("a") as handle:
+                code = subprocess.call(export, cwd=cwd, stdout=handle, stderr=subprocess.STDOUT, env=env)
+        print(f"[{'done' if code == 0 else f'FAILED rc={code}'}] {job.name} in {time.time() - start:.0f} s "
+              f"(log {log})", flush=True)
+        return code
+
+    def run_all(self, jobs: list[Job], parallel: int) -> dict[str, int]:
+        for index, job in enumerate(jobs):  # spread over the GPUs in turn
+            job.gpu = index if job.gpu is None else job.gpu
+        with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+            codes = dict(zip([j.name for j in jobs], pool.map(self.run, jobs)))
+        return codes
+
+    def python(self, name: str, args: list[str]) -> int:
+        log = self.work / "logs" / f"{name}.log"
+        print(f"[start] {name}", flush=True)
+        with log.open("w") as handle:
+            code = subprocess.call([sys.executable, *args], cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT,
+                                   env=self.env)
+        print(f"[{'done' if code == 0 else f'FAILED rc={code}'}] {name}", flush=True)
+        return code
+
+    # ------------------------------------------------------------------ the study's runs
+    def steps(self, n: int) -> list[str]:
+        return [f"--trainer.max_steps={n}", f"--trainer.val_check_interval={max(1, n // 2)}",
+                f"--checkpoint.every_n_train_steps={max(1, n // 2)}"]
+
+    def from_base(self, steps: int, lr: float) -> list[str]:
+        return [f"--model.init_args.model={self.base_export}", f"--model.init_args.lr={lr}",
+                f"--data.init_args.batch_size={self.opts.ft_batch}", *self.steps(steps)]
+
+    def base_job(self) -> Job:
+        o = self.opts
+        overrides = self.steps(o.base_steps)
+        if o.smoke:
+            overrides.append(f"--model.init_args.model={ROOT / 'experiments/models/llava-test.json'}")
+        return Job("dense_base", "fit", overrides=overrides, export_to=self.base_export, gpu=0)
+
+    def scratch_job(self, spec: Path) -> Job:
+        """The pruned shape from scratch with the base's + the L0 run's training compute (6·N·tokens rule)."""
+        o = self.opts
+        dense, small = non_embedding_params(BASE_SPEC if not o.smoke else None), non_embedding_params(spec)
+        batch = 256 if not o.smoke else 4
+        compute = o.base_steps * batch + o.l0_steps * o.ft_batch
+        steps = int(round(compute * dense / small / batch))
+        # On the second GPU when there is one; the sweep's first jobs go to the others.
+        return Job("l0_scratch50", "fit", overrides=[f"--model.init_args.model={spec}", *self.steps(steps)], gpu=1)
+
+    def sweep_jobs(self) -> list[Job]:
+        o = self.opts
+        ramp = dict(schedule="cubic", start=0.0, end=0.7, update_every=max(1, o.ft_steps // 50), targets=LANGUAGE_MODEL)
+        jobs = [Job("dense_finetune", "fit", overrides=self.from_base(o.ft_steps, o.ft_lr))]
+        for name, args in RAMPS.items():
+            jobs.append(Job(name, "fit", [callback("plugins.sparsity.SparsityRamp", **ramp, **args)],
+                            self.from_base(o.ft_steps, o.ft_lr), export_to=self.work / "exports" / name))
+        for l0_name, fraction, method in (("l0_50_improved", 0.5, "improved"), ("l0_50_plain", 0.5, "plain"),
+                                          ("l0_90_improved", 0.9, "improved"), ("l0_90_plain", 0.9, "plain")):
+            jobs.append(Job(l0_name, "fit", [callback("plugins.l0_pruning.L0Pruning", target_fraction=fraction,
+                                                      method=method)],
+                            self.from_base(o.l0_steps, o.ft_lr), export_to=self.work / "exports" / l0_name))
+        return jobs
+
+    def oneshot_jobs(self) -> list[Job]:
+        jobs = [Job("dense", "validate", overrides=[f"--model.init_args.model={self.base_export}"])]
+        for method, short in (("magnitude", "mag"), ("activation", "act")):
+            for name, args in RAMPS.items():
+                setting = {"sparsity": args["final_sparsity"]} if "final_sparsity" in args else {"pattern": args["pattern"]}
+                jobs.append(Job(f"oneshot_{short}_{name.removeprefix('ramp')}", "validate",
+                                [callback("plugins.sparsity.OneShotPruning", method=method, targets=LANGUAGE_MODEL,
+                                          **setting)],
+                                [f"--model.init_args.model={self.base_export}",
+                                 f"--data.init_args.batch_size={self.opts.ft_batch}"]))
+        return jobs
+
+    def kernels(self) -> int:
+        if self.opts.smoke:
+            return 0
+        return self.python("kernels", ["-m", "plugins.sparsity.bench", "--model", str(BASE_SPEC),
+                                       "--out", str(self.out / "bench_sparse24.json")])
+
+    def latency(self) -> int:
+        """Forward latency of each exported pruned model against the dense base, GPU otherwise idle, bf16."""
+        import torch
+        from transformers import AutoModelForImageTextToText
+
+        from plugins.l0_pruning.latency import compare_latency
+
+        pruned = [p for p in sorted((self.work / "exports").glob("l0_*")) if (p / "config.json").exists()]
+        if not pruned:
+            return 0
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        shapes = [(1, 128), (32, 160), (256, 160)] if not self.opts.smoke else [(1, 16)]
+        dense = AutoModelForImageTextToText.from_pretrained(self.base_export)
+        rows = []
+        for folder in pruned:
+            model = AutoModelForImageTextToText.from_pretrained(folder)
+            for batch, seq in shapes:
+                result = compare_latency(dense, model, batch_size=batch, seq_len=seq, device=device, dtype=dtype)
+                rows.append({"run": folder.name, "batch": batch, "seq": seq, "dense_ms": result["dense"]["median_ms"],
+                             "pruned_ms": result["pruned"]["median_ms"], "speedup": result["speedup"],
+                             "dense_params": result["dense"]["params"], "pruned_params": result["pruned"]["params"]})
+                print(rows[-1], flush=True)
+            del model
+        device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+        (self.out / "latency_pruned.json").write_text(json.dumps({"device": device_name, "dtype": str(dtype),
+                                                                  "rows": rows}, indent=2))
+        return 0
+
+    def overhead(self) -> int:
+        o = self.opts
+        ramp = callback("plugins.sparsity.SparsityRamp", final_sparsity=0.75, start=0.0, end=1.0, update_every=10,
+                        targets=LANGUAGE_MODEL)
+        l0 = callback("plugins.l0_pruning.L0Pruning", target_fraction=0.5, method="improved")
+        code = 0
+        for name, cb in (("ramp75", ramp), ("l0_50_improved", l0)):
+            config = self.work / "configs" / f"overhead_{name}.yaml"
+            config.write_text(yaml.safe_dump({"trainer": {"callbacks": [cb]}}))
+            steps = ["--steps", "3", "--warmup", "1"] if o.smoke else ["--steps", "40", "--warmup", "20"]
+            code |= self.python(f"overhead_{name}", [
+                "-m", "framework.cli", "bench", *self.common(), "--config", str(config),
+                f"--model.init_args.model={self.base_export}", f"--data.init_args.batch_size={o.ft_batch}",
+                *steps, "--new_tokens", "4", "--repeats", "1", "--without_plugins",
+                "--out", str(self.out / f"overhead_{name}.json")])
+        return code
+
+    def collect(self) -> None:
+        from framework.sweep import collect, to_csv
+
+        rows = collect([self.out])
+        (self.out / "accuracy.csv").write_text(to_csv(rows))
+        print(f"{len(rows)} runs in {self.out / 'accuracy.csv'}", flush=True)
+
+    def pack(self, target: Path) -> None:
+        """Logs, summaries and benchmark JSONs (not checkpoints or exports) in one archive."""
+        with tarfile.open(target, "w:gz") as tar:
+            tar.add(self.out, arcname="out")
+            tar.add(self.work / "logs", arcname="logs")
+            for path in (self.work / "exports").glob("*/vlmc_export.json"):
+                tar.add(path, arcname=f"exports/{path.parent.name}/vlmc_export.json")
+            for path in (self.work / "exports").glob("*/*.json"):
+                if path.name.endswith(("bpv.json", "l0_pruning.json", "config.json")):
+                    tar.add(path, arcname=f"exports/{path.parent.name}/{path.name}")
+
+
+def non_embedding_params(spec: Path | None) -> int:
+    """Parameters that cost compute per token (everything but embeddings and LM head), of a spec JSON."""
+    from framework.models import load_vlm
+
+    model = load_vlm(str(spec or ROOT / "experiments/models/llava-test.json")).model
+    return sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "lm_head" not in n)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("stages", nargs="*", default=["kernels", "base", "sweep", "latency", "overhead", "collect"],
+                        help="stages to run; `pack` alone only writes the --pack archive of what exists so far")
+    parser.add_argument("--out", default="experiments/results/sparsity")
+    parser.add_argument("--work", default="/tmp/vlmc_sparsity_study")
+    parser.add_argument("--base_steps", type=int, default=2800)
+    parser.add_argument("--ft_steps", type=int, default=600)
+    parser.add_argument("--l0_steps", type=int, default=1200)
+    parser.add_argument("--ft_lr", type=float, default=2e-4)
+    parser.add_argument("--ft_batch", type=int, default=128)
+    parser.add_argument("--parallel", type=int, default=6, help="training runs sharing the GPU at once")
+    parser.add_argument("--workers", type=int, default=2, help="data workers per run")
+    parser.add_argument("--gpus", type=int, default=None, help="GPUs to spread runs over (default: all visible)")
+    parser.add_argument("--smoke", action="store_true", help="tiny model, a few steps, CPU: checks the wiring")
+    parser.add_argument("--rerun", action="store_true", help="run jobs whose summary already exists")
+    parser.add_argument("--pack", help="also write logs and results into this .tar.gz at the end")
+    opts = parser.parse_args(argv)
+    if opts.smoke:
+        opts.base_steps, opts.ft_steps, opts.l0_steps, opts.ft_batch = 6, 4, 6, 4
+    if opts.gpus is None:
+        import torch
+
+        opts.gpus = max(1, torch.cuda.device_count())
+    study = Study(opts)
+    if opts.stages == ["pack"]:
+        study.pack(Path(opts.pack))
+        return
+    codes: dict[str, int] = {}
+    scratch = None
+    try:
+        if "kernels" in opts.stages:
+            codes["kernels"] = study.kernels()
+        if "base" in opts.stages:
+            spec = study.work / "llava-base-gpu-l0-50.json"
+            subprocess.check_call([sys.executable, "-m", "plugins.l0_pruning.spec", "--base",
+                                   str(BASE_SPEC if not opts.smoke else ROOT / "experiments/models/llava-test.json"),
+                                   "--fraction", "0.5", "--out", str(spec)], cwd=ROOT)
+            # The from-scratch baseline runs beside everything else; it is the longest run.
+            pool = ThreadPoolExecutor(max_workers=1)
+            scratch = pool.submit(study.run, study.scratch_job(spec))
+            codes["dense_base"] = study.run(study.base_job())
+        if "sweep" in opts.stages:
+            if not (study.base_export / "config.json").exists():
+                raise SystemExit(f"sweep: no dense base at {study.base_export}; run the `base` stage first")
+            codes.update(study.run_all(study.sweep_jobs() + study.oneshot_jobs(), opts.parallel))
+        if scratch is not None:
+            codes["l0_scratch50"] = scratch.result()
+        if "latency" in opts.stages:
+            codes["latency"] = study.latency()
+        if "overhead" in opts.stages:
+            codes["overhead"] = study.overhead()
+    finally:
+        if "collect" in opts.stages:
+            study.collect()
+        (study.out / "study_status.json").write_text(json.dumps({"codes": codes, "argv": sys.argv[1:]}, indent=2))
+        if opts.pack:
+            study.pack(Path(opts.pack))
+    failed = {k: v for k, v in codes.items() if v}
+    print("all runs finished" if not failed else f"failed: {failed}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""The sparsity study's runs are built from arguments the plugins accept (the study itself runs on a GPU)."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+from conftest import ROOT
+
+from framework.selection import ModuleSelection
+
+
+def _study(tmp_path: Path):
+    spec = importlib.util.spec_from_file_location("sparsity_study", ROOT / "experiments" / "sparsity_study.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    opts = Namespace(out=str(tmp_path / "out"), work=str(tmp_path / "work"), base_steps=10, ft_steps=20, l0_steps=30,
+                     ft_lr=1e-4, ft_batch=8, parallel=1, workers=0, smoke=True, rerun=False, gpus=1)
+    return module.Study(opts)
+
+
+def test_every_run_has_a_unique_name_and_valid_plugin_arguments(tmp_path: Path) -> None:
+    study = _study(tmp_path)
+    jobs = study.sweep_jobs() + study.oneshot_jobs()
+    names = [job.name for job in jobs]
+    assert len(names) == len(set(names))
+    assert {"dense", "dense_finetune", "ramp75", "ramp2of4", "oneshot_act_75", "oneshot_mag_2of4",
+            "l0_50_improved", "l0_90_plain"} <= set(names)
+    for job in jobs:
+        for callback in job.callbacks:
+            module_name, class_name = callback["class_path"].rsplit(".", 1)
+            cls = getattr(importlib.import_module(module_name), class_name)
+            args = dict(callback["init_args"])
+            if "targets" in args:
+                args["targets"] = ModuleSelection(**args["targets"])
+            cls(**args)  # raises on a misspelt or out-of-range argument
+        assert job.verb in ("fit", "validate")
+
+
+def test_scratch_baseline_gets_the_same_compute(tmp_path: Path) -> None:
+    study = _study(tmp_path)
+    spec = tmp_path / "pruned.json"
+    from plugins.l0_pruning.spec import main as spec_main
+
+    spec_main(["--base", str(ROOT / "experiments/models/llava-test.json"), "--fraction", "0.5", "--out", str(spec)])
+    job = study.scratch_job(spec)
+    steps = int(next(o for o in job.overrides if o.startswith("--trainer.max_steps=")).split("=")[1])
+    # 10 base steps at batch 4 plus 30 L0 steps at batch 8, on a model with fewer parameters: more steps.
+    assert steps > 10 + 30 * 8 // 4
