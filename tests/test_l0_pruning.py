@@ -1,0 +1,272 @@
+"""L0 structured pruning: configuration, gate math, a real fit, exact physical removal, export, resume, stacking."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAMILY_SPECS
+from helpers import make_cli, model_state, tiny_config
+
+from framework.data.tasks import make_task
+from framework.export import export_model
+from framework.models import load_vlm
+from framework.module import model_inputs
+from framework.plugin import PluginConflictError, check_plugins
+from framework.processing import VLMProcessor, family_for
+from framework.selection import ModuleSelection
+from plugins.channel_ablation import ChannelAblation
+from plugins.l0_pruning import (L0Pruning, grouped_head_mask, hard_concrete_keep_prob, hard_concrete_sample,
+                                hard_topk, hardtanh_ste, pruned_spec, soft_topk)
+from plugins.l0_pruning.surgery import MASKS_ATTR
+
+ALL_KINDS_SHAPE = {"num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+                   "intermediate_size": 24, "hidden_size": 16}
+
+
+# ----------------------------------------------------------------------------------------------- configuration
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"target_fraction": 1.0}, r"L0Pruning.target_fraction: must be in \(0, 1\)"),
+        ({"target_fraction": 0.0}, r"L0Pruning.target_fraction: must be in \(0, 1\)"),
+        ({}, "give exactly one of them"),
+        ({"target_fraction": 0.5, "target_shape": {"hidden_size": 16}}, "give exactly one of them"),
+        ({"target_fraction": 0.5, "method": "fancy"}, r"L0Pruning.method: must be one of \['plain', 'improved'\]"),
+        ({"target_fraction": 0.5, "mask_scale": 0.0}, r"L0Pruning.mask_scale: must be > 0"),
+        ({"target_fraction": 0.5, "mask_scale": -1e-3}, r"L0Pruning.mask_scale: must be > 0"),
+        ({"target_fraction": 0.5, "hard_from": 1.0}, r"L0Pruning.hard_from: must be in \[0, 1\)"),
+        ({"target_fraction": 0.5, "ranking_noise": 1.5}, r"L0Pruning.ranking_noise: must be in \[0, 1\)"),
+        ({"target_fraction": 0.5, "alternate_every": -2}, "L0Pruning.alternate_every: must be >= 0"),
+        ({"target_fraction": 0.5, "tau": 0.0}, "L0Pruning.tau: must be > 0"),
+        ({"target_fraction": 0.5, "target_warmup": 2.0}, r"L0Pruning.target_warmup: must be in \[0, 1\]"),
+        ({"target_fraction": 0.5, "method": "plain", "soft_topk": True}, "L0Pruning.soft_topk: only applies to method: improved"),
+        ({"target_fraction": 0.5, "prune_heads": False, "prune_mlp": False, "prune_hidden": False,
+          "prune_layers": False}, "switch at least one on"),
+    ],
+)
+def test_misconfiguration_fails_in_init(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        L0Pruning(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("family", "kwargs", "message"),
+    [
+        ("llava", {"target_shape": {"intermediate_size": 128}}, r"target_shape.intermediate_size: must be an integer in \[1, 64\]"),
+        ("llava", {"target_shape": {"num_attention_heads": 3, "num_key_value_heads": 2}}, "not a valid grouped-query shape"),
+        ("llava", {"target_shape": {"num_attention_heads": 3}}, "give num_key_value_heads too"),
+        ("llava", {"target_shape": {"hidden_size": 16}, "prune_hidden": False}, "needs prune_hidden: true"),
+        ("llava", {"target_shape": {"vocab_size": 16}}, "unknown keys"),
+        ("llava", {"target_fraction": 0.5, "targets": ModuleSelection(include="no_such_module")}, "matched no module"),
+        ("llava", {"target_fraction": 0.5, "targets": ModuleSelection(include=r"language_model\.layers\.0$",
+                                                                      types=["GradientCheckpointingLayer"])},
+         "must select every decoder layer"),
+        ("qwen2_vl", {"target_fraction": 0.5, "prune_hidden": False}, "heads and hidden dims are pruned together"),
+        ("qwen2_vl", {"target_shape": {"num_attention_heads": 2, "num_key_value_heads": 1, "hidden_size": 24}},
+         "hidden_size must be num_attention_heads x 8 = 16"),
+    ],
+)
+def test_model_dependent_misconfiguration_fails_in_transform(family: str, kwargs: dict, message: str) -> None:
+    model = load_vlm(str(FAMILY_SPECS[family])).model
+    with pytest.raises(ValueError, match=message):
+        L0Pruning(**kwargs).transform(model)
+
+
+# ----------------------------------------------------------------------------------------------- gate math
+def test_hard_concrete_expected_l0_matches_hand_computation() -> None:
+    log_alpha = torch.tensor([0.0, 2.0, -3.0])
+    # P(z != 0) = sigmoid(log_alpha - beta * log(-a / b)) with a=-0.1, b=1.1, beta=2/3.
+    hand = [1 / (1 + math.exp(-(la - 2 / 3 * math.log(0.1 / 1.1)))) for la in (0.0, 2.0, -3.0)]
+    torch.testing.assert_close(hard_concrete_keep_prob(log_alpha), torch.tensor(hand))
+    assert hand[0] == pytest.approx(0.8318, abs=1e-4)
+    # u = 1/2 gives the stretched sigmoid of log_alpha / beta, clamped: 0.5 * 1.2 - 0.1 = 0.5 at log_alpha 0.
+    assert hard_concrete_sample(torch.tensor(0.0), torch.tensor(0.5)).item() == pytest.approx(0.5)
+    u = torch.rand(200_000, generator=torch.Generator().manual_seed(0)).clamp(1e-6, 1 - 1e-6)
+    z = hard_concrete_sample(torch.full_like(u, 2.0), u)
+    assert (z > 0).float().mean().item() == pytest.approx(hand[1], abs=0.005)
+    assert ((z > 0) & (z < 1)).any() and (z == 1).any() and (z == 0).any()
+
+
+def test_soft_topk_anneals_to_exactly_k_ones() -> None:
+    scores = torch.randn(5, 40, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    for k in (0, 1, 13, 40):
+        for tau in (0.0, 1e-7):
+            mask = soft_topk(scores, k, tau)
+            assert torch.equal(mask.sum(-1), torch.full((5,), float(k)))
+            assert set(mask.unique().tolist()) <= {0.0, 1.0}
+    soft = soft_topk(scores, 13, 0.5)
+    assert ((soft > 0) & (soft < 1)).all()
+    soft.sum().backward()
+    assert scores.grad.abs().sum() > 0
+    tied = torch.ones(2, 6)
+    assert torch.equal(hard_topk(tied, 2), torch.tensor([[1.0, 1, 0, 0, 0, 0]] * 2)), "ties go to the lower index"
+
+
+def test_grouped_head_mask_is_valid_gqa() -> None:
+    scores = torch.randn(3, 8, generator=torch.Generator().manual_seed(2))
+    mask = grouped_head_mask(scores, heads=4, kv_heads=2, group=2)  # 4 KV groups of 2 -> keep 2 whole groups
+    groups = mask.view(3, 4, 2)
+    assert torch.equal(mask.sum(-1), torch.full((3,), 4.0))
+    assert torch.equal(groups.sum(-1).sort(-1).values, torch.tensor([[0.0, 0, 2, 2]] * 3))
+    mask = grouped_head_mask(scores, heads=4, kv_heads=4, group=2)  # every group keeps its best head
+    assert torch.equal(mask.view(3, 4, 2).sum(-1), torch.ones(3, 4))
+
+
+def test_hardtanh_ste_clips_forward_and_passes_gradient() -> None:
+    x = torch.tensor([-0.5, 0.25, 1.5], requires_grad=True)
+    y = hardtanh_ste(x)
+    assert torch.equal(y, torch.tensor([0.0, 0.25, 1.0]))
+    (y * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    assert torch.equal(x.grad, torch.tensor([1.0, 2.0, 3.0])), "straight through, also where clipped"
+
+
+# ----------------------------------------------------------------------------------------------- removal and export
+def _batch(loaded: object) -> dict:
+    processor = VLMProcessor(family_for(loaded.model.config, loaded.tokenizer, loaded.image_processor), 512)
+    return processor.encode([make_task("caption", image_size=64)[0], make_task("autofill", image_size=64)[0]])
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_SPECS))
+def test_physical_removal_is_exact_and_exports(tmp_path: Path, family: str) -> None:
+    """Heads, MLP channels, hidden dims and layers pruned: the smaller HF model gives the masked model's logits."""
+    from transformers import AutoModelForImageTextToText
+
+    loaded = load_vlm(str(FAMILY_SPECS[family]))
+    model = loaded.model.eval()
+    plugin = L0Pruning(target_shape=ALL_KINDS_SHAPE, seed=3)
+    plugin.transform(model)
+    plugin.transform(model)  # idempotent: no second set of masks or hooks
+    masks = getattr(model, MASKS_ATTR)
+    o_proj = model.model.language_model.layers[0].self_attn.o_proj
+    assert len(o_proj._forward_pre_hooks) == 1 and len(o_proj._forward_hooks) == 1
+    with torch.no_grad():  # random scores, so the kept units are not simply the first ones
+        for kind in plugin.kinds:
+            getattr(masks, kind).uniform_(0, masks.config.mask_scale, generator=torch.Generator().manual_seed(4))
+    batch = _batch(loaded)
+    with torch.no_grad():
+        masked = model(**batch).logits
+        hard = masks.hard_masks()
+        assert masks.expected_params(hard).item() == plugin.summary(model)["text_params_after"]
+    out = export_model(model, loaded.tokenizer, loaded.image_processor, tmp_path / "export", [plugin])
+    assert hasattr(model, MASKS_ATTR), "export works on a copy"
+    exported = AutoModelForImageTextToText.from_pretrained(out).eval()
+    text = exported.config.text_config
+    assert (text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads, text.intermediate_size,
+            text.hidden_size, text.head_dim) == (1, 2, 1, 24, 16, 8)
+    assert not any(MASKS_ATTR in k for k in exported.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(exported(**batch).logits, masked, rtol=1e-4, atol=1e-4)
+    summary = json.loads((out / "vlmc_export.json").read_text())["plugins"]["l0_pruning"]["summary"]
+    assert summary["params_after"] == sum(p.numel() for p in exported.parameters())
+    artifact = json.loads((out / "l0_pruning.json").read_text())
+    assert artifact["kept_shape"]["hidden_size"] == 16 and artifact["text_params_after"] < artifact["text_params_before"]
+    inputs = {k: v for k, v in model_inputs(batch).items() if k != "labels"}
+    generated = exported.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert generated.shape[1] == batch["input_ids"].shape[1] + 3, "the cache works with renumbered layers"
+
+
+def test_pruned_spec_builds_the_pruned_shape() -> None:
+    spec = pruned_spec(FAMILY_SPECS["qwen2_vl"], {"num_attention_heads": 2, "num_key_value_heads": 1, "hidden_size": 16})
+    assert spec["hf_config"]["text_config"]["hidden_size"] == 16 and spec["hf_config"]["vision_config"]["hidden_size"] == 16
+    shipped = json.loads((FAMILY_SPECS["llava"].parent / "llava-base-gpu-l0-50.json").read_text())
+    assert shipped["hf_config"]["text_config"]["num_hidden_layers"] < 12
+
+
+# ----------------------------------------------------------------------------------------------- training
+def _l0(**init_args: object) -> dict:
+    return {"class_path": "plugins.l0_pruning.L0Pruning", "init_args": init_args}
+
+
+def test_fit_reaches_the_exact_target(tmp_path: Path) -> None:
+    callbacks = [_l0(target_fraction=0.5, method="improved", alternate_every=2, hard_from=0.25, target_warmup=0.4)]
+    cli = make_cli(tiny_config(tmp_path, max_steps=12, callbacks=callbacks, limit_val_batches=0))
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    plugin = next(c for c in cli.trainer.callbacks if isinstance(c, L0Pruning))
+    metrics = cli.trainer.callback_metrics
+    summary = plugin.summary(cli.model.model)
+    assert metrics["compression/l0_pruning/stage"] == 2.0  # hard stage at the end
+    assert metrics["compression/l0_pruning/fractional_gates"] == 0.0
+    assert metrics["compression/l0_pruning/expected_params"] == summary["text_params_after"]
+    assert metrics["compression/l0_pruning/target_params"] == summary["text_params_after"]
+    assert summary["removed_fraction"] == pytest.approx(0.5, abs=0.01)
+    masks = getattr(cli.model.model, MASKS_ATTR)
+    hard = masks.hard_masks()
+    assert hard["mlp"][0].sum() == summary["kept_intermediate_size"] and hard["hidden"].sum() == summary["kept_hidden_size"]
+    assert masks.expected_params(hard).item() == summary["text_params_after"]
+    assert any(k.startswith(f"model.{MASKS_ATTR}.") for k in torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["state_dict"])
+
+
+def test_plain_lagrangian_moves_the_expected_size_to_the_target(tmp_path: Path) -> None:
+    callbacks = [_l0(target_fraction=0.5, method="plain", lagrangian_lr=0.5, mask_lr=0.2, target_warmup=0.0)]
+    cli = make_cli(tiny_config(tmp_path, max_steps=10, callbacks=callbacks, limit_val_batches=0))
+    plugin = cli.trainer.callbacks[[isinstance(c, L0Pruning) for c in cli.trainer.callbacks].index(True)]
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    masks = getattr(cli.model.model, MASKS_ATTR)
+    masks.train()
+    target = plugin.summary(cli.model.model)["text_params_after"]
+    start = float(masks.param_count({k: hard_concrete_keep_prob(torch.zeros_like(getattr(masks, k)))
+                                     for k in plugin.kinds}))
+    end = float(cli.trainer.callback_metrics["compression/l0_pruning/expected_params"])
+    assert abs(end - target) < 0.5 * abs(start - target)
+    assert cli.trainer.callback_metrics["compression/l0_pruning/lambda1"] != 0
+
+
+class _StopAt:
+    def __init__(self, step: int) -> None:
+        import lightning.pytorch as pl
+
+        class Stop(pl.Callback):
+            def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
+                if trainer.global_step >= step:
+                    trainer.should_stop = True
+
+        self.callback = Stop()
+
+
+def test_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
+    callbacks = [_l0(target_fraction=0.5, alternate_every=2, hard_from=0.25, target_warmup=0.5, seed=1)]
+    straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
+    straight_dir.mkdir()
+    resumed_dir.mkdir()
+    kwargs = {"max_steps": 8, "callbacks": callbacks, "limit_val_batches": 0}
+    straight = make_cli(tiny_config(straight_dir, **kwargs))
+    straight.trainer.fit(straight.model, datamodule=straight.datamodule)
+
+    interrupted = make_cli(tiny_config(resumed_dir, **kwargs))
+    interrupted.trainer.callbacks.append(_StopAt(4).callback)
+    interrupted.trainer.fit(interrupted.model, datamodule=interrupted.datamodule)
+    checkpoint = resumed_dir / "ckpt" / "epoch=0-step=4.ckpt"
+    state = torch.load(checkpoint, weights_only=True)["callbacks"]["L0Pruning[l0_pruning]"]
+    assert state["step"] == 3 and state["method"] == "improved"
+
+    resumed = make_cli(tiny_config(resumed_dir, **kwargs))
+    resumed.trainer.fit(resumed.model, datamodule=resumed.datamodule, ckpt_path=str(checkpoint))
+    want, got = model_state(straight.model), model_state(resumed.model)
+    assert want.keys() == got.keys() and any(k.startswith(MASKS_ATTR) for k in got)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6, msg=key)
+    hard = [getattr(cli.model.model, MASKS_ATTR).hard_masks() for cli in (straight, resumed)]
+    assert all(torch.equal(hard[0][k], hard[1][k]) for k in hard[0])
+
+
+# ----------------------------------------------------------------------------------------------- stacking
+def test_stacks_with_disjoint_plugins_and_refuses_overlap() -> None:
+    model = load_vlm(str(FAMILY_SPECS["llava"])).model
+    l0 = L0Pruning(target_fraction=0.5)
+    vision = ChannelAblation(name="vision", targets=ModuleSelection(include="vision_tower"))
+    text = ChannelAblation(name="text", targets=ModuleSelection(include=r"language_model.*mlp"))
+    for plugin in (l0, vision, text):
+        plugin.transform(model)
+    check_plugins([l0, vision], model)
+    with pytest.raises(PluginConflictError, match="both rewrite .*mlp"):
+        check_plugins([l0, text], model)
+    with pytest.raises(PluginConflictError, match="one L0Pruning per model"):
+        check_plugins([l0, L0Pruning(target_fraction=0.3, name="other")], model)
+    # Without hidden-dim pruning the embeddings and the LM head stay free for other plugins.
+    heads_only = L0Pruning(target_fraction=0.5, prune_hidden=False, prune_mlp=False, prune_layers=False)
+    heads_only.transform(load_vlm(str(FAMILY_SPECS["llava"])).model)
+    assert not any("embed_tokens" in n or "lm_head" in n for n in heads_only.claims(model))
