@@ -143,6 +143,7 @@ class Study:
         overrides = self.steps(o.base_steps)
         if o.smoke:
             overrides.append(f"--model.init_args.model={ROOT / 'experiments/models/llava-test.json'}")
+        overrides.append(f"--data.init_args.num_workers={max(self.opts.workers, 10 if not o.smoke else 0)}")
         return Job("dense_base", "fit", overrides=overrides, export_to=self.base_export, gpu=0)
 
     def scratch_job(self, spec: Path) -> Job:
@@ -153,7 +154,9 @@ class Study:
         compute = o.base_steps * batch + o.l0_steps * o.ft_batch
         steps = int(round(compute * dense / small / batch))
         # On the second GPU when there is one; the sweep's first jobs go to the others.
-        return Job("l0_scratch50", "fit", overrides=[f"--model.init_args.model={spec}", *self.steps(steps)], gpu=1)
+        workers = f"--data.init_args.num_workers={max(o.workers, 8 if not o.smoke else 0)}"
+        return Job("l0_scratch50", "fit", overrides=[f"--model.init_args.model={spec}", *self.steps(steps), workers],
+                   gpu=1)
 
     def sweep_jobs(self) -> list[Job]:
         o = self.opts
@@ -165,7 +168,7 @@ class Study:
         for l0_name, fraction, method in (("l0_50_improved", 0.5, "improved"), ("l0_50_plain", 0.5, "plain"),
                                           ("l0_90_improved", 0.9, "improved"), ("l0_90_plain", 0.9, "plain")):
             jobs.append(Job(l0_name, "fit", [callback("plugins.l0_pruning.L0Pruning", target_fraction=fraction,
-                                                      method=method)],
+                                                      method=method, multiple_of=self.multiple_of)],
                             self.from_base(o.l0_steps, o.ft_lr), export_to=self.work / "exports" / l0_name))
         return jobs
 
@@ -180,6 +183,11 @@ class Study:
                                 [f"--model.init_args.model={self.base_export}",
                                  f"--data.init_args.batch_size={self.opts.ft_batch}"]))
         return jobs
+
+    @property
+    def multiple_of(self) -> int:
+        """Pruned widths rounded for the GPU's tensor cores (1 for the tiny smoke model)."""
+        return 1 if self.opts.smoke else 8
 
     def kernels(self) -> int:
         if self.opts.smoke:
@@ -268,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", default="/tmp/vlmc_sparsity_study")
     parser.add_argument("--base_steps", type=int, default=2800)
     parser.add_argument("--ft_steps", type=int, default=600)
-    parser.add_argument("--l0_steps", type=int, default=1200)
+    parser.add_argument("--l0_steps", type=int, default=1500)
     parser.add_argument("--ft_lr", type=float, default=2e-4)
     parser.add_argument("--ft_batch", type=int, default=128)
     parser.add_argument("--parallel", type=int, default=6, help="training runs sharing the GPU at once")
@@ -297,7 +305,8 @@ def main(argv: list[str] | None = None) -> None:
             spec = study.work / "llava-base-gpu-l0-50.json"
             subprocess.check_call([sys.executable, "-m", "plugins.l0_pruning.spec", "--base",
                                    str(BASE_SPEC if not opts.smoke else ROOT / "experiments/models/llava-test.json"),
-                                   "--fraction", "0.5", "--out", str(spec)], cwd=ROOT)
+                                   "--fraction", "0.5", "--multiple_of", str(study.multiple_of), "--out", str(spec)],
+                                  cwd=ROOT)
             # The from-scratch baseline runs beside everything else; it is the longest run.
             pool = ThreadPoolExecutor(max_workers=1)
             scratch = pool.submit(study.run, study.scratch_job(spec))
