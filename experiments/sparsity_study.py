@@ -131,8 +131,10 @@ class Study:
 
     # ------------------------------------------------------------------ the study's runs
     def steps(self, n: int) -> list[str]:
-        return [f"--trainer.max_steps={n}", f"--trainer.val_check_interval={max(1, n // 2)}",
-                f"--checkpoint.every_n_train_steps={max(1, n // 2)}"]
+        # Validation every half run, at most every 1000 steps (an epoch of the data module).
+        every = max(1, min(n // 2, 1000))
+        return [f"--trainer.max_steps={n}", f"--trainer.val_check_interval={every}",
+                f"--checkpoint.every_n_train_steps={every}"]
 
     def from_base(self, steps: int, lr: float) -> list[str]:
         return [f"--model.init_args.model={self.base_export}", f"--model.init_args.lr={lr}",
@@ -143,7 +145,7 @@ class Study:
         overrides = self.steps(o.base_steps)
         if o.smoke:
             overrides.append(f"--model.init_args.model={ROOT / 'experiments/models/llava-test.json'}")
-        overrides.append(f"--data.init_args.num_workers={max(self.opts.workers, 10 if not o.smoke else 0)}")
+        overrides.append(f"--data.init_args.num_workers={max(self.opts.workers, self.opts.base_workers if not o.smoke else 0)}")
         return Job("dense_base", "fit", overrides=overrides, export_to=self.base_export, gpu=0)
 
     def scratch_job(self, spec: Path) -> Job:
@@ -154,7 +156,7 @@ class Study:
         compute = o.base_steps * batch + o.l0_steps * o.ft_batch
         steps = int(round(compute * dense / small / batch))
         # On the second GPU when there is one; the sweep's first jobs go to the others.
-        workers = f"--data.init_args.num_workers={max(o.workers, 8 if not o.smoke else 0)}"
+        workers = f"--data.init_args.num_workers={max(o.workers, o.base_workers // 2 if not o.smoke else 0)}"
         return Job("l0_scratch50", "fit", overrides=[f"--model.init_args.model={spec}", *self.steps(steps), workers],
                    gpu=1)
 
@@ -281,6 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ft_batch", type=int, default=128)
     parser.add_argument("--parallel", type=int, default=6, help="training runs sharing the GPU at once")
     parser.add_argument("--workers", type=int, default=2, help="data workers per run")
+    parser.add_argument("--base_workers", type=int, default=10, help="data workers of the base pretraining run")
     parser.add_argument("--gpus", type=int, default=None, help="GPUs to spread runs over (default: all visible)")
     parser.add_argument("--smoke", action="store_true", help="tiny model, a few steps, CPU: checks the wiring")
     parser.add_argument("--rerun", action="store_true", help="run jobs whose summary already exists")
@@ -323,7 +326,10 @@ def main(argv: list[str] | None = None) -> None:
             codes["overhead"] = study.overhead()
     finally:
         if "collect" in opts.stages:
-            study.collect()
+            try:
+                study.collect()
+            except (FileNotFoundError, ValueError) as err:  # keep the run's own error visible
+                print(f"collect: {err}", flush=True)
         (study.out / "study_status.json").write_text(json.dumps({"codes": codes, "argv": sys.argv[1:]}, indent=2))
         if opts.pack:
             study.pack(Path(opts.pack))
