@@ -270,3 +270,4 @@ def test_stacks_with_disjoint_plugins_and_refuses_overlap() -> None:
     heads_only = L0Pruning(target_fraction=0.5, prune_hidden=False, prune_mlp=False, prune_layers=False)
     heads_only.transform(load_vlm(str(FAMILY_SPECS["llava"])).model)
     assert not any("embed_tokens" in n or "lm_head" in n for n in heads_only.claims(model))
+

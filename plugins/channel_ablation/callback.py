@@ -72,7 +72,7 @@ class ChannelAblation(CompressionPlugin):
     def _mask(self, qualified: str, width: int) -> torch.Tensor:
         # Seeded by (seed, layer name), not by a global RNG: identical on every rank and independent of order.
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(qualified.encode()))
-        zeroed = torch.randperm(width, generator=generator)[: int(round(self.fraction * width))]
+        zeroed = torch.randperm(width, generator=generator, device="cpu")[: int(round(self.fraction * width))]
         mask = torch.ones(width)
         mask[zeroed] = 0.0
         return mask

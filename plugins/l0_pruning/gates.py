@@ -165,7 +165,7 @@ class L0Masks(nn.Module):
         for kind in config.kinds:
             if config.method == "plain":
                 mean = math.log(1 - config.droprate_init) - math.log(config.droprate_init)
-                init = (mean + 0.01 * torch.randn(sizes[kind], generator=generator)) * config.mask_scale
+                init = (mean + 0.01 * torch.randn(sizes[kind], generator=generator, device="cpu")) * config.mask_scale
             else:  # every unit starts fully kept: the forward is the dense model's
                 init = torch.full(sizes[kind], config.mask_scale)
             self.register_parameter(kind, nn.Parameter(init))
@@ -218,7 +218,7 @@ class L0Masks(nn.Module):
     def _noise(self, kind: str, like: torch.Tensor) -> torch.Tensor:
         # Seeded by (seed, step, kind): the same on every rank and after a resume.
         seed = (self.config.seed * 1_000_003 + self.step * 7919 + zlib.crc32(kind.encode())) % (2**63)
-        u = torch.rand(like.shape, generator=torch.Generator().manual_seed(seed)).to(like.device)
+        u = torch.rand(like.shape, generator=torch.Generator().manual_seed(seed), device="cpu").to(like.device)
         return u
 
     def hard_masks(self, shape: MaskShape | None = None) -> dict[str, torch.Tensor]:

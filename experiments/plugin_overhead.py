@@ -1,0 +1,78 @@
+"""Training overhead of each compression plugin: mean step time with the plugin / without it, in one process.
+
+Every row runs ``vlmc bench --without_plugins`` on the GPU base config (random weights: step time does not depend
+on them) with one plugin configured, so both halves of a ratio share the machine, data and warm-up::
+
+    python experiments/plugin_overhead.py --out experiments/results/sparsity/overhead.json
+    python experiments/plugin_overhead.py --smoke      # tiny model on a CPU, checks the wiring
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+LANGUAGE_MODEL = {"include": "language_model", "exclude": "lm_head"}
+PLUGINS: dict[str, dict[str, Any]] = {
+    "ramp75_magnitude": {"class_path": "plugins.sparsity.SparsityRamp", "init_args": {
+        "final_sparsity": 0.75, "start": 0.0, "end": 1.0, "update_every": 10, "targets": LANGUAGE_MODEL}},
+    "ramp75_activation": {"class_path": "plugins.sparsity.SparsityRamp", "init_args": {
+        "final_sparsity": 0.75, "start": 0.0, "end": 1.0, "update_every": 10, "score": "activation",
+        "targets": LANGUAGE_MODEL}},
+    "ramp_2of4": {"class_path": "plugins.sparsity.SparsityRamp", "init_args": {
+        "pattern": "2:4", "start": 0.0, "end": 1.0, "update_every": 10, "targets": LANGUAGE_MODEL}},
+    "l0_50_improved": {"class_path": "plugins.l0_pruning.L0Pruning", "init_args": {
+        "target_fraction": 0.5, "method": "improved", "multiple_of": 8}},
+    "l0_50_plain": {"class_path": "plugins.l0_pruning.L0Pruning", "init_args": {
+        "target_fraction": 0.5, "method": "plain", "multiple_of": 8}},
+}
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--plugins", nargs="+", default=list(PLUGINS), choices=list(PLUGINS))
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--out", help="write the rows as JSON here")
+    opts = parser.parse_args(argv)
+
+    from framework.bench import main as bench
+
+    common = ["--config", str(ROOT / "experiments/pretrain/gpu_base.yaml"),
+              "--config", str(ROOT / "experiments/csv_logger.yaml"), f"--data.init_args.batch_size={opts.batch_size}",
+              "--steps", str(opts.steps), "--warmup", str(opts.warmup), "--new_tokens", "2", "--repeats", "1",
+              "--without_plugins"]
+    if opts.smoke:
+        common += ["--model.init_args.model=experiments/models/llava-test.json", "--trainer.accelerator=cpu",
+                   "--trainer.precision=32-true", "--data.init_args.image_size=64", "--data.init_args.num_workers=0",
+                   "--data.init_args.val_samples=4", "--data.init_args.max_length=128"]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in opts.plugins:
+            config = Path(tmp) / f"{name}.yaml"
+            config.write_text(yaml.safe_dump({"trainer": {"callbacks": [PLUGINS[name]]}}))
+            result = bench(common + ["--config", str(config)])
+            rows.append({"plugin": name, "device": result["device"], "batch_size": opts.batch_size,
+                         "step_ms_without": 1e3 * result["step_s_without_plugins"],
+                         "step_ms_with": 1e3 * result["step_s_with_plugins"],
+                         "overhead": result["plugin_overhead"], "overhead_median": result["plugin_overhead_median"]})
+    columns = list(rows[0])
+    print("  ".join(columns))
+    for row in rows:
+        print("  ".join(f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in columns))
+    if opts.out:
+        from framework.io import atomic_write_json
+
+        atomic_write_json(Path(opts.out), {"rows": rows, "argv": argv})
+    return rows
+
+
+if __name__ == "__main__":
+    main()

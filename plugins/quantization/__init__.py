@@ -1,0 +1,50 @@
+"""Quantization: fake-quant QAT with learned scales, a PTQ baseline, AIMET encodings and an integer runtime.
+
+Fake quantizers (quantize-dequantize with a straight-through estimator, PyTorch's ``fake_quantize_per_*_affine``
+arithmetic) sit on the weights of chosen Linear layers and on the inputs / outputs of chosen modules (the KV
+cache, the vision projector), per tensor, channel, token or group, symmetric or not, static or dynamic. Static
+scales start from observed ranges (min/max, percentile or MSE-optimal clipping) and are then learned with LSQ
+(Esser et al. 2020, "Learned Step Size Quantization"). The learned encodings are exported in Qualcomm AIMET's
+``.encodings`` JSON with bit-packed integer weights, so the device model uses them directly instead of a
+separate PTQ pass; :class:`IntegerRuntime` runs the exported text decoder on integer codes and reproduces the
+fake-quant model. :class:`PostTrainingQuantization` is the calibrate-and-round baseline.
+
+References: LSQ (Esser et al., ICLR 2020); PyTorch ``torch.ao.quantization`` fake quantization and observers;
+AIMET quantization encodings specification (Qualcomm Innovation Center, ``aimet`` docs, encoding format 0.6.1).
+"""
+
+from plugins.quantization.config import ActivationSite, QuantSpec, check_spec
+from plugins.quantization.encodings import export_encodings, load_encodings, weight_codes
+from plugins.quantization.placement import (
+    QuantLinear,
+    attach_quantizers,
+    quantization_disabled,
+    quantizers_of,
+    remove_quantizers,
+    set_quantizers,
+)
+from plugins.quantization.ptq import PostTrainingQuantization
+from plugins.quantization.qat import QuantizationAwareTraining
+from plugins.quantization.quantizer import FakeQuantizer, fake_quantize, qparams_from_range
+from plugins.quantization.runtime import IntegerRuntime
+
+__all__ = [
+    "ActivationSite",
+    "FakeQuantizer",
+    "IntegerRuntime",
+    "PostTrainingQuantization",
+    "QuantLinear",
+    "QuantSpec",
+    "QuantizationAwareTraining",
+    "attach_quantizers",
+    "check_spec",
+    "export_encodings",
+    "fake_quantize",
+    "load_encodings",
+    "qparams_from_range",
+    "quantization_disabled",
+    "quantizers_of",
+    "remove_quantizers",
+    "set_quantizers",
+    "weight_codes",
+]

@@ -1,0 +1,196 @@
+"""Lightning glue shared by QAT and PTQ: placement in ``transform``, claims, summary and the quantized export.
+
+:class:`QuantizedModules` checks the specs in ``__init__`` (errors name the YAML key), attaches the quantizers in
+``transform`` (idempotent, before any checkpoint restore, so scales and observer buffers are restored with the
+model), claims the quantized weights, reports average bits, and exports: ``prepare_export`` writes each
+quantized weight's dequantized grid values into the HF model (``from_pretrained`` loads what the fake-quant
+model computed) and removes the quantizers; ``export_artifacts`` writes the encodings, the bit-packed integer
+codes and their bits per weight.
+
+Claims are shared (``exclusive_claims = False``): quantization reads the float weights as a master copy and
+rewrites them only at export, as ``scale * (q - zero_point)`` of the weight it is given. A plugin that zeroes
+weights (sparsity masks, channel ablation) therefore composes with it: an exact zero is on every grid (the zero
+point is an integer), so masked weights stay zero, and under a symmetric grid their codes are 0, so a sparse
+quantized weight packs with a bitmask.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from typing_extensions import override
+
+from framework.plugin import CompressionPlugin
+from framework.selection import ModuleSelection
+from plugins.quantization.config import ActivationSite, QuantSpec, check_points, check_runtime, check_spec
+from plugins.quantization.encodings import export_encodings, weight_codes, write_quantized_export
+from plugins.quantization.placement import attach_quantizers, quantized_module, quantizers_of, remove_quantizers
+from plugins.quantization.quantizer import FakeQuantizer
+
+
+def default_targets() -> ModuleSelection:
+    """Every Linear layer of the language model except the LM head."""
+    return ModuleSelection(include="language_model", exclude="lm_head")
+
+
+def _reduce(op: Any) -> Any:
+    """An all-reduce over data-parallel ranks, or ``None`` in a single process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+
+    def reduce(tensor: torch.Tensor) -> torch.Tensor:
+        out = tensor.clone()
+        dist.all_reduce(out, op=op)
+        return out / dist.get_world_size() if op == dist.ReduceOp.SUM else out
+
+    return reduce
+
+
+def freeze_observers(quantizers: list[FakeQuantizer]) -> None:
+    """:meth:`FakeQuantizer.freeze_observer` on each, with ranges combined across data-parallel ranks."""
+    reduce_max = _reduce(dist.ReduceOp.MAX) if dist.is_available() else None
+    reduce_mean = _reduce(dist.ReduceOp.SUM) if dist.is_available() else None
+    for quantizer in quantizers:
+        quantizer.freeze_observer(reduce_max, reduce_mean)
+
+
+class QuantizedModules(CompressionPlugin):
+    """Base of the quantization plugins (not used on its own); see :class:`QuantizationAwareTraining`."""
+
+    exclusive_claims = False
+
+    def __init__(
+        self,
+        weights: QuantSpec | None,
+        activations: QuantSpec | None,
+        targets: ModuleSelection | None,
+        activation_points: list[str],
+        activation_sites: list[ActivationSite] | None,
+        runtime: str,
+        name: str,
+    ) -> None:
+        key = type(self).__name__
+        if weights is not None:
+            check_spec(weights, "weights", f"{key}.weights")
+            check_runtime(weights, "weights", runtime, f"{key}.weights")
+        if activations is not None:
+            check_spec(activations, "activations", f"{key}.activations")
+            check_runtime(activations, "activations", runtime, f"{key}.activations")
+        activation_points = check_points(activation_points, f"{key}.activation_points")
+        sites = list(activation_sites or [])
+        for index, site in enumerate(sites):
+            site_key = f"{key}.activation_sites[{index}]"
+            check_points(site.points, f"{site_key}.points")
+            spec = site.spec or activations
+            if spec is None:
+                raise ValueError(f"{site_key}.spec: give a spec, or set {key}.activations for it to default to")
+            check_spec(spec, "activations", f"{site_key}.spec")
+            check_runtime(spec, "activations", runtime, f"{site_key}.spec")
+        if weights is None and activations is None and not sites:
+            raise ValueError(f"{key}: nothing to quantize; set weights, activations or activation_sites")
+        self.weights, self.activations = weights, activations
+        self.targets = targets or default_targets()
+        self.activation_points = activation_points
+        self.activation_sites = sites
+        self.runtime = runtime
+        self.name = name
+        self.quantizers: dict[str, FakeQuantizer] = {}
+        self._export: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ structure
+    @override
+    def transform(self, model: nn.Module) -> None:
+        key = self.name
+        found = attach_quantizers(model, self.weights, self.activations, self.targets, self.activation_points,
+                                  key=key)
+        for index, site in enumerate(self.activation_sites):
+            found.update(attach_quantizers(model, None, site.spec or self.activations, site.targets, site.points,
+                                           key=f"{key}.activation_sites[{index}]"))
+        for quantizer in found.values():
+            quantizer.enabled = quantizer.observing = False  # the callback switches them on
+        self.quantizers = found
+
+    @override
+    def claims(self, model: nn.Module) -> set[str]:
+        return {name for name in self.quantizers if name.endswith(".weight")}
+
+    def static_quantizers(self, kind: str) -> dict[str, FakeQuantizer]:
+        """Static quantizers of ``kind`` (``weight`` or ``activation``) by tensor name."""
+        return {n: q for n, q in self.quantizers.items()
+                if q.static and (n.endswith(".weight") == (kind == "weight"))}
+
+    def scales(self) -> list[nn.Parameter]:
+        return [q.scale for q in self.quantizers.values() if q.scale is not None and q.scale.requires_grad]
+
+    @torch.no_grad()
+    def init_weight_quantizers(self, model: nn.Module) -> None:
+        """Calibrate every static weight quantizer that is not yet initialized from its weight (the observer on
+        the weight; round to nearest)."""
+        for name, quantizer in quantizers_of(model).items():
+            if name in self.quantizers and name.endswith(".weight") and quantizer.static \
+                    and not quantizer.is_initialized:
+                module, _ = quantized_module(model, name)
+                quantizer.calibrate(module.weight.detach())
+
+    # ------------------------------------------------------------------ results
+    def config_echo(self) -> dict[str, Any]:
+        """What a resumed run must share with its checkpoint."""
+        return {"weights": None if self.weights is None else self.weights.to_dict(),
+                "activations": None if self.activations is None else self.activations.to_dict(),
+                "activation_points": self.activation_points, "runtime": self.runtime}
+
+    def check_echo(self, state: dict[str, Any]) -> None:
+        """Raises: ValueError naming the keys that differ from the checkpoint's configuration."""
+        if "config" not in state:
+            return
+        saved, now = json.loads(state["config"]), json.loads(json.dumps(self.config_echo()))
+        differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        if differ:
+            detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r}, config {now.get(k)!r}" for k in differ)
+            raise ValueError(f"{self.name}: the checkpoint was made with another quantization configuration "
+                             f"({detail}); a resumed run must use the same one")
+
+    def weight_bits(self) -> float:
+        """Average bits per quantized weight (weighted by size)."""
+        sizes = {n: q.shape for n, q in self.quantizers.items() if n.endswith(".weight")}
+        total = sum(torch.Size(s).numel() for s in sizes.values())
+        bits = sum(torch.Size(s).numel() * self.quantizers[n].spec.bits for n, s in sizes.items())
+        return bits / total if total else 0.0
+
+    @override
+    def summary(self, model: nn.Module) -> dict[str, float | int | str]:
+        weights = [n for n in self.quantizers if n.endswith(".weight")]
+        activations = [q for n, q in self.quantizers.items() if not n.endswith(".weight")]
+        return {
+            "quantizers": len(self.quantizers),
+            "weight_quantizers": len(weights),
+            "activation_quantizers": len(activations),
+            "weight_bits": self.weight_bits(),
+            "activation_bits": (sum(q.spec.bits for q in activations) / len(activations)) if activations else 0.0,
+            "calibrated": int(all(q.is_initialized for q in self.quantizers.values() if q.static)),
+        }
+
+    # ------------------------------------------------------------------ export
+    @override
+    def prepare_export(self, model: nn.Module) -> None:
+        names = set(self.quantizers)
+        self.init_weight_quantizers(model)  # never calibrated (quantization had not started): round to nearest
+        self._export = {
+            "encodings": export_encodings(model, names),
+            "codes": weight_codes(model, names),
+            "bits": {n: q.spec.bits for n, q in self.quantizers.items() if n.endswith(".weight")},
+        }
+        remove_quantizers(model, bake_weights=True, names=names)
+
+    @override
+    def export_artifacts(self, model: nn.Module, directory: Path) -> list[str]:
+        if self._export is None:
+            raise RuntimeError(f"{self.name}: export_artifacts before prepare_export")
+        cached, self._export = self._export, None
+        return write_quantized_export(cached["encodings"], cached["codes"], cached["bits"], directory, self.name,
+                                      extra={"plugin": type(self).__name__, "weight_bits": self.weight_bits()})

@@ -1,0 +1,206 @@
+"""Placement: fake quantizers on the modules a :class:`~framework.selection.ModuleSelection` chooses.
+
+Parameter names of the HF model never change. A quantized Linear keeps its ``weight`` and ``bias``; its class
+becomes :class:`QuantLinear` (a subclass of ``nn.Linear`` whose forward multiplies by the fake-quantized weight),
+so PEFT still recognises and wraps it. Activation quantizers run in forward pre-hooks (inputs) and forward hooks
+(outputs) of the existing modules, which works on any module (the KV projections, the vision projector).
+Quantizers are submodules named ``weight_quantizer``, ``input_quantizer`` and ``output_quantizer``, so their
+scales are checkpointed beside the weights. A quantized tensor is named by its module and point:
+``<module>.weight``, ``<module>.input``, ``<module>.output`` (the keys of the encodings file).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from framework.selection import ModuleSelection
+from plugins.quantization.config import QuantSpec, check_points, check_spec
+from plugins.quantization.quantizer import FakeQuantizer
+
+WEIGHT, INPUT, OUTPUT = "weight_quantizer", "input_quantizer", "output_quantizer"
+_POINT_ATTR = {"weight": WEIGHT, "input": INPUT, "output": OUTPUT}
+
+
+class QuantLinear(nn.Linear):
+    """``nn.Linear`` whose forward uses its ``weight_quantizer``'s fake-quantized weight (names unchanged)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        quantizer = self._modules.get(WEIGHT)
+        weight = self.weight if quantizer is None else quantizer(self.weight)
+        return F.linear(x, weight, self.bias)
+
+
+def _input_hook(module: nn.Module, args: tuple) -> tuple | None:
+    quantizer = module._modules.get(INPUT)
+    if quantizer is None:
+        return None
+    if not args or not torch.is_tensor(args[0]):
+        raise TypeError(f"{type(module).__name__}: an input quantizer needs the tensor as first positional argument")
+    return (quantizer(args[0]), *args[1:])
+
+
+def _output_hook(module: nn.Module, args: tuple, output: Any) -> Any:
+    quantizer = module._modules.get(OUTPUT)
+    if quantizer is None:
+        return None
+    if not torch.is_tensor(output):
+        raise TypeError(f"{type(module).__name__} returns a {type(output).__name__}; output quantizers take a tensor")
+    return quantizer(output)
+
+
+def _attach(module: nn.Module, point: str, spec: QuantSpec, shape: tuple[int, ...] | None, name: str) -> FakeQuantizer:
+    attr = _POINT_ATTR[point]
+    existing = module._modules.get(attr)
+    if existing is not None:
+        if existing.spec.to_dict() != spec.to_dict():
+            raise ValueError(f"{name}.{point} is already quantized with {existing.spec}; a second plugin or site asks "
+                             f"for {spec}; narrow one `targets` so they do not overlap")
+        return existing
+    quantizer = FakeQuantizer(spec, shape)
+    device = next((p.device for p in module.parameters()), None)
+    if device is not None:
+        quantizer.to(device)
+    module.add_module(attr, quantizer)
+    if point == "input" and _input_hook not in module._forward_pre_hooks.values():
+        module.register_forward_pre_hook(_input_hook)
+    if point == "output" and _output_hook not in module._forward_hooks.values():
+        module.register_forward_hook(_output_hook)
+    return quantizer
+
+
+def attach_quantizers(
+    model: nn.Module,
+    weights: QuantSpec | None = None,
+    activations: QuantSpec | None = None,
+    targets: ModuleSelection | None = None,
+    activation_points: list[str] | tuple[str, ...] = ("input",),
+    *,
+    key: str = "quantization",
+) -> dict[str, FakeQuantizer]:
+    """Put weight quantizers on the chosen Linear layers and activation quantizers at ``activation_points`` of
+    every chosen module. Idempotent (a quantizer with the same spec is kept).
+
+    Args:
+        model: any ``nn.Module`` (an HF VLM, a bare text model).
+        weights: spec of the weight quantizers (``None``: weights stay float).
+        activations: spec of the activation quantizers (``None``: activations stay float).
+        targets: which modules; default every Linear.
+        activation_points: ``input`` and/or ``output`` of each chosen module.
+        key: YAML key named in errors.
+
+    Returns:
+        ``{tensor name: quantizer}`` for this call (``<module>.weight`` / ``.input`` / ``.output``).
+
+    Raises:
+        ValueError: nothing matched, weights asked of a module that is not a Linear, a group size that does not
+            divide a layer's inputs (naming the layer), or a point already quantized with another spec.
+
+    Example::
+
+        attach_quantizers(model, QuantSpec(bits=4, granularity="group", group_size=32),
+                          QuantSpec(bits=8, granularity="tensor", symmetric=False),
+                          ModuleSelection(include="language_model", exclude="lm_head"))
+    """
+    targets = targets or ModuleSelection()
+    if weights is not None:
+        check_spec(weights, "weights", f"{key}.weights")
+    if activations is not None:
+        check_spec(activations, "activations", f"{key}.activations")
+        activation_points = check_points(list(activation_points), f"{key}.activation_points")
+    chosen = targets.select(model, owner=f"{key}.targets")
+    if weights is not None:
+        for name, module in chosen.items():
+            if not isinstance(module, nn.Linear):
+                raise ValueError(f"{key}.targets: {name} is a {type(module).__name__}; weights are quantized on Linear "
+                                 "layers (use activation_sites for other modules)")
+            if weights.granularity == "group" and module.in_features % weights.group_size:
+                raise ValueError(f"{key}.weights.group_size: {weights.group_size} does not divide the "
+                                 f"{module.in_features} inputs of {name}; choose a divisor or narrow `targets`")
+            if type(module) not in (nn.Linear, QuantLinear):
+                raise ValueError(f"{key}.targets: {name} is a {type(module).__name__}, a Linear subclass with its own "
+                                 "forward; quantize the plain nn.Linear before wrapping it")
+    result: dict[str, FakeQuantizer] = {}
+    for name, module in chosen.items():
+        if weights is not None:
+            result[f"{name}.weight"] = _attach(module, "weight", weights, tuple(module.weight.shape), name)
+            module.__class__ = QuantLinear
+        if activations is not None:
+            for point in activation_points:
+                result[f"{name}.{point}"] = _attach(module, point, activations, None, name)
+    return result
+
+
+def quantizers_of(model: nn.Module) -> dict[str, FakeQuantizer]:
+    """Every quantizer of ``model`` by tensor name (``<module>.weight`` / ``.input`` / ``.output``), in module order."""
+    found: dict[str, FakeQuantizer] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, FakeQuantizer):
+            continue
+        for point, attr in _POINT_ATTR.items():
+            quantizer = module._modules.get(attr)
+            if isinstance(quantizer, FakeQuantizer):
+                found[f"{name}.{point}" if name else point] = quantizer
+    return found
+
+
+def quantized_module(model: nn.Module, tensor: str) -> tuple[nn.Module, str]:
+    """The module and point (``weight`` / ``input`` / ``output``) of a tensor name from :func:`quantizers_of`."""
+    module_name, _, point = tensor.rpartition(".")
+    return model.get_submodule(module_name), point
+
+
+@contextmanager
+def quantization_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the same model in float: every quantizer passes its input through inside the block.
+
+    Example::
+
+        with quantization_disabled(model):
+            teacher_logits = model(**batch).logits
+    """
+    quantizers = list(quantizers_of(model).values())
+    saved = [(q.enabled, q.observing) for q in quantizers]
+    for q in quantizers:
+        q.enabled, q.observing = False, False
+    try:
+        yield model
+    finally:
+        for q, (enabled, observing) in zip(quantizers, saved):
+            q.enabled, q.observing = enabled, observing
+
+
+def set_quantizers(model: nn.Module, *, enabled: bool | None = None, observing: bool | None = None) -> None:
+    """Switch every quantizer of ``model`` on / off, or into / out of observation."""
+    for quantizer in quantizers_of(model).values():
+        if enabled is not None:
+            quantizer.enabled = enabled
+        if observing is not None:
+            quantizer.observing = observing
+
+
+@torch.no_grad()
+def remove_quantizers(model: nn.Module, *, bake_weights: bool = True, names: set[str] | None = None) -> None:
+    """Remove every quantizer and hook (or those of the tensors in ``names``); with ``bake_weights`` write the
+    fake-quantized weights into the Linear layers first (what HF ``from_pretrained`` then loads). Linear layers
+    without quantizers left become plain ``nn.Linear`` again."""
+    modules = None if names is None else {n.rpartition(".")[0] for n in names}
+    for name, module in list(model.named_modules()):
+        if isinstance(module, FakeQuantizer) or (modules is not None and name not in modules):
+            continue
+        weight_q = module._modules.get(WEIGHT)
+        if isinstance(weight_q, FakeQuantizer) and bake_weights:
+            module.weight.copy_(weight_q.fake_quant(module.weight.detach()))
+        for attr in (WEIGHT, INPUT, OUTPUT):
+            if attr in module._modules:
+                del module._modules[attr]
+        for hooks, fn in ((module._forward_pre_hooks, _input_hook), (module._forward_hooks, _output_hook)):
+            for hook_id in [k for k, v in hooks.items() if v is fn]:
+                del hooks[hook_id]
+        if type(module) is QuantLinear:
+            module.__class__ = nn.Linear

@@ -1,0 +1,164 @@
+"""PostTrainingQuantization: the PTQ baseline, calibrated once and fixed (round to nearest, no training)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn as nn
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from typing_extensions import override
+
+from framework.module import model_inputs
+from framework.selection import ModuleSelection
+from plugins.quantization.common import QuantizedModules, freeze_observers
+from plugins.quantization.config import ActivationSite, QuantSpec
+
+
+class PostTrainingQuantization(QuantizedModules):
+    """Quantize the selected layers after training: observe ranges on a few batches, fix the encodings.
+
+    Same placement, specs and export as :class:`~plugins.quantization.QuantizationAwareTraining`. At whichever of
+    fit, validation, test or predict starts first (after any checkpoint restore), weight quantizers take their
+    qparams from the weights (the observer on the weight) and static activation quantizers from
+    ``calibration_batches`` training batches (``trainer.datamodule.train_dataloader()``, eval mode, no
+    gradients, weights already quantized); then every quantizer is on and every scale is fixed. Meant for
+    ``vlmc validate`` / ``test``; under ``fit`` the weights train against the fixed grid.
+
+    Args:
+        weights: spec of the weight quantizers (``null``: float weights); default 8-bit per channel.
+        activations: spec of the activation quantizers at ``activation_points`` of ``targets``.
+        targets: which Linear layers; default the language model's, except ``lm_head``.
+        activation_points: ``input`` and/or ``output`` of each target.
+        activation_sites: more activation quantizers (KV cache, projector output).
+        calibration_batches: training batches observed for static activation ranges, >= 1.
+        runtime: ``generic`` or ``qnn``.
+        name: log namespace, checkpoint key and export file prefix.
+
+    Raises:
+        ValueError: a spec outside its range (naming the key), ``calibration_batches`` < 1, targets that
+            match nothing; static activations without a datamodule to calibrate on (at calibration).
+
+    Example::
+
+        trainer:
+          callbacks:
+            - class_path: plugins.quantization.PostTrainingQuantization
+              init_args:
+                weights: {bits: 4, granularity: channel, observer: mse}
+                activations: {bits: 8, granularity: tensor, symmetric: false}
+                calibration_batches: 16
+    """
+
+    def __init__(
+        self,
+        weights: QuantSpec | None = QuantSpec(),  # noqa: B008
+        activations: QuantSpec | None = None,
+        targets: ModuleSelection | None = None,
+        activation_points: list[str] | None = None,
+        activation_sites: list[ActivationSite] | None = None,
+        calibration_batches: int = 8,
+        runtime: str = "generic",
+        name: str = "ptq",
+    ) -> None:
+        key = type(self).__name__
+        weights = None if weights is None else dataclasses.replace(weights)
+        super().__init__(weights, activations, targets, activation_points or ["input"], activation_sites, runtime,
+                         name)
+        if not isinstance(calibration_batches, int) or calibration_batches < 1:
+            raise ValueError(f"{key}.calibration_batches: must be an integer >= 1, got {calibration_batches!r}")
+        self.calibration_batches = calibration_batches
+        self.calibrated = False
+
+    @override
+    def transform(self, model: nn.Module) -> None:
+        super().transform(model)
+        for quantizer in self.quantizers.values():
+            if quantizer.scale is not None:
+                quantizer.scale.requires_grad_(False)  # fixed encodings: never reach the optimizer
+
+    # ------------------------------------------------------------------ calibration
+    @torch.no_grad()
+    def calibrate(self, trainer: pl.Trainer | None, pl_module: pl.LightningModule) -> None:
+        """Weights from themselves, static activations from training batches; then everything on. Once.
+
+        Raises:
+            ValueError: static activation quantizers but no datamodule with ``train_dataloader()``.
+        """
+        model = pl_module.model
+        if not self.calibrated:
+            self.init_weight_quantizers(model)
+            pending = [q for q in self.static_quantizers("activation").values() if not q.is_initialized]
+            if pending:
+                self._observe(trainer, pl_module, pending)
+            self.calibrated = True
+        for quantizer in self.quantizers.values():
+            quantizer.enabled, quantizer.observing = True, False
+
+    def _observe(self, trainer: pl.Trainer | None, pl_module: pl.LightningModule, pending: list) -> None:
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        if datamodule is None or not hasattr(datamodule, "train_dataloader"):
+            raise ValueError(f"{self.name}.calibration_batches: static activations calibrate on training batches; "
+                             "run with a datamodule that provides train_dataloader()")
+        model = pl_module.model
+        modes = {module: module.training for module in model.modules()}
+        model.eval()
+        for quantizer in self.quantizers.values():  # weights on, activations observe
+            quantizer.enabled = quantizer.observing = False
+            if quantizer in pending:
+                quantizer.observing = True
+            elif quantizer.is_initialized or not quantizer.static:
+                quantizer.enabled = True
+        try:
+            with trainer.precision_plugin.forward_context():
+                for index, batch in enumerate(datamodule.train_dataloader()):
+                    if index >= self.calibration_batches:
+                        break
+                    model(**model_inputs(move_data_to_device(batch, pl_module.device), labels=False))
+            freeze_observers(pending)
+        finally:
+            for module, mode in modes.items():
+                module.training = mode
+
+    # ------------------------------------------------------------------ hooks: whichever comes first
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not (trainer.strategy.restore_checkpoint_after_setup and trainer.ckpt_path):
+            self.calibrate(trainer, pl_module)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.calibrate(trainer, pl_module)
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.calibrate(trainer, pl_module)
+
+    @override
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.calibrate(trainer, pl_module)
+
+    @override
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.calibrate(trainer, pl_module)
+
+    # ------------------------------------------------------------------ state
+    @override
+    def config_echo(self) -> dict[str, Any]:
+        return {**super().config_echo(), "calibration_batches": self.calibration_batches}
+
+    @override
+    def plugin_state(self) -> dict[str, Any]:
+        return {"calibrated": self.calibrated, "config": json.dumps(self.config_echo(), sort_keys=True)}
+
+    @override
+    def load_plugin_state(self, state: dict[str, Any]) -> None:
+        self.check_echo(state)
+        self.calibrated = bool(state.get("calibrated", False))
+
+    @override
+    def summary(self, model: nn.Module) -> dict[str, float | int | str]:
+        return {**super().summary(model), "calibration_batches": self.calibration_batches}

@@ -1,0 +1,340 @@
+"""Pure-torch part: :class:`FakeQuantizer`, quantize-dequantize with a straight-through estimator.
+
+The arithmetic is PyTorch's own (``torch.fake_quantize_per_tensor_affine`` / ``..._per_channel_affine``)::
+
+    q = clamp(round(x * (1 / scale)) + zero_point, quant_min, quant_max)     # round half to even
+    x_hat = (q - zero_point) * scale
+
+computed in float32, so per-tensor and per-channel results equal PyTorch's bit for bit. Zero points are integers,
+so an integer runtime reproduces ``x_hat`` exactly from the codes ``q``. Ranges become qparams with PyTorch's
+observer formulas (``MinMaxObserver``): symmetric ``scale = max(-min, max) / ((quant_max - quant_min) / 2)``,
+zero point 0; asymmetric ``scale = (max - min) / (quant_max - quant_min)``, ``zero_point = quant_min -
+round(min / scale)``; ranges always include 0 and scales are at least float32 eps.
+
+The backward pass is LSQ (Esser et al. 2020): the gradient passes straight through ``round`` inside the grid and
+is zero outside it; the scale gets ``round(x/s) - x/s`` inside and ``quant_min - zero_point`` /
+``quant_max - zero_point`` where clipped, multiplied by LSQ's gradient scale ``1 / sqrt(N * quant_max)`` (N:
+elements sharing one scale), so a scale learns at the pace of the weights whatever the tensor size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+
+from plugins.quantization.config import QuantSpec, check_spec
+
+EPS = torch.finfo(torch.float32).eps
+#: torch.quantile's input limit; larger rows are subsampled with a fixed stride for the percentile observer.
+_QUANTILE_LIMIT = 1 << 24
+_MSE_CLIPS = torch.linspace(0.3, 1.0, 15).tolist()
+
+
+def qparams_from_range(min_val: torch.Tensor, max_val: torch.Tensor, quant_min: int, quant_max: int,
+                       symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and (integer-valued, float32) zero point for observed ranges, with PyTorch's observer formulas."""
+    min_neg = torch.minimum(min_val.float(), torch.zeros_like(min_val, dtype=torch.float32))
+    max_pos = torch.maximum(max_val.float(), torch.zeros_like(max_val, dtype=torch.float32))
+    if symmetric:
+        scale = torch.maximum(-min_neg, max_pos) / (float(quant_max - quant_min) / 2)
+        scale = torch.clamp(scale, min=EPS)
+        zero_point = torch.zeros_like(scale)
+    else:
+        scale = torch.clamp((max_pos - min_neg) / float(quant_max - quant_min), min=EPS)
+        zero_point = torch.clamp(quant_min - torch.round(min_neg / scale), quant_min, quant_max)
+    return scale, zero_point
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int,
+                  quant_max: int) -> torch.Tensor:
+    """``(clamp(round(x / scale) + zero_point) - zero_point) * scale`` (no gradient rules; see :class:`_LSQ`)."""
+    q = torch.clamp(torch.round(x * (1.0 / scale)) + zero_point, quant_min, quant_max)
+    return (q - zero_point) * scale
+
+
+def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int,
+                   quant_max: int) -> torch.Tensor:
+    """The integer codes ``q`` (int64) of :func:`fake_quantize`."""
+    return torch.clamp(torch.round(x.float() * (1.0 / scale)) + zero_point, quant_min, quant_max).to(torch.int64)
+
+
+class _LSQ(torch.autograd.Function):
+    """Fake quantization with the straight-through estimator and LSQ's scale gradient."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, quant_min, quant_max, grad_factor):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(x, scale, zero_point)
+        ctx.quant_min, ctx.quant_max, ctx.grad_factor = quant_min, quant_max, grad_factor
+        return fake_quantize(x, scale, zero_point, quant_min, quant_max)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        x, scale, zero_point = ctx.saved_tensors
+        v = x * (1.0 / scale)
+        rounded = torch.round(v)
+        unclamped = rounded + zero_point
+        low, high = unclamped < ctx.quant_min, unclamped > ctx.quant_max
+        grad_x = grad * ~(low | high) if ctx.needs_input_grad[0] else None
+        grad_scale = None
+        if ctx.needs_input_grad[1]:
+            local = torch.where(low, ctx.quant_min - zero_point,
+                                torch.where(high, ctx.quant_max - zero_point, rounded - v))
+            grad_scale = (grad * local).sum_to_size(scale.shape) * ctx.grad_factor
+        return grad_x, grad_scale, None, None, None, None
+
+
+def qparam_shape(spec: QuantSpec, shape: tuple[int, ...] | None) -> tuple[int, ...] | None:
+    """Shape of a static quantizer's scale for a tensor of ``shape`` (``None``: computed per input at run time).
+
+    ``tensor``: ``(1,)``; ``channel``: ``(shape[0], 1, ...)``; ``group``: ``(*shape[:-1], shape[-1] / group_size,
+    1)``; ``token``: dynamic only.
+
+    Raises:
+        ValueError: ``group_size`` does not divide the last dimension.
+    """
+    if spec.granularity == "tensor":
+        return (1,)
+    if shape is None or spec.granularity == "token":
+        return None
+    if spec.granularity == "channel":
+        return (shape[0],) + (1,) * (len(shape) - 1)
+    if shape[-1] % spec.group_size:
+        raise ValueError(f"group_size {spec.group_size} does not divide the last dimension {shape[-1]}")
+    return (*shape[:-1], shape[-1] // spec.group_size, 1)
+
+
+class FakeQuantizer(nn.Module):
+    """Quantize-dequantize one tensor (a weight or an activation) on an integer grid.
+
+    Static quantizers hold ``scale`` (a parameter, learned with LSQ unless frozen) and ``zero_point`` (an
+    integer-valued buffer) plus the observer's running range (``obs_min``, ``obs_max``, ``obs_count``) and an
+    ``initialized`` flag, all checkpointed with the model. Dynamic ones compute both from each input (per tensor,
+    token or group) and hold no state; a dynamic weight quantizer still has a ``scale`` so that loaded encodings
+    can fix it (:func:`plugins.quantization.encodings.load_encodings`).
+
+    Args:
+        spec: bits, granularity, symmetry, mode and observer.
+        shape: shape of the quantized tensor when it is fixed (weights); needed for ``channel`` and ``group``.
+
+    Attributes:
+        enabled: quantize in :meth:`forward` (else pass through).
+        observing: record ranges in :meth:`forward` and pass the input through unchanged (calibration).
+
+    Raises:
+        ValueError: an invalid spec, or ``channel`` / ``group`` without a ``shape`` in static mode.
+
+    Example::
+
+        quantizer = FakeQuantizer(QuantSpec(bits=4, granularity="channel"), shape=tuple(linear.weight.shape))
+        quantizer.calibrate(linear.weight)       # observe + freeze_observer
+        w_hat = quantizer(linear.weight)         # on the 4-bit grid; gradients reach weight and scale
+    """
+
+    def __init__(self, spec: QuantSpec, shape: tuple[int, ...] | None = None) -> None:
+        super().__init__()
+        check_spec(spec, None, "FakeQuantizer.spec")
+        self.spec = spec
+        self.shape = None if shape is None else tuple(int(d) for d in shape)
+        self.enabled = True
+        self.observing = False
+        pshape = qparam_shape(spec, self.shape)
+        if pshape is None and spec.mode == "static":
+            raise ValueError(f"FakeQuantizer: static {spec.granularity} quantization needs the tensor's shape")
+        self.scale: nn.Parameter | None = None
+        if pshape is not None:
+            self.scale = nn.Parameter(torch.ones(pshape), requires_grad=spec.mode == "static")
+            self.register_buffer("zero_point", torch.zeros(pshape))
+            self.register_buffer("obs_min", torch.zeros(pshape))
+            self.register_buffer("obs_max", torch.zeros(pshape))
+            self.register_buffer("obs_count", torch.zeros((), dtype=torch.int64))
+            self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def static(self) -> bool:
+        return self.spec.mode == "static"
+
+    @property
+    def quant_range(self) -> tuple[int, int]:
+        return self.spec.quant_range
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.scale is not None and bool(self.initialized)
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        group = f", group_size={s.group_size}" if s.granularity == "group" else ""
+        return (f"bits={s.bits}, {s.granularity}{group}, {'symmetric' if s.symmetric else 'asymmetric'}, {s.mode}, "
+                f"enabled={self.enabled}")
+
+    # ------------------------------------------------------------------ rows: one row per scale
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as ``[number of scales, elements per scale]`` (row-major order of the scales)."""
+        g = self.spec.granularity
+        if g == "tensor":
+            return x.reshape(1, -1)
+        if g == "channel":
+            return x.reshape(x.shape[0], -1)
+        if g == "group":
+            if x.shape[-1] % self.spec.group_size:
+                raise ValueError(f"group_size {self.spec.group_size} does not divide the last dimension "
+                                 f"{x.shape[-1]} of a {tuple(x.shape)} input")
+            return x.reshape(-1, self.spec.group_size)
+        return x.reshape(-1, x.shape[-1])  # token
+
+    def _check_shape(self, x: torch.Tensor) -> None:
+        if self.shape is not None and tuple(x.shape) != self.shape:
+            raise ValueError(f"FakeQuantizer built for shape {self.shape} got a {tuple(x.shape)} tensor")
+
+    def row_ranges(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row ``(min, max)`` estimated by the spec's observer (``[rows]`` float32 each)."""
+        rows = rows.detach().float()
+        if self.spec.observer == "minmax":
+            return rows.amin(dim=1), rows.amax(dim=1)
+        if self.spec.observer == "percentile":
+            sample = rows
+            if sample.numel() > _QUANTILE_LIMIT:
+                sample = sample[:, :: math.ceil(sample.numel() / _QUANTILE_LIMIT)]
+            p = float(self.spec.percentile) / 100.0
+            return torch.quantile(sample, 1.0 - p, dim=1), torch.quantile(sample, p, dim=1)
+        return self._mse_ranges(rows)
+
+    def _mse_ranges(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row, the clipping ``c * [min, max]`` (c in 0.3..1) with the least quantisation error."""
+        low, high = rows.amin(dim=1), rows.amax(dim=1)
+        qmin, qmax = self.quant_range
+        best_err = torch.full_like(low, float("inf"))
+        best = torch.ones_like(low)
+        for clip in _MSE_CLIPS:
+            scale, zp = qparams_from_range(low * clip, high * clip, qmin, qmax, self.spec.symmetric)
+            err = (fake_quantize(rows, scale[:, None], zp[:, None], qmin, qmax) - rows).pow(2).mean(dim=1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = torch.where(better, torch.full_like(best, clip), best)
+        return low * best, high * best
+
+    # ------------------------------------------------------------------ static: observe and freeze
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        """Fold ``x``'s range into the observer (running min/max, or the running mean of per-batch estimates)."""
+        if self.scale is None:
+            return
+        low, high = self.row_ranges(self._rows(x))
+        low, high = low.reshape(self.obs_min.shape), high.reshape(self.obs_max.shape)
+        count = int(self.obs_count)
+        if count == 0:
+            self.obs_min.copy_(low)
+            self.obs_max.copy_(high)
+        elif self.spec.observer == "minmax":
+            torch.minimum(self.obs_min, low, out=self.obs_min)
+            torch.maximum(self.obs_max, high, out=self.obs_max)
+        else:
+            self.obs_min.mul_(count / (count + 1)).add_(low / (count + 1))
+            self.obs_max.mul_(count / (count + 1)).add_(high / (count + 1))
+        self.obs_count += 1
+
+    @torch.no_grad()
+    def freeze_observer(self, reduce_max: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                        reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """Set ``scale`` and ``zero_point`` from the observed range and stop observing.
+
+        Args:
+            reduce_max: element-wise maximum across data-parallel ranks (``minmax`` observer); ``None``: one process.
+            reduce_mean: mean across ranks (``percentile`` and ``mse`` observers).
+
+        Raises:
+            RuntimeError: the quantizer observed nothing.
+        """
+        if self.scale is None:
+            self.observing = False
+            return
+        if int(self.obs_count) == 0:
+            raise RuntimeError("FakeQuantizer.freeze_observer: nothing was observed; run calibration batches first")
+        low, high = self.obs_min, self.obs_max
+        if self.spec.observer == "minmax" and reduce_max is not None:
+            low, high = -reduce_max(-low), reduce_max(high)
+        elif self.spec.observer != "minmax" and reduce_mean is not None:
+            low, high = reduce_mean(low), reduce_mean(high)
+        scale, zero_point = qparams_from_range(low, high, *self.quant_range, self.spec.symmetric)
+        self.scale.copy_(scale)
+        self.zero_point.copy_(zero_point)
+        self.initialized.fill_(True)
+        self.observing = False
+
+    def calibrate(self, x: torch.Tensor) -> None:
+        """Observe ``x`` alone and freeze (weights: round-to-nearest qparams from the weight itself)."""
+        if self.scale is None:
+            return
+        self.obs_count.zero_()
+        self.observe(x)
+        self.freeze_observer()
+
+    # ------------------------------------------------------------------ quantization
+    def qparams(self, x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scale, zero_point)`` in row form ``[rows, 1]``: the stored ones (static), or from ``x`` (dynamic).
+
+        Raises:
+            RuntimeError: a static quantizer used before it was calibrated or loaded.
+        """
+        if self.static:
+            if not self.is_initialized:
+                raise RuntimeError("a static FakeQuantizer was used before calibration (observe + freeze_observer) "
+                                   "or load_encodings")
+            return self.scale.clamp(min=EPS).reshape(-1, 1), self.zero_point.reshape(-1, 1)
+        if x is None:
+            raise ValueError("a dynamic quantizer needs the tensor to compute its qparams")
+        rows = self._rows(x.detach().float())
+        scale, zero_point = qparams_from_range(rows.amin(dim=1), rows.amax(dim=1), *self.quant_range,
+                                               self.spec.symmetric)
+        return scale[:, None], zero_point[:, None]
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        """Quantize-dequantize ``x`` (float32 arithmetic, result in ``x``'s dtype) with LSQ gradients."""
+        self._check_shape(x)
+        scale, zero_point = self.qparams(x)
+        rows = self._rows(x.float())
+        qmin, qmax = self.quant_range
+        grad_factor = 1.0 / math.sqrt(rows.shape[1] * qmax) if self.static else 0.0
+        if not (self.static and self.scale.requires_grad):
+            scale = scale.detach()
+        out = _LSQ.apply(rows, scale, zero_point, qmin, qmax, grad_factor)
+        return out.reshape(x.shape).to(x.dtype)
+
+    @torch.no_grad()
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer codes of ``x`` (int64, shape of ``x``): ``x_hat = scale * (codes - zero_point)``."""
+        scale, zero_point = self.qparams(x)
+        return quantize_codes(self._rows(x), scale, zero_point, *self.quant_range).reshape(x.shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing:
+            self.observe(x)
+            return x
+        if not self.enabled:
+            return x
+        return self.fake_quant(x)
+
+    # ------------------------------------------------------------------ fixing the encodings
+    @torch.no_grad()
+    def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor, *, freeze: bool = True) -> None:
+        """Make this a static quantizer with the given qparams (any shape with the scale's number of elements).
+
+        Raises:
+            ValueError: the number of scales differs, or the quantizer has no fixed shape (dynamic per token).
+        """
+        if self.scale is None:
+            raise ValueError(f"a dynamic {self.spec.granularity} quantizer of an unknown shape holds no qparams")
+        if scale.numel() != self.scale.numel() or zero_point.numel() != self.scale.numel():
+            raise ValueError(f"{scale.numel()} scales given, the quantizer has {self.scale.numel()}")
+        self.scale.copy_(scale.reshape(self.scale.shape).float())
+        self.zero_point.copy_(zero_point.reshape(self.zero_point.shape).float())
+        self.initialized.fill_(True)
+        self.spec = dataclasses.replace(self.spec, mode="static")
+        self.scale.requires_grad_(not freeze)
+        self.observing = False
+        self.enabled = True
