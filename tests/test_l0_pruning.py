@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -271,3 +272,15 @@ def test_stacks_with_disjoint_plugins_and_refuses_overlap() -> None:
     heads_only.transform(load_vlm(str(FAMILY_SPECS["llava"])).model)
     assert not any("embed_tokens" in n or "lm_head" in n for n in heads_only.claims(model))
 
+
+
+@pytest.mark.parametrize("method", ["plain", "improved"])
+def test_model_copies_after_a_training_forward(method: str) -> None:
+    # Export and half-precision decoding deep-copy the model right after training steps.
+    model = load_vlm(str(FAMILY_SPECS["llava"])).model
+    L0Pruning(target_fraction=0.5, method=method).transform(model)
+    model.train()
+    ids = torch.randint(3, 100, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    copied = copy.deepcopy(model).eval()
+    assert copied(input_ids=ids).logits.shape == (2, 8, model.config.get_text_config().vocab_size)

@@ -273,6 +273,11 @@ class L0Masks(nn.Module):
             probs[kind] = gate
         return probs
 
+    def __getstate__(self) -> dict:
+        # The masks of the last forward are graph tensors; copies (export, half-precision decode) recompute them.
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {**state, "current": {}}
+
     def refresh(self) -> dict[str, torch.Tensor]:
         """Compute the masks of the next forward pass into :attr:`current`."""
         self.current = self.train_masks() if self.training else self.hard_masks()
