@@ -284,3 +284,5 @@ def test_model_copies_after_a_training_forward(method: str) -> None:
     model(input_ids=ids, labels=ids).loss.backward()
     copied = copy.deepcopy(model).eval()
     assert copied(input_ids=ids).logits.shape == (2, 8, model.config.get_text_config().vocab_size)
+    copied = copy.deepcopy(model).eval()  # generate embeds the prompt before the model's own forward runs
+    assert copied.generate(input_ids=ids, max_new_tokens=2, do_sample=False).shape == (2, 10)

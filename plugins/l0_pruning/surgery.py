@@ -99,10 +99,15 @@ class _Hook:
     def __init__(self, masks: L0Masks, kind: str, index: int | None = None) -> None:
         self.masks, self.kind, self.index = masks, kind, index
 
-    def mask(self) -> torch.Tensor | None:
-        if not self.masks.current:
+    def current(self, kind: str) -> torch.Tensor:
+        # A submodule can run before the model's own pre-hook (e.g. generate embedding the prompt itself, or a
+        # fresh copy of the model): compute the masks then.
+        if kind not in self.masks.current:
             self.masks.refresh()
-        mask = self.masks.current.get(self.kind)
+        return self.masks.current[kind]
+
+    def mask(self) -> torch.Tensor | None:
+        mask = self.current(self.kind) if self.kind in self.masks.config.kinds else None
         return None if mask is None or self.index is None else mask[self.index]
 
 
@@ -126,7 +131,7 @@ class _ChannelInput(_Hook):
 
 class _HiddenOutput(_Hook):
     def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        return output * self.masks.current["hidden"].to(output.dtype)
+        return output * self.current("hidden").to(output.dtype)
 
 
 class _BlockGate(_Hook):
@@ -146,7 +151,7 @@ class _MaskedRMSNorm(_Hook):
 
     def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         x = args[0]
-        kept = self.masks.current["hidden"].sum().clamp_min(1.0)
+        kept = self.current("hidden").sum().clamp_min(1.0)
         xf = x.to(torch.float32)
         variance = xf.pow(2).sum(-1, keepdim=True) / kept
         return module.weight * (xf * torch.rsqrt(variance + module.variance_epsilon)).to(x.dtype)
@@ -162,7 +167,7 @@ class _EmbedMask(_Hook):
             embeds = module.embed_tokens(input_ids)
             kwargs = {**kwargs, "input_ids": None}
             args = args[1:]
-        mask = self.masks.current["hidden"]
+        mask = self.current("hidden")
         return args, {**kwargs, "inputs_embeds": embeds * mask.to(embeds.dtype)}
 
 
