@@ -46,7 +46,9 @@ class CompressionPlugin(Callback):
     """
 
     name: str = "plugin"
-    #: Whether the parameters this plugin rewrites may also be rewritten by another plugin.
+    #: Whether this plugin must be the only one rewriting its parameters. Two plugins conflict on a parameter only
+    #: when both are exclusive: a plugin that reads the weights as they are (e.g. one that simulates a number
+    #: format on top of whatever values the weights hold) composes with one that edits them.
     exclusive_claims: bool = True
 
     # ----------------------------------------------------------------- structure
@@ -148,7 +150,7 @@ def check_plugins(plugins: list[CompressionPlugin], model: nn.Module) -> None:
     for plugin in plugins:
         for param in sorted(plugin.claims(model)):
             other = owners.get(param)
-            if other is not None and (plugin.exclusive_claims or other.exclusive_claims):
+            if other is not None and plugin.exclusive_claims and other.exclusive_claims:
                 raise PluginConflictError(
                     f"{other.name!r} ({type(other).__name__}) and {plugin.name!r} ({type(plugin).__name__}) both "
                     f"rewrite {param}; narrow one plugin's `targets` so they do not overlap"

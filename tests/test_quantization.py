@@ -1,0 +1,467 @@
+"""Quantization plugins: PyTorch-exact fake quant, LSQ, placement, QAT / PTQ runs, encodings, integer runtime."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from conftest import FAMILY_SPECS
+from helpers import make_cli, model_state, tiny_config
+from test_training import StopAt
+
+from framework.cli import main
+from framework.data.tasks import make_task
+from framework.export import export_model
+from framework.metrics import Top1Agreement
+from framework.models import load_vlm
+from framework.processing import VLMProcessor, family_for
+from framework.selection import ModuleSelection
+from framework.storage import load_unpacked
+from plugins.quantization import (
+    ActivationSite,
+    FakeQuantizer,
+    IntegerRuntime,
+    PostTrainingQuantization,
+    QuantizationAwareTraining,
+    QuantSpec,
+    attach_quantizers,
+    export_encodings,
+    load_encodings,
+    quantization_disabled,
+    quantizers_of,
+)
+from plugins.quantization.encodings import decode_entries
+
+QAT = "plugins.quantization.QuantizationAwareTraining"
+PTQ = "plugins.quantization.PostTrainingQuantization"
+NO_VAL = {"limit_val_batches": 0}
+KV = {"include": r"language_model.*(k_proj|v_proj)$"}
+PROJECTOR = {"include": r"multi_modal_projector$", "types": ["Module"]}
+
+
+def _plugin(cli, cls: type):  # noqa: ANN001, ANN202
+    return next(c for c in cli.trainer.callbacks if isinstance(c, cls))
+
+
+def _batch(loaded):  # noqa: ANN001, ANN202
+    processor = VLMProcessor(family_for(loaded.model.config, loaded.tokenizer, loaded.image_processor), 512)
+    return processor.encode([make_task("caption", image_size=64)[0], make_task("autofill", image_size=64)[1]])
+
+
+# ---------------------------------------------------------------------------------------------- configuration
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"weights": {"bits": 1}}, r"QuantSpec.bits: must be in \[2, 16\]"),
+        ({"weights": {"bits": 12}}, r"QuantizationAwareTraining.weights.bits: must be in \[2, 8\] for weights"),
+        ({"activations": {"bits": 2, "granularity": "tensor"}},
+         r"QuantizationAwareTraining.activations.bits: must be in \[4, 16\] for activations"),
+        ({"weights": {"granularity": "row"}}, r"QuantSpec.granularity: must be one of 'tensor', 'channel'"),
+        ({"weights": {"mode": "lazy"}}, r"QuantSpec.mode: must be one of 'static', 'dynamic'"),
+        ({"weights": {"observer": "kl"}}, r"QuantSpec.observer: must be one of 'minmax', 'percentile', 'mse'"),
+        ({"weights": {"granularity": "group"}}, r"QuantSpec.group_size: granularity 'group' needs an integer"),
+        ({"weights": {"group_size": 8}}, r"QuantSpec.group_size: only used with granularity 'group'"),
+        ({"weights": {"granularity": "token", "mode": "dynamic"}},
+         r"weights.granularity: weights may use 'tensor', 'channel', 'group'"),
+        ({"activations": {"granularity": "group", "group_size": 8}},
+         r"activations.granularity: static activation encodings are per tensor"),
+        ({"weights": {"symmetric": False}, "runtime": "qnn"},
+         r"QuantizationAwareTraining.weights.symmetric: runtime 'qnn' takes symmetric weight encodings only"),
+        ({"activations": {"granularity": "token", "mode": "dynamic"}, "runtime": "qnn"},
+         r"activations.mode: runtime 'qnn' compiles fixed encodings"),
+        ({"runtime": "tflite"}, r"runtime: must be one of 'generic', 'qnn'"),
+        ({"start_step": -1}, r"QuantizationAwareTraining.start_step: must be an integer >= 0"),
+        ({"activations": {"granularity": "tensor"}, "calibration_batches": 0},
+         r"calibration_batches: static activation quantizers need >= 1"),
+        ({"freeze_observers_at": 1.5}, r"freeze_observers_at: a fraction of training must be in \(0, 1\]"),
+        ({"activation_points": ["middle"]}, r"activation_points: must be a non-empty list of 'input' / 'output'"),
+        ({"weights": None}, r"QuantizationAwareTraining: nothing to quantize"),
+        ({"scale_lr": -1.0}, r"QuantizationAwareTraining.scale_lr: must be a positive number"),
+    ],
+)
+def test_misconfiguration_fails_in_init(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        QuantizationAwareTraining(**{k: QuantSpec(**v) if isinstance(v, dict) else v for k, v in kwargs.items()})
+
+
+def test_model_dependent_checks_fail_in_transform() -> None:
+    model = load_vlm(str(FAMILY_SPECS["llava"])).model
+    plugin = QuantizationAwareTraining(weights=QuantSpec(bits=4, granularity="group", group_size=24))
+    with pytest.raises(ValueError, match=r"qat.weights.group_size: 24 does not divide the 32 inputs of "
+                                         r"model.language_model.layers.0.self_attn.q_proj"):
+        plugin.transform(model)
+    with pytest.raises(ValueError, match=r"ptq.targets: include='nothing' .* matched no module"):
+        PostTrainingQuantization(targets=ModuleSelection(include="nothing")).transform(model)
+    with pytest.raises(ValueError, match=r"already quantized with .*bits=8.*asks for .*bits=4"):
+        attach_quantizers(model, QuantSpec(bits=8), targets=ModuleSelection(include="lm_head"))
+        attach_quantizers(model, QuantSpec(bits=4), targets=ModuleSelection(include="lm_head"))
+
+
+# ---------------------------------------------------------------------------------------------- pure torch
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_fake_quant_equals_torch(bits: int, symmetric: bool, granularity: str) -> None:
+    torch.manual_seed(bits)
+    w = torch.randn(16, 40) * torch.rand(16, 1) * 3 + 0.3
+    quantizer = FakeQuantizer(QuantSpec(bits=bits, granularity=granularity, symmetric=symmetric), shape=w.shape)
+    quantizer.calibrate(w)
+    qmin, qmax = quantizer.quant_range
+    ours = quantizer(w * 1.3)  # also outside the calibrated range: clipping matches too
+    if granularity == "tensor":
+        want = torch.fake_quantize_per_tensor_affine(w * 1.3, float(quantizer.scale.detach()), int(quantizer.zero_point),
+                                                     qmin, qmax)
+        observer = torch.ao.quantization.MinMaxObserver(
+            dtype=torch.qint32, qscheme=torch.per_tensor_symmetric if symmetric else torch.per_tensor_affine,
+            quant_min=qmin, quant_max=qmax)
+    else:
+        want = torch.fake_quantize_per_channel_affine(w * 1.3, quantizer.scale.detach().reshape(-1),
+                                                      quantizer.zero_point.reshape(-1).int(), 0, qmin, qmax)
+        observer = torch.ao.quantization.PerChannelMinMaxObserver(
+            ch_axis=0, dtype=torch.qint32,
+            qscheme=torch.per_channel_symmetric if symmetric else torch.per_channel_affine,
+            quant_min=qmin, quant_max=qmax)
+    torch.testing.assert_close(ours, want, atol=0, rtol=0)
+    observer(w)
+    scale, zero_point = observer.calculate_qparams()
+    torch.testing.assert_close(quantizer.scale.detach().reshape(-1), scale.reshape(-1), atol=0, rtol=0)
+    torch.testing.assert_close(quantizer.zero_point.reshape(-1), zero_point.reshape(-1).float(), atol=0, rtol=0)
+
+
+def test_lsq_gradient_matches_torch_learnable_fake_quant() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(64, 32, requires_grad=True)
+    quantizer = FakeQuantizer(QuantSpec(bits=4, granularity="tensor", symmetric=False), shape=x.shape)
+    quantizer.calibrate(x.detach() * 0.7)  # some values clip
+    quantizer(x).pow(2).sum().backward()
+    qmin, qmax = quantizer.quant_range
+    factor = 1.0 / (x.numel() * qmax) ** 0.5
+    x2 = x.detach().clone().requires_grad_(True)
+    scale = quantizer.scale.detach().clone().requires_grad_(True)
+    ref = torch._fake_quantize_learnable_per_tensor_affine(x2, scale, quantizer.zero_point.clone(), qmin, qmax, factor)
+    ref.pow(2).sum().backward()
+    assert quantizer.scale.grad is not None and float(quantizer.scale.grad.abs().sum()) > 0
+    torch.testing.assert_close(quantizer.scale.grad.reshape(-1), scale.grad.reshape(-1), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=0, atol=0)  # straight through inside, zero where clipped
+    assert (x.grad == 0).any()
+
+
+def test_group_and_dynamic_token_by_hand() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(4, 16)
+    q = FakeQuantizer(QuantSpec(bits=4, granularity="group", group_size=8), shape=w.shape)
+    q.calibrate(w)
+    assert q.scale.shape == (4, 2, 1)
+    for row in range(4):
+        for g in range(2):
+            block = w[row, g * 8:(g + 1) * 8]
+            scale = block.abs().max() / 7.5  # symmetric 4 bit: max / ((7 - -8) / 2)
+            want = torch.clamp(torch.round(block * (1.0 / scale)), -8, 7) * scale
+            torch.testing.assert_close(q(w)[row, g * 8:(g + 1) * 8], want, atol=0, rtol=0)
+    x = torch.randn(2, 3, 16) * 5
+    dyn = FakeQuantizer(QuantSpec(bits=8, granularity="token", mode="dynamic", symmetric=False))
+    out = dyn(x)
+    for b in range(2):
+        for t in range(3):
+            row = x[b, t]
+            lo, hi = row.min().clamp(max=0.0), row.max().clamp(min=0.0)  # float32, as the quantizer computes
+            scale = (hi - lo) / 255.0
+            zp = torch.clamp(0 - torch.round(lo / scale), 0, 255)
+            want = (torch.clamp(torch.round(row * (1.0 / scale)) + zp, 0, 255) - zp) * scale
+            torch.testing.assert_close(out[b, t], want, atol=0, rtol=0)
+
+
+def test_observers_percentile_and_mse_clip_outliers() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4096)
+    x[0] = 80.0
+    ranges = {}
+    for observer in ("minmax", "percentile", "mse"):
+        q = FakeQuantizer(QuantSpec(bits=4, granularity="tensor", observer=observer, percentile=99.9))
+        q.observing = True
+        q(x)
+        q(x * 0.5)
+        q.freeze_observer()
+        ranges[observer] = float(q.scale)
+        q.enabled = True
+        ranges[observer + "_err"] = float((q(x) - x)[1:].pow(2).mean())
+    assert ranges["percentile"] < ranges["minmax"] and ranges["mse"] < ranges["minmax"]
+    assert ranges["mse_err"] < ranges["minmax_err"]
+
+
+# ---------------------------------------------------------------------------------------------- placement
+def test_placement_keeps_names_and_float_context() -> None:
+    loaded = load_vlm(str(FAMILY_SPECS["llava"]))
+    model = loaded.model.eval()
+    names = set(model.state_dict())
+    batch = _batch(loaded)
+    float_logits = model(**batch).logits
+    found = attach_quantizers(model, QuantSpec(bits=4), None, ModuleSelection(include="language_model",
+                                                                              exclude="lm_head"))
+    attach_quantizers(model, None, QuantSpec(bits=8, granularity="token", mode="dynamic"),
+                      ModuleSelection(**KV), ["output"])
+    attach_quantizers(model, None, QuantSpec(bits=8, granularity="token", mode="dynamic"),
+                      ModuleSelection(**PROJECTOR), ["output"])
+    assert len(found) == 14 and names <= set(model.state_dict())
+    assert all(isinstance(m, nn.Linear) for n, m in model.named_modules() if n.endswith("q_proj"))
+    quantizers = quantizers_of(model)
+    assert "model.multi_modal_projector.output" in quantizers
+    assert "model.language_model.layers.1.self_attn.v_proj.output" in quantizers
+    for name, q in quantizers.items():
+        q.enabled = True
+        if q.static:
+            q.calibrate(model.get_submodule(name[: -len(".weight")]).weight)
+    quant_logits = model(**batch).logits
+    assert not torch.equal(quant_logits, float_logits)
+    with quantization_disabled(model):
+        torch.testing.assert_close(model(**batch).logits, float_logits, atol=0, rtol=0)
+    assert all(q.enabled for q in quantizers.values())
+
+
+def test_peft_lora_wraps_quantized_linear() -> None:
+    peft = pytest.importorskip("peft")
+    loaded = load_vlm(str(FAMILY_SPECS["llava"]))
+    model = loaded.model
+    attach_quantizers(model, QuantSpec(bits=4), None, ModuleSelection(include=r"language_model.*q_proj$"))
+    for name, q in quantizers_of(model).items():
+        q.calibrate(model.get_submodule(name[: -len(".weight")]).weight)
+        q.enabled = True
+    config = peft.LoraConfig(r=4, target_modules=r".*language_model.*q_proj")
+    wrapped = peft.get_peft_model(model, config)
+    assert len(quantizers_of(wrapped)) == 2
+    wrapped(**_batch(loaded)).logits.sum().backward()
+
+
+# ---------------------------------------------------------------------------------------------- fits
+def _qat(weights: dict, activations: dict | None = None, **kwargs) -> dict:  # noqa: ANN003
+    return {"class_path": QAT, "init_args": {"weights": weights, "activations": activations, **kwargs}}
+
+
+def test_qat_fit_weights_on_grid_and_export(tmp_path: Path) -> None:
+    from transformers import AutoModelForImageTextToText
+
+    qat = _qat({"bits": 4, "granularity": "channel"}, {"bits": 8, "granularity": "tensor", "symmetric": False},
+               start_step=2, calibration_batches=2, freeze_observers_at=0.75, scale_lr=1e-2,
+               activation_sites=[{"targets": KV, "points": ["output"],
+                                  "spec": {"bits": 8, "granularity": "token", "mode": "dynamic"}},
+                                 {"targets": PROJECTOR, "points": ["output"]}])
+    config = tiny_config(tmp_path, max_steps=8, callbacks=[qat], **NO_VAL)
+    cli = make_cli(config)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    plugin = _plugin(cli, QuantizationAwareTraining)
+    assert plugin.started and all(q.is_initialized for q in plugin.quantizers.values() if q.static)
+    logged = cli.trainer.callback_metrics
+    assert float(logged["compression/qat/active"]) == 1.0 and float(logged["compression/qat/frozen"]) == 1.0
+    optimizer = cli.trainer.optimizers[0]
+    assert any(g["lr"] != optimizer.param_groups[0]["lr"] for g in optimizer.param_groups)
+    summary = plugin.summary(cli.model.model)
+    assert summary["weight_bits"] == 4.0 and summary["weight_quantizers"] == 14
+    assert summary["activation_quantizers"] == 14 + 4 + 1
+    main(["export", "--config", str(config), "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt"),
+          "--out", str(tmp_path / "export")])
+    out = tmp_path / "export"
+    encodings = json.loads((out / "qat.encodings").read_text())
+    assert encodings["version"] == "0.6.1" and len(encodings["param_encodings"]) == 14
+    assert "model.multi_modal_projector.output" in encodings["activation_encodings"]
+    assert "model.language_model.layers.0.self_attn.k_proj.output" in encodings["vlmc"]["dynamic_activations"]
+    entry = encodings["activation_encodings"]["model.language_model.layers.0.mlp.down_proj.input"][0]
+    assert set(entry) == {"bitwidth", "dtype", "is_symmetric", "scale", "offset", "min", "max"}
+    assert entry["is_symmetric"] == "False" and entry["dtype"] == "int"
+    exported = AutoModelForImageTextToText.from_pretrained(out).state_dict()
+    codes = load_unpacked(out / "qat_int_weights.safetensors")
+    for name, items in encodings["param_encodings"].items():
+        scale, zero_point, bits, _ = decode_entries(name, items)
+        q = codes[name].to(torch.int64)
+        assert len(items) == q.shape[0] and q.min() >= -8 and q.max() <= 7, name
+        torch.testing.assert_close(exported[name], (q - zero_point[:, None]) * scale[:, None], atol=0, rtol=0)
+    report = json.loads((out / "qat_bpv.json").read_text())
+    assert report["summary"]["value_bits"] == 4 and report["summary"]["bpv"] <= 4.0
+    manifest = json.loads((out / "vlmc_export.json").read_text())
+    assert manifest["plugins"]["qat"]["files"] == ["qat.encodings", "qat_int_weights.safetensors", "qat_bpv.json"]
+
+
+def test_qat_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
+    qat = _qat({"bits": 4, "granularity": "group", "group_size": 16},
+               {"bits": 8, "granularity": "tensor", "symmetric": False, "observer": "percentile"},
+               start_step=1, calibration_batches=4, freeze_observers_at=8)
+    straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
+    straight_dir.mkdir()
+    resumed_dir.mkdir()
+    straight = make_cli(tiny_config(straight_dir, max_steps=10, callbacks=[qat], **NO_VAL))
+    straight.trainer.fit(straight.model, datamodule=straight.datamodule)
+    interrupted = make_cli(tiny_config(resumed_dir, max_steps=10, callbacks=[qat], **NO_VAL))
+    interrupted.trainer.callbacks.append(StopAt(4))
+    interrupted.trainer.fit(interrupted.model, datamodule=interrupted.datamodule)
+    mid = _plugin(interrupted, QuantizationAwareTraining)
+    assert not all(q.is_initialized for q in mid.static_quantizers("activation").values()), "stopped mid-calibration"
+    resumed = make_cli(tiny_config(resumed_dir, max_steps=10, callbacks=[qat], **NO_VAL))
+    resumed.trainer.fit(resumed.model, datamodule=resumed.datamodule,
+                        ckpt_path=str(resumed_dir / "ckpt" / "epoch=0-step=4.ckpt"))
+    want, got = model_state(straight.model), model_state(resumed.model)
+    assert want.keys() == got.keys() and any(k.endswith("weight_quantizer.scale") for k in got)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6, msg=key)
+    other = QuantizationAwareTraining(weights=QuantSpec(bits=8), start_step=1)
+    with pytest.raises(ValueError, match="another quantization configuration .*weights"):
+        other.load_state_dict(_plugin(straight, QuantizationAwareTraining).state_dict())
+
+
+def test_ptq_via_validate(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    ptq = {"class_path": PTQ, "init_args": {"weights": {"bits": 4, "observer": "mse"},
+                                            "activations": {"bits": 8, "granularity": "tensor", "symmetric": False},
+                                            "calibration_batches": 2}}
+    config = tiny_config(tmp_path, callbacks=[ptq])
+    main(["validate", "--config", str(config)])
+    assert "val/autofill" in capsys.readouterr().out
+    summary = json.loads(next(tmp_path.rglob("summary.json")).read_text())
+    result = summary["plugins"]["ptq"]
+    assert result["calibrated"] == 1 and result["weight_bits"] == 4.0 and result["quantizers"] == 28
+
+
+# ---------------------------------------------------------------------------------------------- encodings
+def _quantized_model(weights: QuantSpec, activations: QuantSpec | None, kv: QuantSpec | None = None):  # noqa: ANN202
+    loaded = load_vlm(str(FAMILY_SPECS["llava"]))
+    torch.manual_seed(0)
+    plugin = PostTrainingQuantization(
+        weights=weights, activations=activations, targets=ModuleSelection(include="language_model"),
+        activation_sites=[ActivationSite(ModuleSelection(**KV), ["output"], kv)] if kv else None)
+    plugin.transform(loaded.model)
+    model = loaded.model.eval()
+    batch = _batch(loaded)
+    plugin.init_weight_quantizers(model)
+    pending = list(plugin.static_quantizers("activation").values())
+    for q in plugin.quantizers.values():
+        q.enabled = not q.static or q.is_initialized
+        q.observing = q in pending
+    model(**batch)
+    for q in pending:
+        q.freeze_observer()
+    for q in plugin.quantizers.values():
+        q.enabled, q.observing = True, False
+    return loaded, plugin, batch
+
+
+def test_encodings_round_trip_and_strict_loading() -> None:
+    loaded, plugin, batch = _quantized_model(QuantSpec(bits=4, granularity="group", group_size=8),
+                                             QuantSpec(bits=8, granularity="tensor", symmetric=False),
+                                             QuantSpec(bits=8, granularity="token", mode="dynamic"))
+    want = loaded.model(**batch).logits
+    encodings = json.loads(json.dumps(export_encodings(loaded.model)))
+    down = "model.language_model.layers.0.mlp.down_proj"
+    assert len(encodings["param_encodings"][f"{down}.weight"]) == loaded.model.get_submodule(down).weight.numel() // 8
+    fresh = load_vlm(str(FAMILY_SPECS["llava"])).model.eval()
+    fresh.load_state_dict(loaded.model.state_dict(), strict=False)
+    other = PostTrainingQuantization(weights=plugin.weights, activations=plugin.activations,
+                                     targets=plugin.targets, activation_sites=plugin.activation_sites)
+    other.transform(fresh)
+    load_encodings(fresh, encodings)
+    torch.testing.assert_close(fresh(**batch).logits, want, atol=0, rtol=0)
+    assert not any(q.scale.requires_grad for q in quantizers_of(fresh).values() if q.scale is not None)
+
+    def broken(edit):  # noqa: ANN001, ANN202
+        copy = json.loads(json.dumps(encodings))
+        edit(copy)
+        return copy
+
+    name = "model.language_model.layers.0.mlp.up_proj.weight"
+    act = "model.language_model.layers.1.self_attn.o_proj.input"
+    cases = [
+        (broken(lambda e: e["param_encodings"].pop(name)), rf"no encoding for {name}.*no float fallback"),
+        (broken(lambda e: e["activation_encodings"].pop(act)), rf"no encoding for {act}"),
+        (broken(lambda e: e["param_encodings"].update({"model.extra.weight": e["param_encodings"][name]})),
+         r"model.extra.weight has a param encoding but the model has no quantizer"),
+        (broken(lambda e: e["param_encodings"][name].pop()), rf"{name} has \d+ entries but its quantizer needs"),
+        (broken(lambda e: e["vlmc"]["layouts"][name].update({"shape": [3, 3]})), rf"{name} was made for shape"),
+        (broken(lambda e: [i.update({"bitwidth": 8}) for i in e["param_encodings"][name]]),
+         rf"{name} has bitwidth 8 but its quantizer has 4"),
+    ]
+    for bad, message in cases:
+        target = load_vlm(str(FAMILY_SPECS["llava"])).model
+        other.transform(target)
+        with pytest.raises(ValueError, match=message):
+            load_encodings(target, bad)
+        assert not any(q.is_initialized for q in quantizers_of(target).values()), "nothing loads on an error"
+
+
+# ---------------------------------------------------------------------------------------------- integer runtime
+@pytest.mark.parametrize(
+    ("weights", "kv"),
+    [
+        (QuantSpec(bits=8, granularity="channel"), None),
+        (QuantSpec(bits=4, granularity="channel"), QuantSpec(bits=8, granularity="token", mode="dynamic")),
+        (QuantSpec(bits=4, granularity="group", group_size=16), QuantSpec(bits=8, granularity="tensor")),
+        (QuantSpec(bits=4, granularity="channel", symmetric=False), None),
+    ],
+    ids=["w8a8-channel", "w4a8-channel-kv-token", "w4a8-group16-kv-static", "w4a8-asym"],
+)
+def test_integer_runtime_reproduces_fake_quant(tmp_path: Path, weights: QuantSpec, kv: QuantSpec | None) -> None:
+    loaded, plugin, batch = _quantized_model(weights, QuantSpec(bits=8, granularity="tensor", symmetric=False), kv)
+    model = loaded.model
+    captured = {}
+
+    def grab(module, args, kwargs):  # noqa: ANN001, ANN202
+        captured["embeds"] = kwargs["inputs_embeds"].detach().clone()
+
+    handle = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
+    with torch.no_grad():
+        fake = model(**batch).logits
+    handle.remove()
+    out = export_model(model, loaded.tokenizer, loaded.image_processor, tmp_path / "export", [plugin])
+    runtime = IntegerRuntime(out)
+    logits = runtime(inputs_embeds=captured["embeds"], attention_mask=batch["attention_mask"])
+    mask = batch["attention_mask"].bool()
+    # A randomly initialised model has near-ties between its top logits; agreement is exact wherever the top-2
+    # margin of the fake-quant model exceeds the float rounding level, and near-exact overall.
+    top2 = fake.topk(2, dim=-1).values
+    decided = mask & (top2[..., 0] - top2[..., 1] > 1e-3)
+    agreement = Top1Agreement()
+    agreement.update(logits, fake, decided)
+    assert float(agreement.compute()) == 1.0 and int(decided.sum()) >= 0.8 * int(mask.sum())
+    overall = Top1Agreement()
+    overall.update(logits, fake, mask)
+    assert float(overall.compute()) >= 0.97
+    # Integer accumulation differs from float32 summation by rounding only; where that moves an activation
+    # across a code boundary the next layer sees one step more or less, so a few logits differ slightly.
+    diff = (logits[mask] - fake[mask]).abs()
+    assert float(diff.max()) <= 1e-2 * max(1.0, float(fake[mask].abs().max()))
+    if kv is None or kv.mode == "static":
+        # With a dynamic KV cache a flip in one key reaches every later query, so most logits move slightly.
+        assert float((diff > 1e-5).float().mean()) < 0.25
+
+
+# ---------------------------------------------------------------------------------------------- stacking
+def test_stacks_with_sparsity_on_the_same_layers(tmp_path: Path) -> None:
+    from plugins.sparsity import SparsityRamp
+
+    loaded = load_vlm(str(FAMILY_SPECS["llava"]))
+    targets = ModuleSelection(include="language_model", exclude="lm_head")
+    sparsity = SparsityRamp(final_sparsity=0.75, targets=targets)
+    qat = QuantizationAwareTraining(weights=QuantSpec(bits=4, granularity="channel"), targets=targets)
+    sparsity.transform(loaded.model)
+    qat.transform(loaded.model)
+    sparsity.update_masks(0.75)
+    qat.init_weight_quantizers(loaded.model)
+    out = export_model(loaded.model, loaded.tokenizer, loaded.image_processor, tmp_path / "export", [sparsity, qat])
+    report = json.loads((out / "qat_bpv.json").read_text())
+    for row in report["layers"]:
+        assert row["sparsity"] >= 0.75 and row["format"] == "bitmask", row["name"]
+        assert row["bpv"] <= row["bitmask_bound"] <= 2.0 + 1e-9, row["name"]
+    assert report["summary"]["bpv"] <= 2.0
+
+
+def test_stacked_fit_with_sparsity(tmp_path: Path) -> None:
+    ramp = {"class_path": "plugins.sparsity.SparsityRamp",
+            "init_args": {"final_sparsity": 0.5, "start_step": 0, "end_step": 2}}
+    cli = make_cli(tiny_config(tmp_path, max_steps=3, callbacks=[ramp, _qat({"bits": 4})], **NO_VAL))
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    from plugins.sparsity.layer import weight_mask_of
+
+    masked = {n: m for n, m in cli.model.model.named_modules() if weight_mask_of(m) is not None}
+    assert masked and all(n + ".weight" in quantizers_of(cli.model.model) for n in masked)
+    for layer in masked.values():
+        pruned = ~weight_mask_of(layer).bool()
+        assert pruned.float().mean().item() == pytest.approx(0.5, abs=0.02)
+        assert torch.all(layer.weight[pruned] == 0)  # the masks survive fake-quant training
