@@ -45,9 +45,30 @@ def wandb_offline() -> bool:
 
 def _cli_class() -> Any:
     from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
     from framework.report import RunReport
+
+    class RunConfigSaver(SaveConfigCallback):
+        """Saves the resolved config as ``config.yaml`` in the run folder (beside ``checkpoints/`` and
+        ``summary.json``), once the checkpoint folder is known, instead of in the logger's folder."""
+
+        def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+            pass  # the run folder is resolved by ModelCheckpoint's own setup, which runs later
+
+        def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+            if self.already_saved or not trainer.is_global_zero:
+                return
+            from framework.io import atomic_write_text
+
+            folder = RunReport().run_folder(trainer)
+            target = (folder / self.config_filename).resolve()
+            inputs = {Path(str(c)).resolve() for c in (self.config.get("config") or [])}
+            if target in inputs:  # never replace a config the run was started from
+                target = target.with_name(f"resolved_{self.config_filename}")
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(target, self.parser.dump(self.config, skip_none=False))
+            self.already_saved = True
 
     class VLMCLI(LightningCLI):
         """LightningCLI with the project's defaults: W&B logger, atomic checkpoints, run summary."""
@@ -75,6 +96,7 @@ def _cli_class() -> Any:
         def after_test(self) -> None:
             self._run_report().write(self.trainer, self.model)
 
+    VLMCLI.config_saver = RunConfigSaver
     return VLMCLI
 
 
@@ -94,12 +116,14 @@ def build(args: list[str], *, run: bool) -> Any:
     from framework.data import VLMDataModule
     from framework.module import VLMModule
 
-    return _cli_class()(
+    cli_class = _cli_class()
+    return cli_class(
         VLMModule,
         VLMDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         trainer_defaults=trainer_defaults(),
+        save_config_callback=cli_class.config_saver,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"parser_mode": "omegaconf"} if _has_omegaconf() else None,
         # LightningCLI warns when given the process's own argv as `args`; let it read sys.argv itself then.

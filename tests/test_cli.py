@@ -56,6 +56,18 @@ def test_unknown_key_names_it(tmp_path: Path) -> None:
         build(["--config", str(config), "--data.init_args.bacth_size=3"], run=False)
 
 
+def test_fit_saves_its_config_in_the_run_folder(tmp_path: Path) -> None:
+    import yaml
+
+    config = tiny_config(tmp_path, max_steps=2, name="run.yaml")
+    run_folder = tmp_path / "runs" / "first"
+    main(["fit", "--config", str(config), f"--checkpoint.dirpath={run_folder / 'checkpoints'}",
+          "--trainer.limit_val_batches=0"])
+    saved = yaml.safe_load((run_folder / "config.yaml").read_text())
+    assert saved["trainer"]["max_steps"] == 2 and saved["model"]["class_path"].endswith("VLMModule")
+    assert not (tmp_path / "config.yaml").exists()
+
+
 def test_export_verb_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from transformers import AutoModelForImageTextToText
 
