@@ -65,6 +65,8 @@ class Study:
         (self.work / "logs").mkdir(parents=True, exist_ok=True)
         self.base_export = self.work / "exports" / "dense_base"
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+                    # Runs share one GPU: let each give back what it frees instead of fragmenting.
+                    "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"),
                     "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
 
     # ------------------------------------------------------------------ running one job
@@ -281,7 +283,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--l0_steps", type=int, default=1500)
     parser.add_argument("--ft_lr", type=float, default=2e-4)
     parser.add_argument("--ft_batch", type=int, default=128)
-    parser.add_argument("--parallel", type=int, default=6, help="training runs sharing the GPU at once")
+    # Eight runs plus the from-scratch baseline ran one H100 (80 GB) out of memory; five fit.
+    parser.add_argument("--parallel", type=int, default=5, help="training runs sharing the GPU at once")
     parser.add_argument("--workers", type=int, default=2, help="data workers per run")
     parser.add_argument("--base_workers", type=int, default=10, help="data workers of the base pretraining run")
     parser.add_argument("--gpus", type=int, default=None, help="GPUs to spread runs over (default: all visible)")
