@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--l0_steps", type=int, default=1500)
     parser.add_argument("--ft_lr", type=float, default=2e-4)
     parser.add_argument("--ft_batch", type=int, default=128)
-    # Eight runs plus the from-scratch baseline ran one H100 (80 GB) out of memory; five fit.
+    # Each run at batch 128 holds 8-12 GB of GPU memory: eight plus the from-scratch baseline overflowed an 80 GB H100.
     parser.add_argument("--parallel", type=int, default=5, help="training runs sharing the GPU at once")
     parser.add_argument("--workers", type=int, default=2, help="data workers per run")
     parser.add_argument("--base_workers", type=int, default=10, help="data workers of the base pretraining run")
