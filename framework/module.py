@@ -88,7 +88,9 @@ class VLMModule(pl.LightningModule):
         self.save_hyperparameters()
         loaded = load_vlm(model, text_gguf=text_gguf, tokenizer=tokenizer, trust_remote_code=trust_remote_code,
                           dtype=dtype)
-        self.model = loaded.model
+        # from_pretrained returns a model in eval mode; Lightning keeps submodules' modes during fit, so a loaded
+        # checkpoint would train with dropout (and any mode-dependent plugin behaviour) switched off.
+        self.model = loaded.model.train()
         self.tokenizer = loaded.tokenizer
         self.image_processor = loaded.image_processor
         self.processor = VLMProcessor(family_for(self.model.config, loaded.tokenizer, loaded.image_processor),
