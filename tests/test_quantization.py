@@ -321,6 +321,19 @@ def test_ptq_via_validate(tmp_path: Path, capsys: pytest.CaptureFixture) -> None
     assert result["calibrated"] == 1 and result["weight_bits"] == 4.0 and result["quantizers"] == 28
 
 
+def test_validation_reports_top1_agreement_with_the_float_model(tmp_path: Path) -> None:
+    agreement = {}
+    for bits in (8, 2):
+        ptq = {"class_path": PTQ, "init_args": {"weights": {"bits": bits}, "calibration_batches": 1}}
+        folder = tmp_path / f"w{bits}"
+        folder.mkdir()
+        main(["validate", "--config", str(tiny_config(folder, callbacks=[ptq]))])
+        summary = json.loads(next(folder.rglob("summary.json")).read_text())
+        agreement[bits] = summary["plugins"]["ptq"]["top1_agreement"]
+    assert 0.0 <= agreement[2] < agreement[8] <= 1.0
+    assert agreement[8] > 0.9  # 8-bit weights barely move the argmax
+
+
 # ---------------------------------------------------------------------------------------------- encodings
 def _quantized_model(weights: QuantSpec, activations: QuantSpec | None, kv: QuantSpec | None = None):  # noqa: ANN202
     loaded = load_vlm(str(FAMILY_SPECS["llava"]))

@@ -13,6 +13,14 @@ References: LSQ (Esser et al., ICLR 2020); PyTorch ``torch.ao.quantization`` fak
 AIMET quantization encodings specification (Qualcomm Innovation Center, ``aimet`` docs, encoding format 0.6.1).
 """
 
+from plugins.quantization.adapters import (
+    adapters_disabled,
+    attach_from_encodings,
+    check_base_matches,
+    load_adapter,
+    load_quantized_base,
+    set_adapter,
+)
 from plugins.quantization.config import ActivationSite, QuantSpec, check_spec
 from plugins.quantization.encodings import export_encodings, load_encodings, weight_codes
 from plugins.quantization.placement import (
@@ -23,28 +31,41 @@ from plugins.quantization.placement import (
     remove_quantizers,
     set_quantizers,
 )
+from plugins.quantization.lora import QALFT
 from plugins.quantization.ptq import PostTrainingQuantization
 from plugins.quantization.qat import QuantizationAwareTraining
 from plugins.quantization.quantizer import FakeQuantizer, fake_quantize, qparams_from_range
 from plugins.quantization.runtime import IntegerRuntime
+from plugins.quantization.sensitivity import load_plan, measure_sensitivity, plan_bits, write_plan
 
 __all__ = [
     "ActivationSite",
     "FakeQuantizer",
     "IntegerRuntime",
     "PostTrainingQuantization",
+    "QALFT",
     "QuantLinear",
     "QuantSpec",
     "QuantizationAwareTraining",
+    "adapters_disabled",
+    "attach_from_encodings",
     "attach_quantizers",
+    "check_base_matches",
     "check_spec",
     "export_encodings",
     "fake_quantize",
+    "load_adapter",
     "load_encodings",
+    "load_plan",
+    "load_quantized_base",
+    "measure_sensitivity",
+    "plan_bits",
     "qparams_from_range",
     "quantization_disabled",
     "quantizers_of",
     "remove_quantizers",
+    "set_adapter",
     "set_quantizers",
     "weight_codes",
+    "write_plan",
 ]

@@ -7,6 +7,10 @@ quantized weight's dequantized grid values into the HF model (``from_pretrained`
 model computed) and removes the quantizers; ``export_artifacts`` writes the encodings, the bit-packed integer
 codes and their bits per weight.
 
+Every validation and test batch is also run with quantization switched off: the share of answer positions where
+the quantized and the float model predict the same next token is logged as ``compression/<name>/top1_agreement``
+and reported in the run summary (the talk's device-vs-float "top-1 overlap").
+
 Claims are shared (``exclusive_claims = False``): quantization reads the float weights as a master copy and
 rewrites them only at export, as ``scale * (q - zero_point)`` of the weight it is given. A plugin that zeroes
 weights (sparsity masks, channel ablation) therefore composes with it: an exact zero is on every grid (the zero
@@ -16,21 +20,33 @@ quantized weight packs with a bitmask.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from typing_extensions import override
 
+from framework.metrics import Top1Agreement
+from framework.module import model_inputs
 from framework.plugin import CompressionPlugin
 from framework.selection import ModuleSelection
 from plugins.quantization.config import ActivationSite, QuantSpec, check_points, check_runtime, check_spec
 from plugins.quantization.encodings import export_encodings, weight_codes, write_quantized_export
-from plugins.quantization.placement import attach_quantizers, quantized_module, quantizers_of, remove_quantizers
+from plugins.quantization.placement import (
+    attach_quantizers,
+    quantization_disabled,
+    quantized_module,
+    quantizers_of,
+    remove_quantizers,
+)
 from plugins.quantization.quantizer import FakeQuantizer
+from plugins.quantization.sensitivity import load_plan, plan_specs
 
 
 def default_targets() -> ModuleSelection:
@@ -73,8 +89,14 @@ class QuantizedModules(CompressionPlugin):
         activation_sites: list[ActivationSite] | None,
         runtime: str,
         name: str,
+        plan: str | None = None,
     ) -> None:
         key = type(self).__name__
+        if plan is not None and (not isinstance(plan, (str, Path)) or not str(plan)):
+            raise ValueError(f"{key}.plan: must be the path of a mixed-precision plan JSON or null, got {plan!r}")
+        if plan is not None and weights is None:
+            raise ValueError(f"{key}.plan: a plan sets per-layer weight bits; set {key}.weights (the spec the plan's "
+                             "bits override) too")
         if weights is not None:
             check_spec(weights, "weights", f"{key}.weights")
             check_runtime(weights, "weights", runtime, f"{key}.weights")
@@ -99,21 +121,50 @@ class QuantizedModules(CompressionPlugin):
         self.activation_sites = sites
         self.runtime = runtime
         self.name = name
+        self.plan = None if plan is None else str(plan)
+        self.planned_bits: dict[str, int] | None = None
         self.quantizers: dict[str, FakeQuantizer] = {}
         self._export: dict[str, Any] | None = None
+        self.agreement = Top1Agreement()
+        self.last_agreement: float | None = None
 
     # ------------------------------------------------------------------ structure
     @override
     def transform(self, model: nn.Module) -> None:
         key = self.name
-        found = attach_quantizers(model, self.weights, self.activations, self.targets, self.activation_points,
-                                  key=key)
+        if self.plan is None:
+            found = attach_quantizers(model, self.weights, self.activations, self.targets, self.activation_points,
+                                      key=key)
+        else:
+            found = self._attach_planned(model)
         for index, site in enumerate(self.activation_sites):
             found.update(attach_quantizers(model, None, site.spec or self.activations, site.targets, site.points,
                                            key=f"{key}.activation_sites[{index}]"))
         for quantizer in found.values():
             quantizer.enabled = quantizer.observing = False  # the callback switches them on
         self.quantizers = found
+
+    def _attach_planned(self, model: nn.Module) -> dict[str, FakeQuantizer]:
+        """Weight quantizers with the plan's bits per layer (the ``weights`` spec otherwise), activations as usual.
+
+        Raises:
+            ValueError: naming the layer: the plan names a layer that is not selected or leaves a selected one out.
+        """
+        key = self.name
+        plan = load_plan(self.plan, f"{key}.plan")
+        selected = self.targets.select(model, owner=f"{key}.targets")
+        groups = plan_specs(plan, model, selected, self.weights, key=f"{key}.plan")
+        found: dict[str, FakeQuantizer] = {}
+        for bits, names in sorted(groups.items()):
+            only = ModuleSelection(include="^(" + "|".join(re.escape(n) for n in names) + ")$",
+                                   types=list(self.targets.types))
+            found.update(attach_quantizers(model, dataclasses.replace(self.weights, bits=bits), None, only, key=key))
+        if self.activations is not None:
+            found.update(attach_quantizers(model, None, self.activations, self.targets, self.activation_points,
+                                           key=key))
+        self.planned_bits = {name: plan[name] for name in selected}
+        order = [f"{n}.{p}" for n in selected for p in ("weight", *self.activation_points)]
+        return {name: found[name] for name in order if name in found}
 
     @override
     def claims(self, model: nn.Module) -> set[str]:
@@ -142,7 +193,7 @@ class QuantizedModules(CompressionPlugin):
         """What a resumed run must share with its checkpoint."""
         return {"weights": None if self.weights is None else self.weights.to_dict(),
                 "activations": None if self.activations is None else self.activations.to_dict(),
-                "activation_points": self.activation_points, "runtime": self.runtime}
+                "activation_points": self.activation_points, "runtime": self.runtime, "plan": self.planned_bits}
 
     def check_echo(self, state: dict[str, Any]) -> None:
         """Raises: ValueError naming the keys that differ from the checkpoint's configuration."""
@@ -173,7 +224,50 @@ class QuantizedModules(CompressionPlugin):
             "weight_bits": self.weight_bits(),
             "activation_bits": (sum(q.spec.bits for q in activations) / len(activations)) if activations else 0.0,
             "calibrated": int(all(q.is_initialized for q in self.quantizers.values() if q.static)),
+            **({"plan": self.plan} if self.plan is not None else {}),
+            **({"top1_agreement": self.last_agreement} if self.last_agreement is not None else {}),
         }
+
+    # ------------------------------------------------------------------ agreement with the float model
+    @torch.no_grad()
+    def update_agreement(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: dict[str, Any]) -> None:
+        """Top-1 agreement of this batch's answer positions, quantized vs. the same model with quantizers off."""
+        if not any(q.enabled for q in self.quantizers.values()) or "labels" not in batch:
+            return
+        model, inputs = pl_module.model, model_inputs(batch, labels=False)
+        with trainer.precision_plugin.forward_context():
+            quantized = model(**inputs).logits
+            with quantization_disabled(model):
+                reference = model(**inputs).logits
+        # logits[:, t] predicts labels[:, t + 1]: count the positions that predict an answer token.
+        answer = batch["labels"][:, 1:] != -100
+        self.agreement = self.agreement.to(quantized.device)
+        self.agreement.update(quantized[:, :-1].float(), reference[:, :-1].float(), answer)
+
+    def log_agreement(self, pl_module: pl.LightningModule) -> None:
+        value = self.agreement.compute()
+        self.agreement.reset()
+        if not torch.isnan(value):
+            self.last_agreement = float(value)
+            self.log_metric(pl_module, "top1_agreement", self.last_agreement, on_step=False, on_epoch=True)
+
+    @override
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                                batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.update_agreement(trainer, pl_module, batch)
+
+    @override
+    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.update_agreement(trainer, pl_module, batch)
+
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.log_agreement(pl_module)
+
+    @override
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.log_agreement(pl_module)
 
     # ------------------------------------------------------------------ export
     @override

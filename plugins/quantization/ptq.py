@@ -37,6 +37,8 @@ class PostTrainingQuantization(QuantizedModules):
         calibration_batches: training batches observed for static activation ranges, >= 1.
         runtime: ``generic`` or ``qnn``.
         name: log namespace, checkpoint key and export file prefix.
+        plan: a mixed-precision plan JSON (:mod:`plugins.quantization.sensitivity`): its per-layer weight bits
+            override ``weights.bits``; it must name exactly the layers ``targets`` selects (``null``: uniform).
 
     Raises:
         ValueError: a spec outside its range (naming the key), ``calibration_batches`` < 1, targets that
@@ -63,11 +65,12 @@ class PostTrainingQuantization(QuantizedModules):
         calibration_batches: int = 8,
         runtime: str = "generic",
         name: str = "ptq",
+        plan: str | None = None,
     ) -> None:
         key = type(self).__name__
         weights = None if weights is None else dataclasses.replace(weights)
         super().__init__(weights, activations, targets, activation_points or ["input"], activation_sites, runtime,
-                         name)
+                         name, plan)
         if not isinstance(calibration_batches, int) or calibration_batches < 1:
             raise ValueError(f"{key}.calibration_batches: must be an integer >= 1, got {calibration_batches!r}")
         self.calibration_batches = calibration_batches

@@ -43,6 +43,8 @@ class QuantizationAwareTraining(QuantizedModules):
         scale_lr: learning rate of the scales (``null``: the model's ``lr``); no weight decay on them.
         runtime: ``generic`` or ``qnn`` (symmetric static weight encodings and static activations only).
         name: log namespace, checkpoint key and export file prefix.
+        plan: a mixed-precision plan JSON (:mod:`plugins.quantization.sensitivity`): its per-layer weight bits
+            override ``weights.bits``; it must name exactly the layers ``targets`` selects (``null``: uniform).
 
     Raises:
         ValueError: a spec outside its range (the message names the key, e.g. ``weights.bits``), negative
@@ -76,11 +78,12 @@ class QuantizationAwareTraining(QuantizedModules):
         scale_lr: float | None = None,
         runtime: str = "generic",
         name: str = "qat",
+        plan: str | None = None,
     ) -> None:
         key = type(self).__name__
         weights = None if weights is None else dataclasses.replace(weights)  # never share the default instance
         super().__init__(weights, activations, targets, activation_points or ["input"], activation_sites, runtime,
-                         name)
+                         name, plan)
         if not isinstance(start_step, int) or start_step < 0:
             raise ValueError(f"{key}.start_step: must be an integer >= 0, got {start_step!r}")
         static_acts = any(s is not None and s.mode == "static"

@@ -1,0 +1,293 @@
+"""Mixed precision: per-layer sensitivity, the budgeted planner, the plan CLI and plans in QAT / PTQ."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAMILY_SPECS
+from helpers import make_cli, tiny_config
+
+from framework.data.tasks import make_task
+from framework.models import load_vlm
+from framework.processing import VLMProcessor, family_for
+from framework.selection import ModuleSelection
+from plugins.quantization import (
+    PostTrainingQuantization,
+    QuantizationAwareTraining,
+    QuantSpec,
+    export_encodings,
+    load_plan,
+    measure_sensitivity,
+    plan_bits,
+    quantizers_of,
+    write_plan,
+)
+from plugins.quantization.encodings import decode_entries
+from plugins.quantization.sensitivity import main as sensitivity_main
+from plugins.quantization.sensitivity import pareto_curve, uniform_delta
+
+LM = ModuleSelection(include="language_model", exclude="lm_head")
+OPTIONS = (2, 3, 4, 8)
+
+
+def _batches(loaded, count: int = 2) -> list[dict]:  # noqa: ANN001
+    processor = VLMProcessor(family_for(loaded.model.config, loaded.tokenizer, loaded.image_processor), 512)
+    caption, autofill = make_task("caption", image_size=64), make_task("autofill", image_size=64)
+    return [processor.encode([caption[2 * i], autofill[2 * i + 1]]) for i in range(count)]
+
+
+def _lm_layers(model: torch.nn.Module) -> list[str]:
+    return list(LM.select(model))
+
+
+def _fit(model: torch.nn.Module, batches: list[dict], steps: int = 40) -> None:
+    """Fit the batches a little: a random model sits nowhere near a loss minimum, so quantization noise there
+    moves its loss either way; a fitted one loses more the coarser its weights."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for step in range(steps):
+        model(**batches[step % len(batches)]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+# ---------------------------------------------------------------------------------------------- sensitivity
+@pytest.mark.parametrize("metric", ["kl", "loss"])
+def test_sensitivity_rows_and_lower_bits_hurt_more(metric: str) -> None:
+    torch.manual_seed(0)
+    loaded = load_vlm(str(FAMILY_SPECS["llava"]))
+    model = loaded.model
+    batches = _batches(loaded)
+    if metric == "loss":
+        _fit(model, batches)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    mode = model.training
+    rows = measure_sensitivity(model, batches, LM, OPTIONS, QuantSpec(bits=8, granularity="channel"),
+                               metric=metric)
+    layers = _lm_layers(model)
+    assert len(rows) == len(layers) * len(OPTIONS) == 14 * 4
+    assert [(r["layer"], r["bits"]) for r in rows] == [(n, b) for n in layers for b in OPTIONS]
+    for row in rows:
+        assert set(row) == {"layer", "params", "bits", "delta"}
+        assert row["params"] == model.get_submodule(row["layer"]).weight.numel()
+    mean = {b: sum(r["delta"] for r in rows if r["bits"] == b) / len(layers) for b in OPTIONS}
+    assert mean[2] > mean[4] > mean[8], mean
+    if metric == "kl":
+        assert all(r["delta"] >= -1e-6 for r in rows)
+        assert mean[2] > mean[3] > mean[4]
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "weights are restored exactly"
+    assert model.training == mode, "train / eval modes are restored"
+
+
+def test_sensitivity_misconfiguration() -> None:
+    loaded = load_vlm(str(FAMILY_SPECS["llava"]))
+    batches = _batches(loaded, 1)
+    with pytest.raises(ValueError, match="metric: must be one of 'loss', 'kl'"):
+        measure_sensitivity(loaded.model, batches, LM, metric="mse")
+    with pytest.raises(ValueError, match=r"bits_options: must be a non-empty list of integers in \[2, 8\]"):
+        measure_sensitivity(loaded.model, batches, LM, bits_options=(1, 4))
+    with pytest.raises(ValueError, match="layers: model.nothing is not a module"):
+        measure_sensitivity(loaded.model, batches, ["model.nothing"])
+    with pytest.raises(ValueError, match="layers: model.language_model.norm is a LlamaRMSNorm"):
+        measure_sensitivity(loaded.model, batches, ["model.language_model.norm"])
+    with pytest.raises(ValueError, match="batches: give at least one"):
+        measure_sensitivity(loaded.model, [], LM)
+    unlabelled = [{k: v for k, v in batches[0].items() if k != "labels"}]
+    with pytest.raises(ValueError, match="metric: 'loss' needs batches with 'labels'"):
+        measure_sensitivity(loaded.model, unlabelled, LM, metric="loss")
+    with pytest.raises(ValueError, match="spec_template: does not fit model.language_model.layers.0.self_attn.q_proj"):
+        measure_sensitivity(loaded.model, batches, LM, (4,), QuantSpec(bits=4, granularity="group", group_size=24))
+
+
+# ---------------------------------------------------------------------------------------------- planner
+def _table(params: list[int], seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for index, size in enumerate(params):
+        scale = rng.uniform(0.01, 5.0)
+        for bits in OPTIONS:
+            rows.append({"layer": f"layer{index}", "params": size, "bits": bits,
+                         "delta": scale * (1.0 + 0.3 * rng.random()) * 2.0 ** (-bits)})  # falls with bits
+    return rows
+
+
+def _brute_force(rows: list[dict], budget_avg_bits: float) -> float:
+    layers = list(dict.fromkeys(r["layer"] for r in rows))
+    params = {r["layer"]: r["params"] for r in rows}
+    delta = {(r["layer"], r["bits"]): r["delta"] for r in rows}
+    total = sum(params.values())
+    best = float("inf")
+    for choice in itertools.product(OPTIONS, repeat=len(layers)):
+        if sum(params[n] * b for n, b in zip(layers, choice)) <= budget_avg_bits * total:
+            best = min(best, sum(delta[(n, b)] for n, b in zip(layers, choice)))
+    return best
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_planner_is_optimal_and_within_budget(seed: int) -> None:
+    rows = _table([4096, 1024, 2048, 4096, 8192, 1024], seed)
+    for budget in (2.0, 2.5, 3.0, 3.7, 4.0, 5.5, 8.0, 9.0):
+        plan = plan_bits(rows, budget_avg_bits=budget, bits_options=OPTIONS)
+        assert plan["exact"] and plan["avg_bits"] <= budget + 1e-12
+        params = {r["layer"]: r["params"] for r in rows}
+        delta = {(r["layer"], r["bits"]): r["delta"] for r in rows}
+        assert plan["avg_bits"] == pytest.approx(sum(params[n] * b for n, b in plan["layers"].items())
+                                                 / sum(params.values()))
+        assert plan["predicted_delta"] == pytest.approx(sum(delta[(n, b)] for n, b in plan["layers"].items()))
+        assert plan["predicted_delta"] == pytest.approx(_brute_force(rows, budget), rel=1e-12, abs=1e-15)
+
+
+def test_planner_beats_uniform_at_equal_budget() -> None:
+    # Two small layers that 2 bits ruin and two large ones that barely notice: at an average of 4 bits the plan
+    # keeps the sensitive ones at 8 and drops the robust ones, far below uniform 4 bit.
+    rows = []
+    for name, size, scale in (("a", 1000, 100.0), ("b", 1000, 80.0), ("c", 4000, 0.1), ("d", 4000, 0.2)):
+        rows += [{"layer": name, "params": size, "bits": b, "delta": scale * 2.0 ** (-b)} for b in OPTIONS]
+    plan = plan_bits(rows, budget_avg_bits=4.0, bits_options=OPTIONS)
+    assert plan["avg_bits"] <= 4.0
+    assert plan["layers"]["a"] == 8 and plan["layers"]["b"] == 8 and plan["layers"]["c"] < 4
+    assert plan["predicted_delta"] < 0.5 * uniform_delta(rows, 4)
+    by_bytes = plan_bits(rows, budget_bytes=10_000 * 4 // 8, bits_options=OPTIONS)
+    assert by_bytes["layers"] == plan["layers"] and by_bytes["budget"] == {"bytes": 5000}
+    curve = pareto_curve(rows, [1.5, 2.0, 3.0, 4.0, 6.0, 8.0], OPTIONS)
+    assert curve[0]["predicted_delta"] is None
+    deltas = [p["predicted_delta"] for p in curve[1:]]
+    assert deltas == sorted(deltas, reverse=True), "more bits never predict a larger delta"
+
+
+def test_noisy_deltas_never_make_fewer_bits_look_better() -> None:
+    # A measured loss change can be negative or rise with bits (noise, a model away from its loss minimum);
+    # planned on the monotone envelope, the spare budget goes to wider weights instead of rewarding noise.
+    rows = []
+    for name, noise in (("a", -0.002), ("b", 0.001), ("c", -0.0005)):
+        rows += [{"layer": name, "params": 1024, "bits": b, "delta": d}
+                 for b, d in zip(OPTIONS, (noise, 0.003 + noise, 0.0001, 0.00005))]
+    plan = plan_bits(rows, budget_avg_bits=4.0, bits_options=OPTIONS)
+    assert plan["monotone"] and plan["avg_bits"] == 4.0 and set(plan["layers"].values()) == {4}
+    assert plan["predicted_delta"] == pytest.approx(3 * 0.0001)
+    raw = plan_bits(rows, budget_avg_bits=4.0, bits_options=OPTIONS, monotone=False)
+    assert raw["layers"]["a"] == 2 and raw["predicted_delta"] < 0
+
+
+def test_planner_rounds_costs_up_when_the_budget_is_huge(monkeypatch: pytest.MonkeyPatch) -> None:
+    import plugins.quantization.sensitivity as sensitivity
+
+    monkeypatch.setattr(sensitivity, "MAX_STATES", 500)
+    rows = _table([1009, 1013, 1019, 1021, 1031, 1033], 3)  # coprime sizes: the exact DP needs ~19k states
+    for budget in (2.2, 3.3, 4.0, 6.1):
+        plan = plan_bits(rows, budget_avg_bits=budget, bits_options=OPTIONS)
+        assert not plan["exact"] and plan["avg_bits"] <= budget
+        assert plan["predicted_delta"] <= _brute_force(rows, budget) * 1.5 + 1e-12
+
+
+def test_impossible_budget_names_the_key() -> None:
+    rows = _table([64, 128], 0)
+    with pytest.raises(ValueError, match=r"budget_avg_bits: 1.5 cannot be met: every layer at the smallest width "
+                                         r"\(2 bits\)"):
+        plan_bits(rows, budget_avg_bits=1.5, bits_options=OPTIONS)
+    with pytest.raises(ValueError, match="budget_avg_bits: 3.5 cannot be met.*4 bits"):
+        plan_bits(rows, budget_avg_bits=3.5, bits_options=(4, 8))
+    with pytest.raises(ValueError, match="budget_bytes: 10 cannot be met"):
+        plan_bits(rows, budget_bytes=10, bits_options=OPTIONS)
+    with pytest.raises(ValueError, match="budget_avg_bits / budget_bytes: give exactly one"):
+        plan_bits(rows, budget_avg_bits=4.0, budget_bytes=100, bits_options=OPTIONS)
+    with pytest.raises(ValueError, match="rows: no sensitivity of layer0 at 5 bits"):
+        plan_bits(rows, budget_avg_bits=4.0, bits_options=(2, 5))
+
+
+# ---------------------------------------------------------------------------------------------- CLI and plugins
+def _qat(plan: str | None = None, **kwargs) -> dict:  # noqa: ANN003
+    return {"class_path": "plugins.quantization.QuantizationAwareTraining",
+            "init_args": {"weights": {"bits": 4, "granularity": "channel"}, "plan": plan, **kwargs}}
+
+
+def test_cli_writes_a_plan_that_qat_trains_with(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    plan_path = tmp_path / "results" / "plan_avg4.json"
+    # The same config makes the plan and then trains with it (the plan is read only when the model is built).
+    config = tiny_config(tmp_path, max_steps=2, callbacks=[_qat(str(plan_path))], limit_val_batches=0)
+    sensitivity_main(["--config", str(config), "--budget_avg_bits", "4", "--bits", "2", "3", "4", "8",
+                      "--batches", "2", "--metric", "kl", "--pareto", "2.5", "3", "4", "8", "--out", str(plan_path)])
+    printed = capsys.readouterr().out
+    assert "predicted delta" in printed and "plan written to" in printed and "infeasible" not in printed
+    plan = json.loads(plan_path.read_text())
+    assert len(plan["layers"]) == 14 and plan["avg_bits"] <= 4.0 and plan["budget"] == {"avg_bits": 4.0}
+    assert len(plan["sensitivity"]) == 14 * 4 and plan["metric"] == "kl" and plan["spec"]["granularity"] == "channel"
+    assert [p["budget_avg_bits"] for p in plan["pareto"]] == [2.5, 3.0, 4.0, 8.0]
+    assert plan["pareto"][-1]["predicted_delta"] <= plan["predicted_delta"] <= plan["pareto"][0]["predicted_delta"]
+    assert plan["predicted_delta"] <= plan["uniform_delta"]["4"] + 1e-12
+    assert load_plan(plan_path) == plan["layers"]
+
+    cli = make_cli(config)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    plugin = next(c for c in cli.trainer.callbacks if isinstance(c, QuantizationAwareTraining))
+    weights = {n[: -len(".weight")]: q for n, q in quantizers_of(cli.model.model).items() if n.endswith(".weight")}
+    assert {n: q.spec.bits for n, q in weights.items()} == plan["layers"]
+    assert all(q.spec.granularity == "channel" and q.is_initialized for q in weights.values())
+    summary = plugin.summary(cli.model.model)
+    assert summary["weight_bits"] == pytest.approx(plan["avg_bits"]) and summary["plan"] == str(plan_path)
+    # The trained checkpoint (quantizer states beside the weights) is measured too, under a bytes budget.
+    again = sensitivity_main(["--config", str(config), "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt"),
+                              "--budget_bytes", str(plan["total_bits"] // 8), "--batches", "1",
+                              "--out", str(tmp_path / "plan_bytes.json")])
+    assert again["checkpoint"].endswith("last.ckpt") and again["total_bits"] <= plan["total_bits"]
+    assert again["sensitivity"] != plan["sensitivity"]
+
+
+@pytest.mark.parametrize("cls", [QuantizationAwareTraining, PostTrainingQuantization])
+def test_plan_sets_bits_and_encodings(tmp_path: Path, cls: type) -> None:
+    loaded = load_vlm(str(FAMILY_SPECS["llava"]))
+    model = loaded.model
+    layers = _lm_layers(model)
+    bits = {name: OPTIONS[i % len(OPTIONS)] for i, name in enumerate(layers)}
+    path = write_plan({"layers": bits}, tmp_path / "plan.json")
+    plugin = cls(weights=QuantSpec(bits=8, granularity="channel"),
+                 activations=QuantSpec(bits=8, granularity="tensor", symmetric=False), plan=str(path))
+    plugin.transform(model)
+    plugin.transform(model)  # idempotent
+    assert {n[: -len(".weight")]: q.spec.bits for n, q in plugin.quantizers.items() if n.endswith(".weight")} == bits
+    assert sum(1 for n in plugin.quantizers if n.endswith(".input")) == len(layers)
+    plugin.init_weight_quantizers(model)
+    encodings = export_encodings(model, {n for n in plugin.quantizers if n.endswith(".weight")})
+    for name, want in bits.items():
+        entries = encodings["param_encodings"][f"{name}.weight"]
+        assert {e["bitwidth"] for e in entries} == {want}
+        decode_entries(f"{name}.weight", entries, want, True)
+    sizes = {n: model.get_submodule(n).weight.numel() for n in layers}
+    want_avg = sum(sizes[n] * b for n, b in bits.items()) / sum(sizes.values())
+    assert plugin.summary(model)["weight_bits"] == pytest.approx(want_avg)
+    assert plugin.config_echo()["plan"] == bits
+
+
+def test_plan_mismatch_names_the_layer(tmp_path: Path) -> None:
+    model = load_vlm(str(FAMILY_SPECS["llava"])).model
+    layers = _lm_layers(model)
+    full = dict.fromkeys(layers, 4)
+    cases = [
+        ({**full, "model.language_model.layers.7.mlp.up_proj": 4},
+         r"qat.plan: layer model.language_model.layers.7.mlp.up_proj is not a module of the model"),
+        ({**full, "lm_head": 8}, r"qat.plan: layer lm_head is not selected by targets"),
+        ({n: b for n, b in full.items() if n != layers[3]},
+         rf"qat.plan: layer {layers[3]} is selected by targets but has no width in the plan"),
+        ({**full, layers[0]: 12}, rf"qat.plan.layers.{layers[0]}: bits must be an integer in \[2, 8\]"),
+    ]
+    for index, (bits, message) in enumerate(cases):
+        path = write_plan({"layers": bits}, tmp_path / f"plan{index}.json")
+        target = load_vlm(str(FAMILY_SPECS["llava"])).model
+        with pytest.raises(ValueError, match=message):
+            QuantizationAwareTraining(weights=QuantSpec(bits=4), plan=str(path)).transform(target)
+        assert not quantizers_of(target), "nothing is attached on an error"
+    with pytest.raises(FileNotFoundError, match="qat.plan: plan file .*missing.json does not exist"):
+        QuantizationAwareTraining(weights=QuantSpec(bits=4), plan=str(tmp_path / "missing.json")).transform(model)
+    (tmp_path / "empty.json").write_text("{}")
+    with pytest.raises(ValueError, match="qat.plan: .*empty.json has no 'layers' mapping"):
+        QuantizationAwareTraining(weights=QuantSpec(bits=4), plan=str(tmp_path / "empty.json")).transform(model)
+    with pytest.raises(ValueError, match="QuantizationAwareTraining.plan: a plan sets per-layer weight bits"):
+        QuantizationAwareTraining(weights=None, activations=QuantSpec(bits=8, granularity="tensor"), plan="p.json")
+    with pytest.raises(ValueError, match="PostTrainingQuantization.plan: must be the path"):
+        PostTrainingQuantization(plan="")
