@@ -1,0 +1,370 @@
+"""The quantization study of experiments/results/quantization: every run, in dependency order, several at a time
+on one GPU. The machinery (jobs, shared arguments, parallel runs, ``--pack``) is experiments/sparsity_study.py's.
+
+1. ``base``: pretrain the dense GPU base (experiments/pretrain/gpu_base.yaml, ``--base_steps``) and export it as an
+   HF folder; skipped when ``--base_export`` names an existing export.
+2. ``table`` (the talk's PTQ vs QAT table): W8A8, W4A8, W4A16 and W2A8, weights symmetric per output channel
+   (``_ch``) or per group of 32 inputs (``_g32``), activations static per tensor (8-bit, or 16-bit for A16), the
+   KV cache per token. PTQ rows (``ptq_w4a8_ch`` ...) calibrate and validate the base (``vlmc validate``); QAT rows
+   (``qat_w4a8_ch`` ...) fine-tune the base for ``--qat_steps`` at ``--qat_lr`` and are exported (encodings,
+   integer weights, ``qat_bpv.json``). Each summary carries ``top1_agreement`` (quantized vs float on the answer
+   positions) and ``weight_bits``.
+3. ``qalft``, per task (autofill, caption; ``data.init_args.tasks`` restricted to the task):
+   ``lora_float_<task>``: float LoRA on the float base, evaluated in float (the reference);
+   ``lora_float_ptq_w4a8_<task>``: that adapter merged into the base, then PTQ W4A8 (float LoRA then PTQ);
+   ``lora_qat_<task>`` / ``lora_qat_ptq_w4a8_<task>``: float LoRA on the QAT W4A8 model (its exported grid
+   weights), merged, then PTQ W4A8 (the talk's "QAT + PTQ" pipeline);
+   ``qalft_<task>``: QALFT on the frozen QAT W4A8 base fixed to its encodings (autofill distilled from the float
+   base plus half the task loss, caption task loss only), the adapters added to the QAT export (1+N LoRA).
+   Needs ``qat_w4a8_ch`` from ``table``.
+4. ``mixed``: per-layer sensitivity of the base and mixed-precision plans at 3, 4 and 5 average weight bits
+   (``python -m plugins.quantization.sensitivity``, plans under ``--work``/plans and copied to ``--out``), QAT
+   with each plan (``mixed_avg3`` ...) against uniform QAT at 3 and 5 bits (``qat_uniform_w3a8_ch``,
+   ``qat_uniform_w5a8_ch``; 4 bits is the table's ``qat_w4a8_ch``).
+5. ``stacked``: the sparsity ramp to 75% and QAT W4A8 in one fine-tune of the base (``stacked_ramp75_qat_w4a8``),
+   exported; ``bpv.json`` under ``--out`` gathers the ``summary`` of every export's ``*_bpv.json``: bits per weight
+   over the layers each plugin packs (the language model's Linear layers here). ``qat_bpv.json`` of the stacked
+   export counts the sparse integer codes with a bitmask when that is smaller, i.e. sparsity and quantization
+   together; its ``sparsity_bpv.json`` packs the float values.
+6. ``overhead``: training step time of QAT W4A8 against the same run without the plugin
+   (``vlmc bench --without_plugins``), GPU otherwise idle.
+7. ``collect``: every run's summary into ``accuracy.csv`` (``framework.sweep``).
+
+    python experiments/quantization_study.py --out experiments/results/quantization            # on one CUDA GPU
+    python experiments/quantization_study.py table qalft collect --base_export exports/gpu_base
+    python experiments/quantization_study.py --smoke --out /tmp/qsmoke --work /tmp/qsmoke_work  # wiring check, CPU
+
+Each run's log, summary and export land under ``--work``; summaries, plans and benchmark JSONs under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_sparsity_study() -> Any:
+    """experiments/ is not a package: load the sparsity study's module from its file."""
+    name = "vlmc_sparsity_study"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / "sparsity_study.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+sparsity_study = _load_sparsity_study()
+Job = sparsity_study.Job
+callback = sparsity_study.callback
+LANGUAGE_MODEL = sparsity_study.LANGUAGE_MODEL
+
+QAT = "plugins.quantization.QuantizationAwareTraining"
+PTQ = "plugins.quantization.PostTrainingQuantization"
+QALFT = "plugins.quantization.QALFT"
+RAMP = "plugins.sparsity.SparsityRamp"
+#: The table's settings: name -> (weight bits, activation bits).
+SETTINGS = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a16": (4, 16), "w2a8": (2, 8)}
+#: Weight granularities: name -> spec keys.
+GRANULARITY = {"ch": {"granularity": "channel"}, "g32": {"granularity": "group", "group_size": 32}}
+TASKS = ("autofill", "caption")
+BUDGETS = (3, 4, 5)
+
+
+def weight_spec(bits: int, granularity: str, observer: str | None = None) -> dict[str, Any]:
+    spec: dict[str, Any] = {"bits": bits, "symmetric": True, **GRANULARITY[granularity]}
+    if observer is not None:
+        spec["observer"] = observer
+    return spec
+
+
+def activation_args(bits: int) -> dict[str, Any]:
+    """Static per-tensor activations at the Linear inputs, the KV cache per token, the projector output."""
+    return {"activations": {"bits": bits, "granularity": "tensor", "symmetric": False, "observer": "percentile"},
+            "activation_points": ["input"],
+            "activation_sites": [
+                {"targets": {"include": "language_model.*(k_proj|v_proj)$"}, "points": ["output"],
+                 "spec": {"bits": bits, "granularity": "token", "mode": "dynamic", "symmetric": False}},
+                {"targets": {"include": "multi_modal_projector$", "types": ["Module"]}, "points": ["output"]}]}
+
+
+class Study(sparsity_study.Study):
+    def __init__(self, opts: argparse.Namespace) -> None:
+        super().__init__(opts)
+        if getattr(opts, "base_export", None):
+            self.base_export = Path(opts.base_export).resolve()
+        self.exports = self.work / "exports"
+        self.plans = self.work / "plans"
+
+    def python(self, name: str, args: list[str]) -> int:
+        """As the sparsity study's, but in a folder of its own (Lightning writes ``config.yaml`` where it runs)."""
+        log = self.work / "logs" / f"{name}.log"
+        cwd = self.work / "runs" / name
+        cwd.mkdir(parents=True, exist_ok=True)
+        print(f"[start] {name}", flush=True)
+        with log.open("w") as handle:
+            code = subprocess.call([sys.executable, *args], cwd=cwd, stdout=handle, stderr=subprocess.STDOUT,
+                                   env=self.env)
+        print(f"[{'done' if code == 0 else f'FAILED rc={code}'}] {name}", flush=True)
+        return code
+
+    @property
+    def calibration(self) -> int:
+        return 2 if self.opts.smoke else 32
+
+    # ------------------------------------------------------------------ plugin arguments
+    def qat(self, bits: int, act_bits: int = 8, granularity: str = "ch", plan: Path | None = None) -> dict[str, Any]:
+        args = dict(targets=LANGUAGE_MODEL, weights=weight_spec(bits, granularity, "mse" if bits <= 2 else None),
+                    **activation_args(act_bits), start_step=0, calibration_batches=self.calibration,
+                    freeze_observers_at=0.9, scale_lr=1e-4)
+        if plan is not None:
+            args["plan"] = str(plan)
+        return callback(QAT, **args)
+
+    def ptq(self, bits: int, act_bits: int = 8, granularity: str = "ch") -> dict[str, Any]:
+        return callback(PTQ, targets=LANGUAGE_MODEL, weights=weight_spec(bits, granularity, "mse"),
+                        **activation_args(act_bits), calibration_batches=self.calibration)
+
+    def lora(self, task: str, **args: Any) -> dict[str, Any]:
+        return callback(QALFT, targets=LANGUAGE_MODEL, r=16 if not self.opts.smoke else 4,
+                        alpha=32.0 if not self.opts.smoke else 8.0, dropout=0.05, adapter_name=task, **args)
+
+    @staticmethod
+    def task_only(task: str) -> str:
+        return f"--data.init_args.tasks={json.dumps({task: 1.0})}"
+
+    def on(self, model: Path, steps: int | None = None, lr: float | None = None) -> list[str]:
+        """A run from ``model`` (fine-tuned for ``steps`` when given) at the fine-tuning batch size."""
+        args = [f"--model.init_args.model={model}", f"--data.init_args.batch_size={self.opts.ft_batch}"]
+        if steps is not None:
+            args += [f"--model.init_args.lr={lr}", *self.steps(steps)]
+        return args
+
+    # ------------------------------------------------------------------ the study's runs
+    def table_jobs(self) -> list[Job]:
+        o = self.opts
+        jobs = [Job("float", "validate", overrides=self.on(self.base_export))]
+        for setting, (bits, act_bits) in SETTINGS.items():
+            for gran in GRANULARITY:
+                jobs.append(Job(f"ptq_{setting}_{gran}", "validate", [self.ptq(bits, act_bits, gran)],
+                                self.on(self.base_export)))
+                name = f"qat_{setting}_{gran}"
+                jobs.append(Job(name, "fit", [self.qat(bits, act_bits, gran)],
+                                self.on(self.base_export, o.qat_steps, o.qat_lr), export_to=self.exports / name))
+        return jobs
+
+    @property
+    def qat_w4a8(self) -> Path:
+        return self.exports / "qat_w4a8_ch"
+
+    def lora_fit_jobs(self) -> list[Job]:
+        """The LoRA fine-tunes of each task (they need the table's QAT W4A8 export)."""
+        o = self.opts
+        jobs = []
+        for task in TASKS:
+            restrict = self.task_only(task)
+            for prefix, model in (("lora_float", self.base_export), ("lora_qat", self.qat_w4a8)):
+                name = f"{prefix}_{task}"
+                jobs.append(Job(name, "fit", [self.lora(task, base="float", mode="sft")],
+                                [*self.on(model, o.lora_steps, o.lora_lr), restrict], export_to=self.exports / name))
+            mode = {"mode": "distill", "temperature": 2.0, "sft_weight": 0.5} if task == "autofill" else {"mode": "sft"}
+            jobs.append(Job(f"qalft_{task}", "fit",
+                            [self.lora(task, base="encodings", encodings=str(self.qat_w4a8 / "qat.encodings"),
+                                       adapters_to=str(self.qat_w4a8), **mode)],
+                            [*self.on(self.qat_w4a8, o.lora_steps, o.lora_lr), restrict]))
+        return jobs
+
+    def lora_ptq_jobs(self) -> list[Job]:
+        """PTQ W4A8 of each float LoRA merged into its base (after :meth:`merge_adapters`)."""
+        return [Job(f"{prefix}_ptq_w4a8_{task}", "validate", [self.ptq(4, 8)],
+                    [*self.on(self.exports / f"{prefix}_{task}_merged"), self.task_only(task)])
+                for task in TASKS for prefix in ("lora_float", "lora_qat")]
+
+    def merge_adapters(self) -> int:
+        """Merge each float LoRA export's adapter into its base weights and save the result as an HF folder."""
+        from framework.export import export_model
+        from plugins.quantization.adapters import lora_layers, remove_lora
+        from plugins.quantization import load_quantized_base
+
+        code = 0
+        for task in TASKS:
+            for prefix in ("lora_float", "lora_qat"):
+                source, target = self.exports / f"{prefix}_{task}", self.exports / f"{prefix}_{task}_merged"
+                if (target / "config.json").exists() and not self.opts.rerun:
+                    continue
+                if not (source / "config.json").exists():
+                    print(f"[skip] merge {source.name}: no export", flush=True)
+                    code = 1
+                    continue
+                loaded = load_quantized_base(source, [task])
+                for layer in lora_layers(loaded.model).values():
+                    layer.merge(adapter_names=[task])  # base weight += scaling * B @ A
+                remove_lora(loaded.model)
+                export_model(loaded.model, loaded.tokenizer, loaded.image_processor, target, [], overwrite=True,
+                             extra={"merged_from": str(source), "adapter": task})
+                print(f"[done] merged {source.name} into {target}", flush=True)
+        return code
+
+    def plan_path(self, budget: int) -> Path:
+        return self.plans / f"plan_avg{budget}.json"
+
+    def sensitivity(self) -> int:
+        """Per-layer sensitivity of the base and one plan per budget (2/3/4/8-bit candidates)."""
+        self.plans.mkdir(parents=True, exist_ok=True)
+        config = self.work / "configs" / "sensitivity.yaml"
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text(yaml.safe_dump({"trainer": {"callbacks": [self.qat(4)]}}))
+        code = 0
+        for budget in BUDGETS:
+            plan = self.plan_path(budget)
+            if plan.exists() and not self.opts.rerun:
+                continue
+            args = ["-m", "plugins.quantization.sensitivity", *self.common(), "--config", str(config),
+                    *self.on(self.base_export), "--budget_avg_bits", str(budget), "--bits", "2", "3", "4", "8",
+                    "--batches", "2" if self.opts.smoke else "8", "--out", str(plan)]
+            if self.opts.smoke:
+                args += ["--device", "cpu"]
+            code |= self.python(f"sensitivity_avg{budget}", args)
+            if plan.exists():
+                shutil.copy(plan, self.out / plan.name)
+        return code
+
+    def mixed_jobs(self) -> list[Job]:
+        o = self.opts
+        jobs = [Job(f"mixed_avg{b}", "fit", [self.qat(4, plan=self.plan_path(b))],
+                    self.on(self.base_export, o.qat_steps, o.qat_lr), export_to=self.exports / f"mixed_avg{b}")
+                for b in BUDGETS if self.plan_path(b).exists()]
+        for bits in (3, 5):
+            name = f"qat_uniform_w{bits}a8_ch"
+            jobs.append(Job(name, "fit", [self.qat(bits)], self.on(self.base_export, o.qat_steps, o.qat_lr),
+                            export_to=self.exports / name))
+        return jobs
+
+    def stacked_jobs(self) -> list[Job]:
+        o = self.opts
+        ramp = callback(RAMP, final_sparsity=0.75, schedule="cubic", start=0.0, end=0.7,
+                        update_every=max(1, o.qat_steps // 50), targets=LANGUAGE_MODEL)
+        name = "stacked_ramp75_qat_w4a8"
+        return [Job(name, "fit", [ramp, self.qat(4)], self.on(self.base_export, o.qat_steps, o.qat_lr),
+                    export_to=self.exports / name)]
+
+    def bpv(self) -> None:
+        """Each export's ``*_bpv.json`` summary (bits per weight over the packed layers) into ``bpv.json``."""
+        rows = {}
+        for path in sorted(self.exports.glob("*/*_bpv.json")):
+            rows.setdefault(path.parent.name, {})[path.name] = json.loads(path.read_text()).get("summary", {})
+        (self.out / "bpv.json").write_text(json.dumps(rows, indent=2))
+        for name, files in rows.items():
+            print(f"bpv {name}: " + ", ".join(f"{f} {s.get('bpv', float('nan')):.3f}" for f, s in files.items()),
+                  flush=True)
+
+    def overhead(self) -> int:
+        o = self.opts
+        config = self.work / "configs" / "overhead_qat_w4a8.yaml"
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text(yaml.safe_dump({"trainer": {"callbacks": [self.qat(4)]}}))
+        steps = ["--steps", "3", "--warmup", "1"] if o.smoke else ["--steps", "40", "--warmup", "20"]
+        return self.python("overhead_qat_w4a8", [
+            "-m", "framework.cli", "bench", *self.common(), "--config", str(config),
+            f"--model.init_args.model={self.base_export}", f"--data.init_args.batch_size={o.ft_batch}",
+            *steps, "--new_tokens", "4", "--repeats", "1", "--without_plugins",
+            "--out", str(self.out / "overhead_qat_w4a8.json")])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("stages", nargs="*",
+                        default=["base", "table", "qalft", "mixed", "stacked", "overhead", "collect"],
+                        help="stages to run; `pack` alone only writes the --pack archive of what exists so far")
+    parser.add_argument("--out", default="experiments/results/quantization")
+    parser.add_argument("--work", default="/tmp/vlmc_quantization_study")
+    parser.add_argument("--base_export", help="an exported dense base to start from (the `base` stage is skipped)")
+    parser.add_argument("--base_steps", type=int, default=2800)
+    parser.add_argument("--qat_steps", type=int, default=1000)
+    parser.add_argument("--qat_lr", type=float, default=1e-4)
+    parser.add_argument("--lora_steps", type=int, default=500)
+    parser.add_argument("--lora_lr", type=float, default=2e-4)
+    parser.add_argument("--ft_batch", type=int, default=128)
+    parser.add_argument("--parallel", type=int, default=5, help="training runs sharing the GPU at once")
+    parser.add_argument("--workers", type=int, default=2, help="data workers per run")
+    parser.add_argument("--base_workers", type=int, default=10, help="data workers of the base pretraining run")
+    parser.add_argument("--gpus", type=int, default=None, help="GPUs to spread runs over (default: all visible)")
+    parser.add_argument("--smoke", action="store_true", help="tiny model, a few steps, CPU: checks the wiring")
+    parser.add_argument("--rerun", action="store_true", help="run jobs whose summary already exists")
+    parser.add_argument("--pack", help="also write logs and results into this .tar.gz at the end")
+    opts = parser.parse_args(argv)
+    if opts.smoke:
+        opts.base_steps, opts.qat_steps, opts.lora_steps, opts.ft_batch = 6, 4, 4, 4
+        opts.parallel, opts.workers = min(opts.parallel, 2), 0
+    if opts.gpus is None:
+        import torch
+
+        opts.gpus = max(1, torch.cuda.device_count())
+    study = Study(opts)
+    if opts.stages == ["pack"]:
+        study.pack(Path(opts.pack))
+        return
+    codes: dict[str, int] = {}
+
+    def need_base(stage: str) -> None:
+        if not (study.base_export / "config.json").exists():
+            raise SystemExit(f"{stage}: no dense base at {study.base_export}; run the `base` stage first")
+
+    try:
+        if "base" in opts.stages:
+            if opts.base_export and (study.base_export / "config.json").exists():
+                print(f"[skip] dense_base: using {study.base_export}", flush=True)
+            else:
+                codes["dense_base"] = study.run(study.base_job())
+        if "table" in opts.stages:
+            need_base("table")
+            codes.update(study.run_all(study.table_jobs(), opts.parallel))
+        if "mixed" in opts.stages:
+            need_base("mixed")
+            codes["sensitivity"] = study.sensitivity()
+        if "qalft" in opts.stages:
+            need_base("qalft")
+            if not (study.qat_w4a8 / "qat.encodings").exists():
+                raise SystemExit(f"qalft: no QAT W4A8 export at {study.qat_w4a8}; run the `table` stage first")
+            codes.update(study.run_all(study.lora_fit_jobs(), opts.parallel))
+            codes["merge"] = study.merge_adapters()
+            codes.update(study.run_all(study.lora_ptq_jobs(), opts.parallel))
+        jobs = []
+        if "mixed" in opts.stages:
+            jobs += study.mixed_jobs()
+        if "stacked" in opts.stages:
+            need_base("stacked")
+            jobs += study.stacked_jobs()
+        if jobs:
+            codes.update(study.run_all(jobs, opts.parallel))
+        if study.exports.exists():
+            study.bpv()
+        if "overhead" in opts.stages:
+            need_base("overhead")
+            codes["overhead"] = study.overhead()
+    finally:
+        if "collect" in opts.stages:
+            try:
+                study.collect()
+            except (FileNotFoundError, ValueError) as err:  # keep the run's own error visible
+                print(f"collect: {err}", flush=True)
+        (study.out / "study_status.json").write_text(json.dumps({"codes": codes, "argv": sys.argv[1:]}, indent=2))
+        if opts.pack:
+            study.pack(Path(opts.pack))
+    failed = {k: v for k, v in codes.items() if v}
+    print("all runs finished" if not failed else f"failed: {failed}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""The quantization study's runs are built from arguments the plugins accept (the study itself runs on a GPU)."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import sys
+from argparse import Namespace
+from pathlib import Path
+from typing import Any
+
+from conftest import ROOT
+
+from framework.selection import ModuleSelection
+from plugins.quantization.config import ActivationSite, QuantSpec
+
+
+def _study(tmp_path: Path):
+    spec = importlib.util.spec_from_file_location("quantization_study", ROOT / "experiments" / "quantization_study.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    opts = Namespace(out=str(tmp_path / "out"), work=str(tmp_path / "work"), base_export=None, base_steps=10,
+                     qat_steps=20, qat_lr=1e-4, lora_steps=20, lora_lr=2e-4, ft_batch=8, parallel=1, workers=0,
+                     base_workers=0, smoke=True, rerun=False, gpus=1)
+    return module.Study(opts)
+
+
+def _site(value: dict[str, Any]) -> ActivationSite:
+    spec = value.get("spec")
+    return ActivationSite(targets=ModuleSelection(**value["targets"]), points=value.get("points", ["output"]),
+                          spec=None if spec is None else QuantSpec(**spec))
+
+
+def _instantiate(callback: dict[str, Any]) -> Any:
+    """The callback as the CLI would build it: selections and specs typed, then the class's own checks."""
+    module_name, class_name = callback["class_path"].rsplit(".", 1)
+    cls = getattr(importlib.import_module(module_name), class_name)
+    args = dict(callback["init_args"])
+    for key in ("targets",):
+        if key in args:
+            args[key] = ModuleSelection(**args[key])
+    for key in ("weights", "activations"):
+        if isinstance(args.get(key), dict):
+            args[key] = QuantSpec(**args[key])
+    if "activation_sites" in args:
+        args["activation_sites"] = [_site(site) for site in args["activation_sites"]]
+    return cls(**args)  # raises on a misspelt or out-of-range argument
+
+
+def _fake_exports(study: Any) -> None:
+    """What the jobs that depend on earlier stages read: the QAT W4A8 encodings and the sensitivity plans."""
+    study.qat_w4a8.mkdir(parents=True, exist_ok=True)
+    (study.qat_w4a8 / "qat.encodings").write_text(json.dumps({"version": "0.6.1"}))
+    study.plans.mkdir(parents=True, exist_ok=True)
+    for budget in (3, 4, 5):
+        study.plan_path(budget).write_text("{}")
+
+
+def test_every_run_has_a_unique_name_and_valid_plugin_arguments(tmp_path: Path) -> None:
+    study = _study(tmp_path)
+    _fake_exports(study)
+    jobs = (study.table_jobs() + study.lora_fit_jobs() + study.lora_ptq_jobs() + study.mixed_jobs()
+            + study.stacked_jobs())
+    names = [job.name for job in jobs]
+    assert len(names) == len(set(names))
+    assert {"float", "ptq_w4a8_ch", "qat_w2a8_g32", "qat_w4a16_ch", "lora_float_autofill",
+            "lora_float_ptq_w4a8_caption", "lora_qat_ptq_w4a8_autofill", "qalft_caption", "mixed_avg3",
+            "mixed_avg5", "qat_uniform_w3a8_ch", "stacked_ramp75_qat_w4a8"} <= set(names)
+    kinds = set()
+    for job in jobs:
+        assert job.verb in ("fit", "validate")
+        plugins = []
+        for callback in job.callbacks:
+            if callback["init_args"].get("plan"):
+                # A plan is read against the model at transform; the constructor only records it.
+                assert Path(callback["init_args"]["plan"]).name.startswith("plan_avg")
+            plugins.append(_instantiate(callback))
+        kinds |= {type(p).__name__ for p in plugins}
+        if job.verb == "fit" and any(type(p).__name__ == "QuantizationAwareTraining" for p in plugins):
+            assert job.export_to is not None  # encodings and bits per weight come from the export
+        if job.name.startswith(("lora_", "qalft_")):
+            tasks = [o for o in job.overrides if o.startswith("--data.init_args.tasks=")]
+            assert len(tasks) == 1 and list(json.loads(tasks[0].split("=", 1)[1])) == [job.name.rsplit("_", 1)[1]]
+    assert {"QuantizationAwareTraining", "PostTrainingQuantization", "QALFT", "SparsityRamp"} <= kinds
+
+
+def test_table_rows_use_the_settings_they_are_named_after(tmp_path: Path) -> None:
+    study = _study(tmp_path)
+    for job in study.table_jobs():
+        if job.name == "float":
+            assert not job.callbacks
+            continue
+        args = job.callbacks[0]["init_args"]
+        method, setting, granularity = job.name.split("_")
+        bits, act_bits = (int(x) for x in setting.removeprefix("w").split("a"))
+        assert (job.verb, args["weights"]["bits"], args["activations"]["bits"]) == (
+            "fit" if method == "qat" else "validate", bits, act_bits)
+        assert args["weights"]["symmetric"] and args["activations"]["granularity"] == "tensor"
+        assert args["weights"]["granularity"] == ("channel" if granularity == "ch" else "group")
+
