@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The quantization table at CPU scale: the quickstart model (exported to base/), PTQ and QAT at W8A8/W4A8/W4A16/W2A8.
+# The quantization table at CPU scale: the quickstart model exported to /tmp/qtab/base (vlmc export of its last.ckpt),
+# configs from make_configs.py in /tmp/qtab/cfg; PTQ at W8A8/W4A8/W4A16/W2A8, then QAT (the QAT part was not run to the end).
 set -u
 export WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
 Q=/work/main/experiments/quickstart.yaml
