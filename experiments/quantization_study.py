@@ -354,16 +354,7 @@ def main(argv: list[str] | None = None) -> None:
             need_base("overhead")
             codes["overhead"] = study.overhead()
     finally:
-        if "collect" in opts.stages:
-            try:
-                study.collect()
-            except (FileNotFoundError, ValueError) as err:  # keep the run's own error visible
-                print(f"collect: {err}", flush=True)
-        (study.out / "study_status.json").write_text(json.dumps({"codes": codes, "argv": sys.argv[1:]}, indent=2))
-        if opts.pack:
-            study.pack(Path(opts.pack))
-    failed = {k: v for k, v in codes.items() if v}
-    print("all runs finished" if not failed else f"failed: {failed}", flush=True)
+        study.finish(codes)
 
 
 if __name__ == "__main__":

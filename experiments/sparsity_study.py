@@ -252,6 +252,20 @@ class Study:
         (self.out / "accuracy.csv").write_text(to_csv(rows))
         print(f"{len(rows)} runs in {self.out / 'accuracy.csv'}", flush=True)
 
+    def finish(self, codes: dict[str, int]) -> None:
+        """Collect the table, record which runs failed, write the archive; runs even after a failed stage."""
+        opts = self.opts
+        if "collect" in opts.stages:
+            try:
+                self.collect()
+            except (FileNotFoundError, ValueError) as err:  # keep the run's own error visible
+                print(f"collect: {err}", flush=True)
+        (self.out / "study_status.json").write_text(json.dumps({"codes": codes, "argv": sys.argv[1:]}, indent=2))
+        if opts.pack:
+            self.pack(Path(opts.pack))
+        failed = {k: v for k, v in codes.items() if v}
+        print("all runs finished" if not failed else f"failed: {failed}", flush=True)
+
     def pack(self, target: Path) -> None:
         """Logs, summaries and benchmark JSONs (not checkpoints or exports) in one archive."""
         with tarfile.open(target, "w:gz") as tar:
@@ -328,16 +342,7 @@ def main(argv: list[str] | None = None) -> None:
         if "overhead" in opts.stages:
             codes["overhead"] = study.overhead()
     finally:
-        if "collect" in opts.stages:
-            try:
-                study.collect()
-            except (FileNotFoundError, ValueError) as err:  # keep the run's own error visible
-                print(f"collect: {err}", flush=True)
-        (study.out / "study_status.json").write_text(json.dumps({"codes": codes, "argv": sys.argv[1:]}, indent=2))
-        if opts.pack:
-            study.pack(Path(opts.pack))
-    failed = {k: v for k, v in codes.items() if v}
-    print("all runs finished" if not failed else f"failed: {failed}", flush=True)
+        study.finish(codes)
 
 
 if __name__ == "__main__":
