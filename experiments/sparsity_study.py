@@ -5,7 +5,8 @@
    Beside it, from scratch, a model of the 50%-pruned shape trained with the same total compute as base + L0.
 3. ``sweep``: from the dense base, fine-tunes with the sparsity ramp (50/65/70/75/90% unstructured, 2:4, 4:8) and a
    dense fine-tune of the same length; one-shot magnitude and activation-aware pruning at the same settings
-   (validated without retraining); L0 structured pruning to 50% and 90% of the text tower, improved and plain.
+   (validated without retraining); L0 structured pruning to 50% and 90% of the text tower, improved and plain, with
+   a dense fine-tune as long as the L0 runs (``dense_finetune_l0``) as their reference.
 4. ``latency`` of the exported pruned models against the dense base, and ``overhead`` of each plugin in training
    (``vlmc bench --without_plugins``), both with the GPU otherwise idle.
 5. ``collect``: every run's summary into ``accuracy.csv`` (read by notebooks/sparsity_accuracy.ipynb).
@@ -163,17 +164,21 @@ class Study:
                    gpu=1)
 
     def sweep_jobs(self) -> list[Job]:
+        """The fine-tunes, longest first so the pool's last runs are short ones."""
         o = self.opts
         ramp = dict(schedule="cubic", start=0.0, end=0.7, update_every=max(1, o.ft_steps // 50), targets=LANGUAGE_MODEL)
-        jobs = [Job("dense_finetune", "fit", overrides=self.from_base(o.ft_steps, o.ft_lr))]
-        for name, args in RAMPS.items():
-            jobs.append(Job(name, "fit", [callback("plugins.sparsity.SparsityRamp", **ramp, **args)],
-                            self.from_base(o.ft_steps, o.ft_lr), export_to=self.work / "exports" / name))
+        jobs = []
         for l0_name, fraction, method in (("l0_50_improved", 0.5, "improved"), ("l0_50_plain", 0.5, "plain"),
                                           ("l0_90_improved", 0.9, "improved"), ("l0_90_plain", 0.9, "plain")):
             jobs.append(Job(l0_name, "fit", [callback("plugins.l0_pruning.L0Pruning", target_fraction=fraction,
                                                       method=method, multiple_of=self.multiple_of)],
                             self.from_base(o.l0_steps, o.ft_lr), export_to=self.work / "exports" / l0_name))
+        if o.l0_steps != o.ft_steps:  # the L0 runs' dense reference: fine-tuned as long as they are
+            jobs.append(Job("dense_finetune_l0", "fit", overrides=self.from_base(o.l0_steps, o.ft_lr)))
+        jobs.append(Job("dense_finetune", "fit", overrides=self.from_base(o.ft_steps, o.ft_lr)))
+        for name, args in RAMPS.items():
+            jobs.append(Job(name, "fit", [callback("plugins.sparsity.SparsityRamp", **ramp, **args)],
+                            self.from_base(o.ft_steps, o.ft_lr), export_to=self.work / "exports" / name))
         return jobs
 
     def oneshot_jobs(self) -> list[Job]:

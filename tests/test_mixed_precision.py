@@ -239,6 +239,19 @@ def test_cli_writes_a_plan_that_qat_trains_with(tmp_path: Path, capsys: pytest.C
     assert again["sensitivity"] != plan["sensitivity"]
 
 
+def test_cli_plans_several_budgets_from_one_measurement(tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, max_steps=1, callbacks=[_qat()], limit_val_batches=0)
+    common = ["--config", str(config), "--bits", "2", "4", "8", "--batches", "1"]
+    with pytest.raises(SystemExit, match=r"--out: 2 budgets need a path containing \{budget\}"):
+        sensitivity_main([*common, "--budget_avg_bits", "3", "5", "--out", str(tmp_path / "plan.json")])
+    result = sensitivity_main([*common, "--budget_avg_bits", "3", "5", "--out", str(tmp_path / "plan_avg{budget}.json")])
+    low, high = (json.loads((tmp_path / f"plan_avg{b}.json").read_text()) for b in (3, 5))
+    assert [p["budget"] for p in result["plans"]] == [{"avg_bits": 3.0}, {"avg_bits": 5.0}]
+    assert low["avg_bits"] <= 3.0 < high["avg_bits"] <= 5.0
+    assert low["sensitivity"] == high["sensitivity"]  # one measurement behind both plans
+    assert low["predicted_delta"] >= high["predicted_delta"]
+
+
 @pytest.mark.parametrize("cls", [QuantizationAwareTraining, PostTrainingQuantization])
 def test_plan_sets_bits_and_encodings(tmp_path: Path, cls: type) -> None:
     loaded = load_vlm(str(FAMILY_SPECS["llava"]))

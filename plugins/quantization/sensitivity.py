@@ -10,6 +10,8 @@ Command line::
 
     python -m plugins.quantization.sensitivity --config experiments/quantization/mixed_avg4.yaml \\
         --budget_avg_bits 4 --bits 2 3 4 8 --batches 4 --out experiments/results/quantization/plan_avg4.json
+
+Several budgets share one measurement: ``--budget_avg_bits 3 4 5 --out plans/plan_avg{budget}.json``.
 """
 
 from __future__ import annotations
@@ -461,25 +463,34 @@ def calibration_batches(cli: Any, count: int) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """``python -m plugins.quantization.sensitivity``: measure, plan, write the plan and print the table."""
+    """``python -m plugins.quantization.sensitivity``: measure once, write one plan per budget, print the tables.
+
+    Returns the plan, or ``{"plans": [...]}`` for several budgets."""
     parser = argparse.ArgumentParser(prog="python -m plugins.quantization.sensitivity",
                                      description="Per-layer quantization sensitivity and a mixed-precision plan.",
                                      allow_abbrev=False)  # other options go to the run's config parser
     parser.add_argument("--config", action="append", required=True, help="the run's YAML config(s)")
     parser.add_argument("--ckpt_path", help="Lightning checkpoint whose weights are measured (default: the config's)")
     budget = parser.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--budget_avg_bits", type=float, help="largest parameter-weighted average weight width")
-    budget.add_argument("--budget_bytes", type=int, help="largest size of the quantized weight codes in bytes")
+    budget.add_argument("--budget_avg_bits", type=float, nargs="+",
+                        help="largest parameter-weighted average weight width (several: one plan each)")
+    budget.add_argument("--budget_bytes", type=int, nargs="+",
+                        help="largest size of the quantized weight codes in bytes (several: one plan each)")
     parser.add_argument("--bits", type=int, nargs="+", default=list(DEFAULT_BITS), help="candidate widths")
     parser.add_argument("--batches", type=int, default=4, help="calibration batches (training batches 0..n-1)")
     parser.add_argument("--metric", choices=METRICS, default="loss")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--pareto", type=float, nargs="*", default=None,
                         help="also print the predicted delta of the plans at these average-bits budgets")
-    parser.add_argument("--out", required=True, help="plan JSON to write")
+    parser.add_argument("--out", required=True,
+                        help="plan JSON to write; with several budgets a path containing {budget}")
     opts, rest = parser.parse_known_args(argv)
     if opts.batches < 1:
         raise SystemExit("--batches: must be >= 1")
+    budgets = [("budget_avg_bits", b) for b in opts.budget_avg_bits or []] + \
+              [("budget_bytes", b) for b in opts.budget_bytes or []]
+    if len(budgets) > 1 and "{budget}" not in opts.out:
+        raise SystemExit(f"--out: {len(budgets)} budgets need a path containing {{budget}}, got {opts.out!r}")
     from framework.cli import build
     from framework.io import load_checkpoint_weights
     from framework.plugin import find_plugins
@@ -499,24 +510,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     module.to(device)
     with cli.trainer.precision_plugin.forward_context():  # the run's precision (e.g. bf16 autocast)
         rows = measure_sensitivity(module.model, batches, targets, opts.bits, template, opts.metric)
-    plan = plan_bits(rows, opts.budget_avg_bits, opts.budget_bytes, opts.bits)
-    plan.update({"metric": opts.metric, "spec": template.to_dict(), "batches": opts.batches,
-                 "configs": opts.config, "checkpoint": opts.ckpt_path,
-                 "uniform_delta": {str(b): uniform_delta(rows, b, opts.bits) for b in plan["bits_options"]}})
-    if opts.pareto:
-        plan["pareto"] = pareto_curve(rows, opts.pareto, opts.bits)
-    write_plan(plan, opts.out)
-    print(format_table(plan))
-    print("uniform: " + ", ".join(f"{b} bits {d:.4g}" for b, d in plan["uniform_delta"].items()))
+    plans = []
+    for key, value in budgets:
+        plan = plan_bits(rows, bits_options=opts.bits, **{key: value})
+        plan.update({"metric": opts.metric, "spec": template.to_dict(), "batches": opts.batches,
+                     "configs": opts.config, "checkpoint": opts.ckpt_path,
+                     "uniform_delta": {str(b): uniform_delta(rows, b, opts.bits) for b in plan["bits_options"]}})
+        if opts.pareto:
+            plan["pareto"] = pareto_curve(rows, opts.pareto, opts.bits)
+        out = opts.out.replace("{budget}", f"{value:g}")
+        write_plan(plan, out)
+        print(format_table(plan))
+        print("uniform: " + ", ".join(f"{b} bits {d:.4g}" for b, d in plan["uniform_delta"].items()))
+        print(f"plan written to {out}")
+        plans.append(plan)
     if opts.pareto:
         print(f"{'budget':>8}  {'avg_bits':>8}  {'predicted_delta':>15}")
-        for point in plan["pareto"]:
+        for point in plans[0]["pareto"]:
             avg = "-" if point["avg_bits"] is None else f"{point['avg_bits']:.4f}"
             delta = "infeasible" if point["predicted_delta"] is None else f"{point['predicted_delta']:.4g}"
             print(f"{point['budget_avg_bits']:>8.3g}  {avg:>8}  {delta:>15}")
-    print(f"plan written to {opts.out}")
-    return plan
-
+    return plans[0] if len(plans) == 1 else {"plans": plans}
 
 if __name__ == "__main__":
     main(sys.argv[1:])
