@@ -26,9 +26,12 @@ on one GPU. The machinery (jobs, shared arguments, parallel runs, ``--pack``) is
    over the layers each plugin packs (the language model's Linear layers here). ``qat_bpv.json`` of the stacked
    export counts the sparse integer codes with a bitmask when that is smaller, i.e. sparsity and quantization
    together; its ``sparsity_bpv.json`` packs the float values.
-6. ``overhead``: training step time of QAT W4A8 against the same run without the plugin
+6. ``runtime``: every QAT export of ``table`` run by the integer reference runtime
+   (``python -m plugins.quantization.runtime``) against its fake-quant model on 64 validation samples per task, on
+   the CPU beside the GPU stages: top-1 agreement and largest logit difference in ``runtime_<run>.json``.
+7. ``overhead``: training step time of QAT W4A8 against the same run without the plugin
    (``vlmc bench --without_plugins``), GPU otherwise idle.
-7. ``collect``: every run's summary into ``accuracy.csv`` (``framework.sweep``).
+8. ``collect``: every run's summary into ``accuracy.csv`` (``framework.sweep``).
 
     python experiments/quantization_study.py --out experiments/results/quantization            # on one CUDA GPU
     python experiments/quantization_study.py table qalft collect --base_export exports/gpu_base
@@ -45,6 +48,7 @@ import json
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -268,6 +272,20 @@ class Study(sparsity_study.Study):
             print(f"bpv {name}: " + ", ".join(f"{f} {s.get('bpv', float('nan')):.3f}" for f, s in files.items()),
                   flush=True)
 
+    def runtime_checks(self) -> int:
+        """Each QAT export run by the integer reference runtime against its fake-quant model, on the CPU (the
+        runtime's int64 matmuls have no CUDA kernel) beside the GPU jobs; ``runtime_<run>.json`` under ``--out``."""
+        code = 0
+        samples = "4" if self.opts.smoke else "64"
+        for folder in sorted(self.exports.glob("qat_*")):
+            out = self.out / f"runtime_{folder.name}.json"
+            if not (folder / "qat.encodings").exists() or (out.exists() and not self.opts.rerun):
+                continue
+            code |= self.python(f"runtime_{folder.name}", [
+                "-m", "plugins.quantization.runtime", str(folder), "--samples", samples, "--batch_size", "16",
+                "--image_size", "64" if self.opts.smoke else "128", "--threads", "8", "--out", str(out)])
+        return code
+
     def overhead(self) -> int:
         o = self.opts
         config = self.work / "configs" / "overhead_qat_w4a8.yaml"
@@ -284,7 +302,7 @@ class Study(sparsity_study.Study):
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("stages", nargs="*",
-                        default=["base", "table", "qalft", "mixed", "stacked", "overhead", "collect"],
+                        default=["base", "table", "runtime", "qalft", "mixed", "stacked", "overhead", "collect"],
                         help="stages to run; `pack` alone only writes the --pack archive of what exists so far")
     parser.add_argument("--out", default="experiments/results/quantization")
     parser.add_argument("--work", default="/tmp/vlmc_quantization_study")
@@ -329,6 +347,9 @@ def main(argv: list[str] | None = None) -> None:
         if "table" in opts.stages:
             need_base("table")
             codes.update(study.run_all(study.table_jobs(), opts.parallel))
+        checks = None
+        if "runtime" in opts.stages:  # CPU work: runs beside the GPU stages below
+            checks = ThreadPoolExecutor(max_workers=1).submit(study.runtime_checks)
         if "mixed" in opts.stages:
             need_base("mixed")
             codes["sensitivity"] = study.sensitivity()
@@ -349,6 +370,8 @@ def main(argv: list[str] | None = None) -> None:
             codes.update(study.run_all(jobs, opts.parallel))
         if study.exports.exists():
             study.bpv()
+        if checks is not None:
+            codes["runtime"] = checks.result()
         if "overhead" in opts.stages:
             need_base("overhead")
             codes["overhead"] = study.overhead()

@@ -62,7 +62,7 @@ while [ ! -f "$base/config.json" ]; do
 done
 if [ -f "$base/config.json" ]; then
   log "quantization study from $base"
-  $PY experiments/quantization_study.py table mixed qalft stacked collect --base_export "$base" \
+  $PY experiments/quantization_study.py table runtime mixed qalft stacked collect --base_export "$base" \
     --out "$RES/quantization" --work "$WORK/quantization" --qat_steps 500 --lora_steps 400 \
     --parallel "${QUANTIZATION_PARALLEL:-$GPUS}" --gpus "$GPUS" > "$WORK/logs/quantization_study.log" 2>&1
   log "quantization study rc=$?"

@@ -357,6 +357,27 @@ def _quantized_model(weights: QuantSpec, activations: QuantSpec | None, kv: Quan
     return loaded, plugin, batch
 
 
+def test_runtime_check_compares_an_export_on_validation_samples(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from plugins.quantization.runtime import main as runtime_main
+
+    loaded, plugin, _ = _quantized_model(QuantSpec(bits=4, granularity="channel"),
+                                         QuantSpec(bits=8, granularity="tensor", symmetric=False),
+                                         QuantSpec(bits=8, granularity="token", mode="dynamic"))
+    out = export_model(loaded.model, loaded.tokenizer, loaded.image_processor, tmp_path / "export", [plugin])
+    result = runtime_main([str(out), "--tasks", "autofill", "longcall", "--samples", "3", "--batch_size", "2",
+                           "--image_size", "64", "--max_length", "4096", "--out", str(tmp_path / "check.json")])
+    assert set(result["tasks"]) == {"autofill", "longcall"}
+    overall = result["overall"]
+    assert overall["positions"] == sum(r["positions"] for r in result["tasks"].values()) > 0
+    # Where the fake-quant model's top-2 margin is above float rounding, the integer runtime picks the same token.
+    assert overall["top1_decided"] == 1.0 and overall["decided_fraction"] > 0.8
+    assert overall["top1_all"] >= 0.97 and overall["max_rel_diff"] < 1e-2
+    assert json.loads((tmp_path / "check.json").read_text())["overall"] == overall
+    assert "overall" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--samples / --batch_size: must be >= 1"):
+        runtime_main([str(out), "--samples", "0"])
+
+
 def test_encodings_round_trip_and_strict_loading() -> None:
     loaded, plugin, batch = _quantized_model(QuantSpec(bits=4, granularity="group", group_size=8),
                                              QuantSpec(bits=8, granularity="tensor", symmetric=False),

@@ -250,3 +250,119 @@ def _int_matmul(x: _Quantized, w: _Quantized) -> torch.Tensor:
     if blocks == 1:
         return (partial[..., 0].double() * sx * sw.t()).float()
     return (partial.double() * sx[:, None, :] * sw[None]).sum(-1).float()
+
+
+# ---------------------------------------------------------------------------------------------- agreement check
+def check_export(folder: str | Path, tasks: list[str], samples: int = 64, *, image_size: int = 128,
+                 max_length: int = 512, batch_size: int = 16, seed: int = 0, margin: float = 1e-3) -> dict[str, Any]:
+    """Run an export both ways, the fake-quant model (its encodings fixed) and :class:`IntegerRuntime`, on the
+    validation samples of ``tasks`` and compare their logits.
+
+    The samples are the ones ``vlmc validate`` uses (seed ``seed``), prompt and answer, so agreement is counted at
+    every position the loss sees (``answer``) and at every non-padding position (``all``). ``decided`` counts only
+    positions whose fake-quant top-2 logits differ by more than ``margin``, where float rounding cannot flip the
+    argmax.
+
+    Returns:
+        ``{"tasks": {task: row}, "overall": row}``, each row with ``positions``, ``top1_answer``, ``top1_all``,
+        ``top1_decided``, ``decided_fraction``, ``max_abs_diff``, ``max_rel_diff``.
+    """
+    from framework.data.datamodule import VAL_SEED_OFFSET
+    from framework.data.tasks import make_task
+    from framework.metrics import Top1Agreement
+    from framework.processing import VLMProcessor, family_for
+    from plugins.quantization.adapters import load_quantized_base
+
+    loaded = load_quantized_base(folder, [])
+    model = loaded.model.float().eval()
+    processor = VLMProcessor(family_for(model.config, loaded.tokenizer, loaded.image_processor), max_length)
+    runtime = IntegerRuntime(folder)
+    language_model = getattr(getattr(model, "model", model), "language_model", None) or model.model
+    captured: dict[str, torch.Tensor] = {}
+
+    def grab(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        captured["embeds"] = kwargs["inputs_embeds"] if kwargs.get("inputs_embeds") is not None else \
+            module.embed_tokens(kwargs.get("input_ids", args[0] if args else None))
+
+    handle = language_model.register_forward_pre_hook(grab, with_kwargs=True)
+    rows: dict[str, dict[str, Any]] = {}
+    totals = {key: Top1Agreement() for key in ("answer", "all", "decided")}
+    overall = {"positions": 0, "decided": 0, "max_abs_diff": 0.0, "max_rel_diff": 0.0}
+    try:
+        for task_name in tasks:
+            task = make_task(task_name, seed=seed + VAL_SEED_OFFSET, image_size=image_size)
+            metrics = {key: Top1Agreement() for key in ("answer", "all", "decided")}
+            stats = {"positions": 0, "decided": 0, "max_abs_diff": 0.0, "max_rel_diff": 0.0}
+            for start in range(0, samples, batch_size):
+                batch = processor.encode([task[i] for i in range(start, min(samples, start + batch_size))])
+                labels = batch.pop("labels")
+                batch.pop("num_answer_tokens")
+                with torch.no_grad():
+                    fake = model(**batch).logits.float()
+                integer = runtime(inputs_embeds=captured["embeds"], attention_mask=batch["attention_mask"])
+                mask = batch["attention_mask"].bool()
+                # The logits at position t predict token t+1: the answer positions are those before each label.
+                answer = torch.zeros_like(mask)
+                answer[:, :-1] = labels[:, 1:] != -100
+                top2 = fake.topk(2, dim=-1).values
+                decided = mask & (top2[..., 0] - top2[..., 1] > margin)
+                for key, where in (("answer", answer), ("all", mask), ("decided", decided)):
+                    metrics[key].update(integer, fake, where)
+                    totals[key].update(integer, fake, where)
+                diff = (integer[mask] - fake[mask]).abs()
+                scale = float(fake[mask].abs().max())
+                for target in (stats, overall):
+                    target["positions"] += int(mask.sum())
+                    target["decided"] += int(decided.sum())
+                    target["max_abs_diff"] = max(target["max_abs_diff"], float(diff.max()))
+                    target["max_rel_diff"] = max(target["max_rel_diff"], float(diff.max()) / max(scale, 1e-12))
+            rows[task_name] = _agreement_row(metrics, stats)
+    finally:
+        handle.remove()
+    return {"export": str(folder), "samples": samples, "tasks": rows, "overall": _agreement_row(totals, overall)}
+
+
+def _agreement_row(metrics: dict[str, Any], stats: dict[str, Any]) -> dict[str, Any]:
+    return {"positions": stats["positions"], "top1_answer": float(metrics["answer"].compute()),
+            "top1_all": float(metrics["all"].compute()), "top1_decided": float(metrics["decided"].compute()),
+            "decided_fraction": stats["decided"] / max(1, stats["positions"]),
+            "max_abs_diff": stats["max_abs_diff"], "max_rel_diff": stats["max_rel_diff"]}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """``python -m plugins.quantization.runtime EXPORT``: fake-quant model vs integer runtime on validation samples."""
+    import argparse
+
+    from framework.io import atomic_write_text
+
+    parser = argparse.ArgumentParser(prog="python -m plugins.quantization.runtime", description=check_export.__doc__
+                                     .split("\n\n")[0])
+    parser.add_argument("export", help="export folder with model.safetensors, *.encodings, *_int_weights")
+    parser.add_argument("--tasks", nargs="+", default=["autofill", "caption"])
+    parser.add_argument("--samples", type=int, default=64, help="validation samples per task")
+    parser.add_argument("--image_size", type=int, default=128)
+    parser.add_argument("--max_length", type=int, default=512)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0, help="the data seed of the run (validation samples)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--out", help="also write the result as JSON here")
+    opts = parser.parse_args(argv)
+    if opts.samples < 1 or opts.batch_size < 1:
+        raise SystemExit("--samples / --batch_size: must be >= 1")
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    result = check_export(opts.export, opts.tasks, opts.samples, image_size=opts.image_size,
+                          max_length=opts.max_length, batch_size=opts.batch_size, seed=opts.seed)
+    print(f"{'task':<10} {'positions':>9} {'top1 answer':>11} {'top1 all':>9} {'decided':>8} {'top1 decided':>12} "
+          f"{'max |diff|':>10} {'rel':>9}")
+    for name, row in [*result["tasks"].items(), ("overall", result["overall"])]:
+        print(f"{name:<10} {row['positions']:>9} {row['top1_answer']:>11.4f} {row['top1_all']:>9.4f} "
+              f"{row['decided_fraction']:>8.3f} {row['top1_decided']:>12.4f} {row['max_abs_diff']:>10.3g} "
+              f"{row['max_rel_diff']:>9.2g}")
+    if opts.out:
+        atomic_write_text(opts.out, json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
