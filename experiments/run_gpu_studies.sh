@@ -25,6 +25,8 @@ GPUS=${GPUS:-$($PY -c "import torch; print(torch.cuda.device_count())")}
 mkdir -p "$RES/sparsity" "$RES/quantization" "$RES/gpu" "$WORK/logs"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false WANDB_MODE=${WANDB_MODE:-offline}
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+# Both studies' runs share the host's cores: a few threads each (one per core each starved the GPUs).
+CORES=$(nproc); export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( CORES / (2 * GPUS + 4) > 0 ? CORES / (2 * GPUS + 4) : 1 ))}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$RES/gpu/gpu.txt" 2>/dev/null || true
 last=$((GPUS - 1)); second_last=$((GPUS > 1 ? GPUS - 2 : 0))
 log() { echo "[$(date +%T)] $*" | tee -a "$WORK/driver.log"; }
@@ -50,7 +52,7 @@ recipe() {  # name gpu steps overrides...: a GPU-base recipe, cut at 10 minutes 
   CUDA_VISIBLE_DEVICES=$second_last $PY -m plugins.sparsity.bench --model experiments/models/llava-base-gpu.json \
     --out "$RES/sparsity/bench_sparse24.json" > "$WORK/logs/kernels.log" 2>&1
   log "kernels rc=$?"
-  recipe recipe_b128 "$second_last" 5000 --data.init_args.batch_size=128
+  recipe recipe_b128 "$second_last" 4000 --data.init_args.batch_size=128 --trainer.check_val_every_n_epoch=null
 ) &
 recipe recipe_p8 "$last" 1600 --model.init_args.model=experiments/models/llava-base-gpu-p8.json \
   --data.init_args.max_length=352 &

@@ -57,6 +57,12 @@ def callback(class_path: str, **init_args: Any) -> dict[str, Any]:
     return {"class_path": class_path, "init_args": init_args}
 
 
+def run_threads(parallel: int, cores: int | None = None) -> int:
+    """CPU threads for each of ``parallel`` concurrent runs: the cores shared out, 1 to 8 each."""
+    cores = cores or os.cpu_count() or 1
+    return max(1, min(8, cores // max(1, parallel + 1)))
+
+
 class Study:
     def __init__(self, opts: argparse.Namespace) -> None:
         self.opts = opts
@@ -68,7 +74,10 @@ class Study:
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
                     # Runs share one GPU: let each give back what it frees instead of fragmenting.
                     "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"),
-                    "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
+                    "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"),
+                    # Each run's main process would otherwise start one CPU thread per core: with several runs on
+                    # one host the spinning thread pools starved the GPUs (load 195 on 64 cores, GPUs mostly idle).
+                    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(run_threads(opts.parallel)))}
 
     # ------------------------------------------------------------------ running one job
     def common(self) -> list[str]:

@@ -34,6 +34,7 @@ from plugins.quantization import (
     quantizers_of,
 )
 from plugins.quantization.encodings import decode_entries
+from plugins.quantization.quantizer import qparams_from_range
 
 QAT = "plugins.quantization.QuantizationAwareTraining"
 PTQ = "plugins.quantization.PostTrainingQuantization"
@@ -80,6 +81,8 @@ def _batch(loaded):  # noqa: ANN001, ANN202
         ({"activation_points": ["middle"]}, r"activation_points: must be a non-empty list of 'input' / 'output'"),
         ({"weights": None}, r"QuantizationAwareTraining: nothing to quantize"),
         ({"scale_lr": -1.0}, r"QuantizationAwareTraining.scale_lr: must be a positive number"),
+        ({"learn_scales_max_bits": 1}, r"QuantizationAwareTraining.learn_scales_max_bits: must be an integer in "
+                                       r"\[2, 16\], got 1"),
     ],
 )
 def test_misconfiguration_fails_in_init(kwargs: dict, message: str) -> None:
@@ -281,6 +284,24 @@ def test_qat_fit_weights_on_grid_and_export(tmp_path: Path) -> None:
     assert report["summary"]["value_bits"] == 4 and report["summary"]["bpv"] <= 4.0
     manifest = json.loads((out / "vlmc_export.json").read_text())
     assert manifest["plugins"]["qat"]["files"] == ["qat.encodings", "qat_int_weights.safetensors", "qat_bpv.json"]
+
+
+def test_qat_learns_scales_up_to_8_bits_and_keeps_wider_ones_calibrated(tmp_path: Path) -> None:
+    qat = _qat({"bits": 4, "granularity": "channel"}, {"bits": 16, "granularity": "tensor", "symmetric": False},
+               calibration_batches=1, scale_lr=1e-2)
+    cli = make_cli(tiny_config(tmp_path, max_steps=4, callbacks=[qat], **NO_VAL))
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    plugin = _plugin(cli, QuantizationAwareTraining)
+    weights = {n: q for n, q in plugin.quantizers.items() if n.endswith(".weight")}
+    acts = {n: q for n, q in plugin.quantizers.items() if not n.endswith(".weight")}
+    assert all(q.scale.requires_grad for q in weights.values())
+    assert all(q.is_initialized and not q.scale.requires_grad for q in acts.values())
+    in_optimizer = {id(p) for g in cli.trainer.optimizers[0].param_groups for p in g["params"]}
+    assert not any(id(q.scale) in in_optimizer for q in acts.values())
+    # The 16-bit scales are exactly what calibration set: the observed range over the 16-bit grid.
+    for quantizer in acts.values():
+        scale, _ = qparams_from_range(quantizer.obs_min, quantizer.obs_max, *quantizer.quant_range, False)
+        torch.testing.assert_close(quantizer.scale.detach(), scale.reshape(quantizer.scale.shape), atol=0, rtol=0)
 
 
 def test_qat_resume_matches_uninterrupted_run(tmp_path: Path) -> None:

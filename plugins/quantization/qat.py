@@ -41,6 +41,10 @@ class QuantizationAwareTraining(QuantizedModules):
         freeze_observers_at: when the encodings stop changing: a fraction of training in (0, 1] or an optimizer
             step (int); ``null``: scales learn until the end.
         scale_lr: learning rate of the scales (``null``: the model's ``lr``); no weight decay on them.
+        learn_scales_max_bits: only quantizers at most this wide learn their scales (LSQ); wider ones keep the
+            calibrated scale. Adam moves a parameter by about ``lr`` per step whatever its size, and a 16-bit
+            activation's scale (range / 65535, ~1e-4) is no larger than that: learned, it swung by its own size
+            each step and broke W4A16 QAT, while its rounding error is far below what learning could win back.
         runtime: ``generic`` or ``qnn`` (symmetric static weight encodings and static activations only).
         name: log namespace, checkpoint key and export file prefix.
         plan: a mixed-precision plan JSON (:mod:`plugins.quantization.sensitivity`): its per-layer weight bits
@@ -76,6 +80,7 @@ class QuantizationAwareTraining(QuantizedModules):
         calibration_batches: int = 8,
         freeze_observers_at: int | float | None = None,
         scale_lr: float | None = None,
+        learn_scales_max_bits: int = 8,
         runtime: str = "generic",
         name: str = "qat",
         plan: str | None = None,
@@ -106,7 +111,11 @@ class QuantizationAwareTraining(QuantizedModules):
         self.start_step = start_step
         self.calibration_batches = calibration_batches if static_acts else 0
         self.freeze_observers_at = freeze_observers_at
+        if isinstance(learn_scales_max_bits, bool) or not isinstance(learn_scales_max_bits, int) or \
+                not 2 <= learn_scales_max_bits <= 16:
+            raise ValueError(f"{key}.learn_scales_max_bits: must be an integer in [2, 16], got {learn_scales_max_bits!r}")
         self.scale_lr = scale_lr
+        self.learn_scales_max_bits = learn_scales_max_bits
         self.started = False
         self._freeze_step: int | None = None
         self._model: nn.Module | None = None
@@ -115,6 +124,9 @@ class QuantizationAwareTraining(QuantizedModules):
     @override
     def transform(self, model: nn.Module) -> None:
         super().transform(model)
+        for quantizer in self.quantizers.values():
+            if quantizer.scale is not None and quantizer.spec.bits > self.learn_scales_max_bits:
+                quantizer.scale.requires_grad_(False)  # calibrated, then fixed: never reaches the optimizer
         self._model = model
 
     @override
