@@ -8,7 +8,8 @@ on one GPU. The machinery (jobs, shared arguments, parallel runs, ``--pack``) is
    KV cache per token. PTQ rows (``ptq_w4a8_ch`` ...) calibrate and validate the base (``vlmc validate``); QAT rows
    (``qat_w4a8_ch`` ...) fine-tune the base for ``--qat_steps`` at ``--qat_lr`` and are exported (encodings,
    integer weights, ``qat_bpv.json``). Each summary carries ``top1_agreement`` (quantized vs float on the answer
-   positions) and ``weight_bits``.
+   positions; QAT rows against the float base they started from, PTQ rows against their own weights with
+   quantizers off, which are the base's) and ``weight_bits``.
 3. ``qalft``, per task (autofill, caption; ``data.init_args.tasks`` restricted to the task):
    ``lora_float_<task>``: float LoRA on the float base, evaluated in float (the reference);
    ``lora_float_ptq_w4a8_<task>``: that adapter merged into the base, then PTQ W4A8 (float LoRA then PTQ);
@@ -131,7 +132,7 @@ class Study(sparsity_study.Study):
     def qat(self, bits: int, act_bits: int = 8, granularity: str = "ch", plan: Path | None = None) -> dict[str, Any]:
         args = dict(targets=LANGUAGE_MODEL, weights=weight_spec(bits, granularity, "mse" if bits <= 2 else None),
                     **activation_args(act_bits), start_step=0, calibration_batches=self.calibration,
-                    freeze_observers_at=0.9, scale_lr=1e-4)
+                    freeze_observers_at=0.9, scale_lr=1e-4, float_reference=str(self.base_export))
         if plan is not None:
             args["plan"] = str(plan)
         return callback(QAT, **args)

@@ -355,6 +355,34 @@ def test_validation_reports_top1_agreement_with_the_float_model(tmp_path: Path) 
     assert agreement[8] > 0.9  # 8-bit weights barely move the argmax
 
 
+def test_agreement_against_a_float_reference_model(tmp_path: Path) -> None:
+    # The untrained float model, exported: the same weights every run of the config starts from (seeded build).
+    (tmp_path / "float").mkdir()
+    main(["export", "--config", str(tiny_config(tmp_path / "float")), "--out", str(tmp_path / "float_export")])
+    results = {}
+    for label, reference in (("self", None), ("export", str(tmp_path / "float_export"))):
+        ptq = {"class_path": PTQ, "init_args": {"weights": {"bits": 4}, "calibration_batches": 1,
+                                                "float_reference": reference}}
+        folder = tmp_path / label
+        folder.mkdir()
+        main(["validate", "--config", str(tiny_config(folder, callbacks=[ptq]))])
+        results[label] = json.loads(next(folder.rglob("summary.json")).read_text())["plugins"]["ptq"]
+    # PTQ's weights are the float model's: its own quantizers-off forward and the reference are the same model.
+    assert results["export"]["top1_agreement"] == results["self"]["top1_agreement"]
+    assert results["export"]["float_reference"].endswith("float_export") and "float_reference" not in results["self"]
+    # A reference of another architecture, or one that does not exist, fails naming the key.
+    (tmp_path / "wide").mkdir()
+    wide = {"class_path": PTQ, "init_args": {"calibration_batches": 1,
+                                             "float_reference": "experiments/models/qwen2vl-test.json"}}
+    with pytest.raises(ValueError, match=r"PostTrainingQuantization.float_reference: .*qwen2vl-test.json is a "
+                                         r"Qwen2VLForConditionalGeneration, the trained model a Llava"):
+        main(["validate", "--config", str(tiny_config(tmp_path / "wide", callbacks=[wide]))])
+    (tmp_path / "missing").mkdir()
+    missing = {"class_path": PTQ, "init_args": {"calibration_batches": 1, "float_reference": str(tmp_path / "nope")}}
+    with pytest.raises((FileNotFoundError, OSError, ValueError), match=r"PostTrainingQuantization.float_reference"):
+        main(["validate", "--config", str(tiny_config(tmp_path / "missing", callbacks=[missing]))])
+
+
 # ---------------------------------------------------------------------------------------------- encodings
 def _quantized_model(weights: QuantSpec, activations: QuantSpec | None, kv: QuantSpec | None = None):  # noqa: ANN202
     loaded = load_vlm(str(FAMILY_SPECS["llava"]))

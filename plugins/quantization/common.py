@@ -90,8 +90,12 @@ class QuantizedModules(CompressionPlugin):
         runtime: str,
         name: str,
         plan: str | None = None,
+        float_reference: str | None = None,
     ) -> None:
         key = type(self).__name__
+        if float_reference is not None and (not isinstance(float_reference, (str, Path)) or not str(float_reference)):
+            raise ValueError(f"{key}.float_reference: must be a model path / hub id / spec JSON or null, "
+                             f"got {float_reference!r}")
         if plan is not None and (not isinstance(plan, (str, Path)) or not str(plan)):
             raise ValueError(f"{key}.plan: must be the path of a mixed-precision plan JSON or null, got {plan!r}")
         if plan is not None and weights is None:
@@ -127,6 +131,8 @@ class QuantizedModules(CompressionPlugin):
         self._export: dict[str, Any] | None = None
         self.agreement = Top1Agreement()
         self.last_agreement: float | None = None
+        self.float_reference = None if float_reference is None else str(float_reference)
+        self._reference_model: nn.Module | None = None  # loaded on first use; never saved with the callback
 
     # ------------------------------------------------------------------ structure
     @override
@@ -226,19 +232,50 @@ class QuantizedModules(CompressionPlugin):
             "calibrated": int(all(q.is_initialized for q in self.quantizers.values() if q.static)),
             **({"plan": self.plan} if self.plan is not None else {}),
             **({"top1_agreement": self.last_agreement} if self.last_agreement is not None else {}),
+            **({"float_reference": self.float_reference} if self.float_reference is not None else {}),
         }
 
     # ------------------------------------------------------------------ agreement with the float model
+    def reference_model(self, like: nn.Module) -> nn.Module:
+        """The float model of ``float_reference``, loaded once, on ``like``'s device, frozen, in eval mode.
+
+        Raises:
+            FileNotFoundError / ValueError: from loading, prefixed with the key.
+        """
+        if self._reference_model is None:
+            from framework.models import load_vlm
+
+            try:
+                model = load_vlm(self.float_reference).model
+            except (FileNotFoundError, ValueError, OSError) as err:
+                raise type(err)(f"{type(self).__name__}.float_reference: {err}") from err
+            if type(model).__name__ != type(like).__name__:  # the same batch must be a valid input of both
+                raise ValueError(f"{type(self).__name__}.float_reference: {self.float_reference} is a "
+                                 f"{type(model).__name__}, the trained model a {type(like).__name__}")
+            param = next(like.parameters())
+            self._reference_model = model.to(param.device).eval().requires_grad_(False)
+        return self._reference_model
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_reference_model": None}  # copies reload it rather than clone a whole model
+
     @torch.no_grad()
     def update_agreement(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: dict[str, Any]) -> None:
-        """Top-1 agreement of this batch's answer positions, quantized vs. the same model with quantizers off."""
+        """Top-1 agreement of this batch's answer positions, quantized vs. float: the same model with quantizers
+        off, or the ``float_reference`` model (for QAT, whose weights moved away from the float model's)."""
         if not any(q.enabled for q in self.quantizers.values()) or "labels" not in batch:
             return
         model, inputs = pl_module.model, model_inputs(batch, labels=False)
         with trainer.precision_plugin.forward_context():
             quantized = model(**inputs).logits
-            with quantization_disabled(model):
-                reference = model(**inputs).logits
+            if self.float_reference is None:
+                with quantization_disabled(model):
+                    reference = model(**inputs).logits
+            else:
+                reference = self.reference_model(model)(**inputs).logits
+        if reference.shape != quantized.shape:
+            raise ValueError(f"{type(self).__name__}.float_reference: {self.float_reference} gives logits of shape "
+                             f"{tuple(reference.shape)}, the trained model {tuple(quantized.shape)}")
         # logits[:, t] predicts labels[:, t + 1]: count the positions that predict an answer token.
         answer = batch["labels"][:, 1:] != -100
         self.agreement = self.agreement.to(quantized.device)

@@ -39,6 +39,9 @@ class PostTrainingQuantization(QuantizedModules):
         name: log namespace, checkpoint key and export file prefix.
         plan: a mixed-precision plan JSON (:mod:`plugins.quantization.sensitivity`): its per-layer weight bits
             override ``weights.bits``; it must name exactly the layers ``targets`` selects (``null``: uniform).
+        float_reference: the float model that top-1 agreement is measured against (HF folder, hub id or spec
+            JSON); ``null``: this model with its quantizers switched off. Give the float model QAT started from:
+            QAT's own weights move with training, so switching its quantizers off is no longer "the float model".
 
     Raises:
         ValueError: a spec outside its range (naming the key), ``calibration_batches`` < 1, targets that
@@ -66,11 +69,12 @@ class PostTrainingQuantization(QuantizedModules):
         runtime: str = "generic",
         name: str = "ptq",
         plan: str | None = None,
+        float_reference: str | None = None,
     ) -> None:
         key = type(self).__name__
         weights = None if weights is None else dataclasses.replace(weights)
         super().__init__(weights, activations, targets, activation_points or ["input"], activation_sites, runtime,
-                         name, plan)
+                         name, plan, float_reference)
         if not isinstance(calibration_batches, int) or calibration_batches < 1:
             raise ValueError(f"{key}.calibration_batches: must be an integer >= 1, got {calibration_batches!r}")
         self.calibration_batches = calibration_batches

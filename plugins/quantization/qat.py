@@ -49,6 +49,9 @@ class QuantizationAwareTraining(QuantizedModules):
         name: log namespace, checkpoint key and export file prefix.
         plan: a mixed-precision plan JSON (:mod:`plugins.quantization.sensitivity`): its per-layer weight bits
             override ``weights.bits``; it must name exactly the layers ``targets`` selects (``null``: uniform).
+        float_reference: the float model that top-1 agreement is measured against (HF folder, hub id or spec
+            JSON); ``null``: this model with its quantizers switched off. Give the float model QAT started from:
+            QAT's own weights move with training, so switching its quantizers off is no longer "the float model".
 
     Raises:
         ValueError: a spec outside its range (the message names the key, e.g. ``weights.bits``), negative
@@ -84,11 +87,12 @@ class QuantizationAwareTraining(QuantizedModules):
         runtime: str = "generic",
         name: str = "qat",
         plan: str | None = None,
+        float_reference: str | None = None,
     ) -> None:
         key = type(self).__name__
         weights = None if weights is None else dataclasses.replace(weights)  # never share the default instance
         super().__init__(weights, activations, targets, activation_points or ["input"], activation_sites, runtime,
-                         name, plan)
+                         name, plan, float_reference)
         if not isinstance(start_step, int) or start_step < 0:
             raise ValueError(f"{key}.start_step: must be an integer >= 0, got {start_step!r}")
         static_acts = any(s is not None and s.mode == "static"
