@@ -24,6 +24,9 @@ PLUGINS: dict[str, dict[str, Any]] = {
     "ramp75_activation": {"class_path": "plugins.sparsity.SparsityRamp", "init_args": {
         "final_sparsity": 0.75, "start": 0.0, "end": 1.0, "update_every": 10, "score": "activation",
         "targets": LANGUAGE_MODEL}},
+    "ramp75_activation_every_step": {"class_path": "plugins.sparsity.SparsityRamp", "init_args": {
+        "final_sparsity": 0.75, "start": 0.0, "end": 1.0, "update_every": 10, "score": "activation",
+        "stats_steps": None, "targets": LANGUAGE_MODEL}},
     "ramp_2of4": {"class_path": "plugins.sparsity.SparsityRamp", "init_args": {
         "pattern": "2:4", "start": 0.0, "end": 1.0, "update_every": 10, "targets": LANGUAGE_MODEL}},
     "l0_50_improved": {"class_path": "plugins.l0_pruning.L0Pruning", "init_args": {

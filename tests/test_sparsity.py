@@ -76,6 +76,7 @@ def _assert_masked_weights_are_zero(plugin) -> None:  # noqa: ANN001
         (SparsityRamp, {"update_every": 0}, r"SparsityRamp.update_every: must be an integer >= 1"),
         (SparsityRamp, {"schedule": "exponential"}, r"SparsityRamp.schedule: must be one of 'cubic', 'linear'"),
         (SparsityRamp, {"score": "gradient"}, r"SparsityRamp.score: must be one of 'magnitude', 'activation'"),
+        (SparsityRamp, {"stats_steps": 0}, r"SparsityRamp.stats_steps: must be an integer >= 1 or null"),
         (SparsityRamp, {"scope": "model"}, r"SparsityRamp.scope: must be one of 'layer', 'global'"),
         (OneShotPruning, {"sparsity": 1.0}, r"OneShotPruning.sparsity: must be in \[0, 1\)"),
         (OneShotPruning, {"method": "sparsegpt"}, r"OneShotPruning.method: must be one of 'magnitude', 'activation'"),
@@ -235,6 +236,19 @@ def test_activation_score_gathers_statistics_and_changes_masks(tmp_path: Path) -
             assert sum(k.endswith("input_sq_mean") for k in state) == 14
     changed = sum(int((masks["magnitude"][n] != masks["activation"][n]).sum()) for n in masks["magnitude"])
     assert changed > 0
+
+
+@pytest.mark.parametrize(("stats_steps", "measured"), [
+    (1, [4, 9, 14, 19]),             # the step before each update (5, 10, 15, 20)
+    (2, [3, 4, 8, 9, 13, 14, 18, 19]),
+    (None, list(range(20))),          # every step up to the end of the ramp
+])
+def test_activation_statistics_come_from_the_steps_before_each_update(stats_steps: int | None,
+                                                                      measured: list[int]) -> None:
+    ramp = SparsityRamp(final_sparsity=0.5, start_step=0, end_step=20, update_every=5, score="activation",
+                        stats_steps=stats_steps)
+    ramp._start, ramp._end = 0, 20
+    assert [step for step in range(30) if ramp._collecting(step)] == measured
 
 
 def test_resume_mid_ramp_matches_uninterrupted_run(tmp_path: Path) -> None:
