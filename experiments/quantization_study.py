@@ -308,30 +308,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("stages", nargs="*",
                         default=["base", "table", "runtime", "qalft", "mixed", "stacked", "overhead", "collect"],
                         help="stages to run; `pack` alone only writes the --pack archive of what exists so far")
-    parser.add_argument("--out", default="experiments/results/quantization")
-    parser.add_argument("--work", default="/tmp/vlmc_quantization_study")
+    sparsity_study.add_shared_arguments(parser, out="experiments/results/quantization",
+                                        work="/tmp/vlmc_quantization_study")
     parser.add_argument("--base_export", help="an exported dense base to start from (the `base` stage is skipped)")
-    parser.add_argument("--base_steps", type=int, default=2800)
     parser.add_argument("--qat_steps", type=int, default=1000)
     parser.add_argument("--qat_lr", type=float, default=1e-4)
     parser.add_argument("--lora_steps", type=int, default=500)
     parser.add_argument("--lora_lr", type=float, default=2e-4)
-    parser.add_argument("--ft_batch", type=int, default=128)
-    parser.add_argument("--parallel", type=int, default=5, help="training runs sharing the GPU at once")
-    parser.add_argument("--workers", type=int, default=2, help="data workers per run")
-    parser.add_argument("--base_workers", type=int, default=10, help="data workers of the base pretraining run")
-    parser.add_argument("--gpus", type=int, default=None, help="GPUs to spread runs over (default: all visible)")
-    parser.add_argument("--smoke", action="store_true", help="tiny model, a few steps, CPU: checks the wiring")
-    parser.add_argument("--rerun", action="store_true", help="run jobs whose summary already exists")
-    parser.add_argument("--pack", help="also write logs and results into this .tar.gz at the end")
     opts = parser.parse_args(argv)
     if opts.smoke:
         opts.base_steps, opts.qat_steps, opts.lora_steps, opts.ft_batch = 6, 4, 4, 4
         opts.parallel, opts.workers = min(opts.parallel, 2), 0
-    if opts.gpus is None:
-        import torch
-
-        opts.gpus = max(1, torch.cuda.device_count())
+    sparsity_study.resolve_gpus(opts)
     study = Study(opts)
     if opts.stages == ["pack"]:
         study.pack(Path(opts.pack))

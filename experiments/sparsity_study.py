@@ -306,16 +306,11 @@ def non_embedding_params(spec: Path | None) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "lm_head" not in n)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("stages", nargs="*", default=["kernels", "base", "sweep", "latency", "overhead", "collect"],
-                        help="stages to run; `pack` alone only writes the --pack archive of what exists so far")
-    parser.add_argument("--out", default="experiments/results/sparsity")
-    parser.add_argument("--work", default="/tmp/vlmc_sparsity_study")
+def add_shared_arguments(parser: argparse.ArgumentParser, *, out: str, work: str) -> None:
+    """The options every study shares: where results go, the base, and how runs share the machine."""
+    parser.add_argument("--out", default=out)
+    parser.add_argument("--work", default=work)
     parser.add_argument("--base_steps", type=int, default=2800)
-    parser.add_argument("--ft_steps", type=int, default=600)
-    parser.add_argument("--l0_steps", type=int, default=1500)
-    parser.add_argument("--ft_lr", type=float, default=2e-4)
     parser.add_argument("--ft_batch", type=int, default=128)
     # Each run at batch 128 holds 8-12 GB of GPU memory: eight plus the from-scratch baseline overflowed an 80 GB H100.
     parser.add_argument("--parallel", type=int, default=5, help="training runs sharing the GPU at once")
@@ -325,13 +320,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny model, a few steps, CPU: checks the wiring")
     parser.add_argument("--rerun", action="store_true", help="run jobs whose summary already exists")
     parser.add_argument("--pack", help="also write logs and results into this .tar.gz at the end")
-    opts = parser.parse_args(argv)
-    if opts.smoke:
-        opts.base_steps, opts.ft_steps, opts.l0_steps, opts.ft_batch = 6, 4, 6, 4
+
+
+def resolve_gpus(opts: argparse.Namespace) -> None:
     if opts.gpus is None:
         import torch
 
         opts.gpus = max(1, torch.cuda.device_count())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("stages", nargs="*", default=["kernels", "base", "sweep", "latency", "overhead", "collect"],
+                        help="stages to run; `pack` alone only writes the --pack archive of what exists so far")
+    add_shared_arguments(parser, out="experiments/results/sparsity", work="/tmp/vlmc_sparsity_study")
+    parser.add_argument("--ft_steps", type=int, default=600)
+    parser.add_argument("--l0_steps", type=int, default=1500)
+    parser.add_argument("--ft_lr", type=float, default=2e-4)
+    opts = parser.parse_args(argv)
+    if opts.smoke:
+        opts.base_steps, opts.ft_steps, opts.l0_steps, opts.ft_batch = 6, 4, 6, 4
+    resolve_gpus(opts)
     study = Study(opts)
     if opts.stages == ["pack"]:
         study.pack(Path(opts.pack))

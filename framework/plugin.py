@@ -10,6 +10,8 @@ callback.setup -> module.setup -> module.configure_model -> checkpoint restore -
 2. Training-time behaviour lives in the ordinary Lightning hooks; schedules are measured in steps
    (``trainer.global_step`` against ``trainer.estimated_stepping_batches``), never in wall time.
 3. Callback state is scalars only (:meth:`plugin_state` / :meth:`load_plugin_state`); tensors live in the model.
+   What a resumed run must share with its checkpoint (:meth:`config_echo`) is saved beside it and compared on
+   restore, so a changed configuration fails with the keys that differ instead of silently continuing.
 4. Arguments are checked in ``__init__`` (errors name the YAML key); model-dependent checks in ``transform``.
 5. Modules are chosen with :class:`framework.selection.ModuleSelection`.
 6. Logs go to ``compression/<plugin name>/<metric>`` through :meth:`log_metric`; :meth:`summary` feeds the run's
@@ -25,6 +27,7 @@ callback.setup -> module.setup -> module.configure_model -> checkpoint restore -
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +86,27 @@ class CompressionPlugin(Callback):
     def load_plugin_state(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`plugin_state` returned."""
 
+    #: How the error on a changed configuration names it ("another <config_name> configuration").
+    config_name = "plugin"
+
+    def config_echo(self) -> dict[str, Any]:
+        """Settings a resumed run must share with its checkpoint (JSON values); saved under ``config`` in the
+        callback state and compared on restore. Empty: nothing is compared."""
+        return {}
+
+    def check_config(self, saved: str) -> None:
+        """Compare the checkpoint's :meth:`config_echo` (JSON text) with this run's.
+
+        Raises:
+            ValueError: naming each key that differs, with both values.
+        """
+        before, now = json.loads(saved), json.loads(json.dumps(self.config_echo()))
+        differ = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+        if differ:
+            detail = ", ".join(f"{k}: checkpoint {before.get(k)!r}, config {now.get(k)!r}" for k in differ)
+            raise ValueError(f"{self.name}: the checkpoint was made with another {self.config_name} configuration "
+                             f"({detail}); a resumed run must use the same one")
+
     @property
     @override
     def state_key(self) -> str:
@@ -91,6 +115,9 @@ class CompressionPlugin(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         state = self.plugin_state()
+        echo = self.config_echo()
+        if echo:
+            state = {**state, "config": json.dumps(echo, sort_keys=True)}
         for key, value in state.items():
             if not isinstance(value, (int, float, str, bool, type(None))):
                 raise TypeError(
@@ -101,7 +128,11 @@ class CompressionPlugin(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.load_plugin_state(dict(state_dict))
+        state = dict(state_dict)
+        saved = state.pop("config", None)
+        if saved is not None:
+            self.check_config(saved)
+        self.load_plugin_state(state)
 
     # ----------------------------------------------------------------- logging and results
     def log_metric(self, pl_module: LightningModule, metric: str, value: float, **kwargs: Any) -> None:

@@ -195,3 +195,33 @@ def test_resume_with_other_masks_is_refused() -> None:
     plugin = ChannelAblation(seed=1)
     with pytest.raises(ValueError, match="seed=2 .* the config says seed=1"):
         plugin.load_state_dict({"active": True, "fraction": 0.25, "seed": 2})
+
+
+def test_config_echo_is_saved_and_a_changed_config_is_refused() -> None:
+    class Scheduled(CompressionPlugin):
+        name = "scheduled"
+        config_name = "scheduling"
+
+        def __init__(self, every: int) -> None:
+            self.every, self.step, self.restored = every, 0, None
+
+        def config_echo(self) -> dict:
+            return {"every": self.every, "kind": "cubic"}
+
+        def plugin_state(self) -> dict:
+            return {"step": self.step}
+
+        def load_plugin_state(self, state: dict) -> None:
+            self.restored = state
+
+    saved = Scheduled(every=10)
+    saved.step = 7
+    state = saved.state_dict()
+    assert state == {"step": 7, "config": json.dumps({"every": 10, "kind": "cubic"}, sort_keys=True)}
+    same = Scheduled(every=10)
+    same.load_state_dict(state)
+    assert same.restored == {"step": 7}  # the plugin sees its own state; the framework kept the echo
+    with pytest.raises(ValueError, match=r"scheduled: the checkpoint was made with another scheduling configuration "
+                                         r"\(every: checkpoint 10, config 20\); a resumed run must use the same one"):
+        Scheduled(every=20).load_state_dict(state)
+    Scheduled(every=20).load_state_dict({"step": 3})  # a checkpoint without an echo (older runs) is not compared

@@ -21,7 +21,6 @@ quantized weight packs with a bitmask.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -195,22 +194,13 @@ class QuantizedModules(CompressionPlugin):
                 quantizer.calibrate(module.weight.detach())
 
     # ------------------------------------------------------------------ results
+    config_name = "quantization"
+
+    @override
     def config_echo(self) -> dict[str, Any]:
-        """What a resumed run must share with its checkpoint."""
         return {"weights": None if self.weights is None else self.weights.to_dict(),
                 "activations": None if self.activations is None else self.activations.to_dict(),
                 "activation_points": self.activation_points, "runtime": self.runtime, "plan": self.planned_bits}
-
-    def check_echo(self, state: dict[str, Any]) -> None:
-        """Raises: ValueError naming the keys that differ from the checkpoint's configuration."""
-        if "config" not in state:
-            return
-        saved, now = json.loads(state["config"]), json.loads(json.dumps(self.config_echo()))
-        differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-        if differ:
-            detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r}, config {now.get(k)!r}" for k in differ)
-            raise ValueError(f"{self.name}: the checkpoint was made with another quantization configuration "
-                             f"({detail}); a resumed run must use the same one")
 
     def weight_bits(self) -> float:
         """Average bits per quantized weight (weighted by size)."""

@@ -15,7 +15,6 @@ LoRA (Hu et al. 2022); PEFT (``inject_adapter_in_model``, ``save_pretrained`` ad
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -328,25 +327,12 @@ class QALFT(CompressionPlugin):
         trainer.strategy.barrier("qalft_adapters_to")
 
     # ------------------------------------------------------------------ state and results
+    config_name = "QALFT"
+
+    @override
     def config_echo(self) -> dict[str, Any]:
-        """What a resumed run must share with its checkpoint."""
         return {"base": self.base, "encodings_sha256": self._encodings_sha, "r": self.r, "alpha": self.alpha,
                 "adapter_name": self.adapter_name, "targets": self.wrapped}
-
-    @override
-    def plugin_state(self) -> dict[str, Any]:
-        return {"config": json.dumps(self.config_echo(), sort_keys=True)}
-
-    @override
-    def load_plugin_state(self, state: dict[str, Any]) -> None:
-        if "config" not in state:
-            return
-        saved, now = json.loads(state["config"]), json.loads(json.dumps(self.config_echo()))
-        differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-        if differ:
-            detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r}, config {now.get(k)!r}" for k in differ)
-            raise ValueError(f"{self.name}: the checkpoint was made with another QALFT configuration ({detail}); a "
-                             "resumed run must use the same one")
 
     def adapter_meta(self) -> dict[str, Any]:
         """What ``vlmc_adapter.json`` records about this adapter."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
 
 import lightning.pytorch as pl
@@ -159,11 +158,10 @@ class PostTrainingQuantization(QuantizedModules):
 
     @override
     def plugin_state(self) -> dict[str, Any]:
-        return {"calibrated": self.calibrated, "config": json.dumps(self.config_echo(), sort_keys=True)}
+        return {"calibrated": self.calibrated}
 
     @override
     def load_plugin_state(self, state: dict[str, Any]) -> None:
-        self.check_echo(state)
         self.calibrated = bool(state.get("calibrated", False))
 
     @override

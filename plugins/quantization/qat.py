@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from typing import Any
 
@@ -248,11 +247,10 @@ class QuantizationAwareTraining(QuantizedModules):
 
     @override
     def plugin_state(self) -> dict[str, Any]:
-        return {"started": self.started, "config": json.dumps(self.config_echo(), sort_keys=True)}
+        return {"started": self.started}
 
     @override
     def load_plugin_state(self, state: dict[str, Any]) -> None:
-        self.check_echo(state)
         self.started = bool(state.get("started", False))
 
     @override

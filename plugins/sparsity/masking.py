@@ -9,7 +9,6 @@ exports the baked weights with their packed form and BPV.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -138,24 +137,11 @@ class MaskedLinears(CompressionPlugin):
             self._masked_step = trainer.global_step
 
     # ------------------------------------------------------------------ results and export
+    config_name = "sparsity"
+
+    @override
     def config_echo(self) -> dict[str, Any]:
-        """What a resumed run must share with the checkpoint (compared in ``load_plugin_state``)."""
         return {"pattern": str(self.pattern), "scope": self.scope, "score": self.score, "target": self.target}
-
-    def check_echo(self, state: dict[str, Any]) -> None:
-        """Refuse a checkpoint made with another configuration.
-
-        Raises:
-            ValueError: naming the keys that differ.
-        """
-        if "config" not in state:
-            return
-        saved, now = json.loads(state["config"]), self.config_echo()
-        differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-        if differ:
-            detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r}, config {now.get(k)!r}" for k in differ)
-            raise ValueError(f"{self.name}: the checkpoint was made with another sparsity configuration ({detail}); "
-                             "a resumed run must use the same one")
 
     @override
     def summary(self, model: nn.Module) -> dict[str, float | int | str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import lightning.pytorch as pl
@@ -156,11 +155,10 @@ class OneShotPruning(MaskedLinears):
 
     @override
     def plugin_state(self) -> dict[str, Any]:
-        return {"pruned": self.pruned, "config": json.dumps(self.config_echo(), sort_keys=True)}
+        return {"pruned": self.pruned}
 
     @override
     def load_plugin_state(self, state: dict[str, Any]) -> None:
-        self.check_echo(state)
         self.pruned = bool(state.get("pruned", False))
 
     @override

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
@@ -223,11 +222,10 @@ class SparsityRamp(MaskedLinears):
 
     @override
     def plugin_state(self) -> dict[str, Any]:
-        return {"last_update_step": self.last_update_step, "config": json.dumps(self.config_echo(), sort_keys=True)}
+        return {"last_update_step": self.last_update_step}
 
     @override
     def load_plugin_state(self, state: dict[str, Any]) -> None:
-        self.check_echo(state)
         self.last_update_step = int(state.get("last_update_step", -1))
 
     @override

@@ -1,4 +1,4 @@
-import yaml, sys
+import yaml
 KV = {"targets": {"include": "language_model.*(k_proj|v_proj)$"}, "points": ["output"],
       "spec": {"bits": 8, "granularity": "token", "mode": "dynamic", "symmetric": False}}
 def cb(kind, wbits, abits, gran):
