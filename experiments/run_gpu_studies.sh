@@ -3,11 +3,12 @@
 #   bash experiments/run_gpu_studies.sh            # runs everything in the background of this shell, waits
 #   WORK=/tmp/vlmc_studies bash experiments/run_gpu_studies.sh
 #   bash experiments/run_gpu_studies.sh pack results.tgz   # results, logs and export JSONs so far, one archive
+#   REUSE=experiments/results/sparsity/summaries bash experiments/run_gpu_studies.sh   # only the missing sparsity runs
 #
 # 1. experiments/sparsity_study.py trains the dense base on GPU 0 (and the same-compute from-scratch baseline of the
 #    50%-pruned shape on GPU 1), then runs its sweep over every GPU.
-# 2. The 2:4 kernel benchmark and two 10-minute recipes for the GPU base (8 px patches; batch 128) use the last two
-#    GPUs while the base trains.
+# 2. The 2:4 kernel benchmark and 10-minute recipes for the GPU base ($RECIPES: batch 128, 8 px patches) use the
+#    last two GPUs while the base trains.
 # 3. Once the base is exported, experiments/quantization_study.py starts from it and shares the GPUs with the sweep.
 # 4. With both studies done, the training overhead of every plugin is measured, one benchmark per GPU.
 # Summaries, tables and logs land under $WORK/results/{sparsity,quantization,gpu}; copy them into
@@ -31,6 +32,13 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$RES/gpu
 last=$((GPUS - 1)); second_last=$((GPUS > 1 ? GPUS - 2 : 0))
 log() { echo "[$(date +%T)] $*" | tee -a "$WORK/driver.log"; }
 
+# REUSE=experiments/results/sparsity/summaries: runs with a committed summary are not run again (the base always is:
+# the sweep needs its export). Studies are deterministic on one GPU type: a re-run reproduced every metric.
+if [ -n "${REUSE:-}" ]; then
+  for f in "$REUSE"/summary_*.json; do
+    case "$(basename "$f")" in summary_dense_base.json) ;; *) cp "$f" "$RES/sparsity/" ;; esac
+  done
+fi
 log "sparsity study: base, sweep, latency"
 $PY experiments/sparsity_study.py base sweep latency collect --out "$RES/sparsity" --work "$WORK/sparsity" \
   --base_steps 2000 --ft_steps 500 --l0_steps 1200 --parallel "${SPARSITY_PARALLEL:-$GPUS}" --gpus "$GPUS" \
@@ -48,14 +56,19 @@ recipe() {  # name gpu steps overrides...: a GPU-base recipe, cut at 10 minutes 
   log "$name rc=$? in $(( $(date +%s) - start )) s"
   cp "$WORK"/runs/"$name"/*/version_*/metrics.csv "$RES/gpu/metrics_$name.csv" 2>/dev/null || true
 }
+RECIPES=${RECIPES:-b128}  # which 10-minute base recipes run beside the base: any of b128 p8
 (
   CUDA_VISIBLE_DEVICES=$second_last $PY -m plugins.sparsity.bench --model experiments/models/llava-base-gpu.json \
     --out "$RES/sparsity/bench_sparse24.json" > "$WORK/logs/kernels.log" 2>&1
   log "kernels rc=$?"
-  recipe recipe_b128 "$second_last" 4000 --data.init_args.batch_size=128 --trainer.check_val_every_n_epoch=null
+  case " $RECIPES " in *" b128 "*)
+    recipe recipe_b128 "$second_last" 4000 --data.init_args.batch_size=128 --trainer.check_val_every_n_epoch=null ;;
+  esac
 ) &
-recipe recipe_p8 "$last" 1600 --model.init_args.model=experiments/models/llava-base-gpu-p8.json \
-  --data.init_args.max_length=352 &
+case " $RECIPES " in *" p8 "*)
+  recipe recipe_p8 "$last" 1600 --model.init_args.model=experiments/models/llava-base-gpu-p8.json \
+    --data.init_args.max_length=352 & ;;
+esac
 
 base=$WORK/sparsity/exports/dense_base
 while [ ! -f "$base/config.json" ]; do
