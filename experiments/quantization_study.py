@@ -37,6 +37,9 @@ on one GPU. The machinery (jobs, shared arguments, parallel runs, ``--pack``) is
     python experiments/quantization_study.py --out experiments/results/quantization            # on one CUDA GPU
     python experiments/quantization_study.py table qalft collect --base_export exports/gpu_base
     python experiments/quantization_study.py --smoke --out /tmp/qsmoke --work /tmp/qsmoke_work  # wiring check, CPU
+    python experiments/quantization_study.py table qalft collect --base_config experiments/quickstart.yaml \
+        --base_export <quickstart export> --settings w4a8 --granularities ch --ft_batch 16 --workers 0 --parallel 1
+        # CPU scale: the quickstart model
 
 Each run's log, summary and export land under ``--work``; summaries, plans and benchmark JSONs under ``--out``.
 """
@@ -163,8 +166,9 @@ class Study(sparsity_study.Study):
     def table_jobs(self) -> list[Job]:
         o = self.opts
         jobs = [Job("float", "validate", overrides=self.on(self.base_export))]
-        for setting, (bits, act_bits) in SETTINGS.items():
-            for gran in GRANULARITY:
+        for setting in self.opts.settings:
+            bits, act_bits = SETTINGS[setting]
+            for gran in self.opts.granularities:
                 jobs.append(Job(f"ptq_{setting}_{gran}", "validate", [self.ptq(bits, act_bits, gran)],
                                 self.on(self.base_export)))
                 name = f"qat_{setting}_{gran}"
@@ -315,6 +319,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--qat_lr", type=float, default=1e-4)
     parser.add_argument("--lora_steps", type=int, default=500)
     parser.add_argument("--lora_lr", type=float, default=2e-4)
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS),
+                        help="the table's weight/activation widths")
+    parser.add_argument("--granularities", nargs="+", choices=list(GRANULARITY), default=list(GRANULARITY),
+                        help="the table's weight granularities")
     opts = parser.parse_args(argv)
     if opts.smoke:
         opts.base_steps, opts.qat_steps, opts.lora_steps, opts.ft_batch = 6, 4, 4, 4

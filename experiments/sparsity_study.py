@@ -83,7 +83,7 @@ class Study:
     # ------------------------------------------------------------------ running one job
     def common(self) -> list[str]:
         o = self.opts
-        args = ["--config", str(BASE_CONFIG), "--config", str(ROOT / "experiments" / "csv_logger.yaml"),
+        args = ["--config", str(o.base_config), "--config", str(ROOT / "experiments" / "csv_logger.yaml"),
                 f"--data.init_args.num_workers={o.workers}", "--trainer.enable_progress_bar=false"]
         if o.smoke:
             args += ["--trainer.accelerator=cpu", "--trainer.precision=32-true", "--data.init_args.batch_size=4",
@@ -310,6 +310,8 @@ def add_shared_arguments(parser: argparse.ArgumentParser, *, out: str, work: str
     """The options every study shares: where results go, the base, and how runs share the machine."""
     parser.add_argument("--out", default=out)
     parser.add_argument("--work", default=work)
+    parser.add_argument("--base_config", default=str(BASE_CONFIG),
+                        help="the run config every job starts from (e.g. experiments/quickstart.yaml on a CPU)")
     parser.add_argument("--base_steps", type=int, default=2800)
     parser.add_argument("--ft_batch", type=int, default=128)
     # Each run at batch 128 holds 8-12 GB of GPU memory: eight plus the from-scratch baseline overflowed an 80 GB H100.

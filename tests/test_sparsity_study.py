@@ -19,7 +19,8 @@ def _study(tmp_path: Path):
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     opts = Namespace(out=str(tmp_path / "out"), work=str(tmp_path / "work"), base_steps=10, ft_steps=20, l0_steps=30,
-                     ft_lr=1e-4, ft_batch=8, parallel=1, workers=0, base_workers=0, smoke=True, rerun=False, gpus=1)
+                     ft_lr=1e-4, ft_batch=8, parallel=1, workers=0, base_workers=0, smoke=True, rerun=False, gpus=1,
+                     base_config=str(ROOT / "experiments" / "pretrain" / "gpu_base.yaml"))
     return module.Study(opts)
 
 
