@@ -83,7 +83,7 @@ class Study:
     # ------------------------------------------------------------------ running one job
     def common(self) -> list[str]:
         o = self.opts
-        args = ["--config", str(o.base_config), "--config", str(ROOT / "experiments" / "csv_logger.yaml"),
+        args = ["--config", str(Path(o.base_config).resolve()), "--config", str(ROOT / "experiments" / "csv_logger.yaml"),
                 f"--data.init_args.num_workers={o.workers}", "--trainer.enable_progress_bar=false"]
         if o.smoke:
             args += ["--trainer.accelerator=cpu", "--trainer.precision=32-true", "--data.init_args.batch_size=4",

@@ -164,6 +164,10 @@ def _export(argv: list[str]) -> None:
                 f"ckpt_path: {opts.ckpt_path} does not match the config's model "
                 f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
             )
+    if any(plugin.export_needs_data for plugin in plugins):
+        needing = ", ".join(type(p).__name__ for p in plugins if p.export_needs_data)
+        print(f"export: {needing} finish on data first: running validation", flush=True)
+        cli.trainer.validate(module, datamodule=cli.datamodule)
     out = export_model(module.model, module.tokenizer, module.image_processor, opts.out, plugins,
                        overwrite=opts.overwrite, extra={"checkpoint": opts.ckpt_path, "configs": opts.config})
     print(f"exported to {out}")

@@ -53,6 +53,9 @@ class CompressionPlugin(Callback):
     #: when both are exclusive: a plugin that reads the weights as they are (e.g. one that simulates a number
     #: format on top of whatever values the weights hold) composes with one that edits them.
     exclusive_claims: bool = True
+    #: Whether ``vlmc export`` must first run validation with the run's data (the plugin finishes its state on
+    #: data, e.g. calibrates, in the validation hooks) before :meth:`prepare_export`.
+    export_needs_data: bool = False
 
     # ----------------------------------------------------------------- structure
     def transform(self, model: nn.Module) -> None:

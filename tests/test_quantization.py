@@ -355,6 +355,15 @@ def test_validation_reports_top1_agreement_with_the_float_model(tmp_path: Path) 
     assert agreement[8] > 0.9  # 8-bit weights barely move the argmax
 
 
+def test_ptq_export_calibrates_on_the_runs_data_first(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    ptq = {"class_path": PTQ, "init_args": {"weights": {"bits": 4}, "calibration_batches": 2,
+                                            "activations": {"bits": 8, "granularity": "tensor", "symmetric": False}}}
+    main(["export", "--config", str(tiny_config(tmp_path, callbacks=[ptq])), "--out", str(tmp_path / "export")])
+    assert "PostTrainingQuantization finish on data first" in capsys.readouterr().out
+    encodings = json.loads((tmp_path / "export" / "ptq.encodings").read_text())
+    assert len(encodings["param_encodings"]) == 14 and len(encodings["activation_encodings"]) == 14
+
+
 def test_agreement_against_a_float_reference_model(tmp_path: Path) -> None:
     # The untrained float model, exported: the same weights every run of the config starts from (seeded build).
     (tmp_path / "float").mkdir()

@@ -57,6 +57,8 @@ class PostTrainingQuantization(QuantizedModules):
                 calibration_batches: 16
     """
 
+    export_needs_data = True  # `vlmc export` validates first, which calibrates
+
     def __init__(
         self,
         weights: QuantSpec | None = QuantSpec(),  # noqa: B008
