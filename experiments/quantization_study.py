@@ -8,7 +8,8 @@ on one GPU. The machinery (jobs, shared arguments, parallel runs, ``--pack``) is
    KV cache per token. PTQ rows (``ptq_w4a8_ch`` ...) calibrate and validate the base (``vlmc validate``); QAT rows
    (``qat_w4a8_ch`` ...) fine-tune the base for ``--qat_steps`` at ``--qat_lr`` and are exported (encodings,
    integer weights, ``qat_bpv.json``). Each summary carries ``top1_agreement`` (quantized vs float on the answer
-   positions; QAT rows against the float base they started from, PTQ rows against their own weights with
+   positions; QAT rows against ``float_finetune``, the base fine-tuned as long without quantization, so that
+   agreement measures quantization and not the fine-tuning's own drift; PTQ rows against their own weights with
    quantizers off, which are the base's) and ``weight_bits``.
 3. ``qalft``, per task (autofill, caption; ``data.init_args.tasks`` restricted to the task):
    ``lora_float_<task>``: float LoRA on the float base, evaluated in float (the reference);
@@ -138,7 +139,7 @@ class Study(sparsity_study.Study):
     def qat(self, bits: int, act_bits: int = 8, granularity: str = "ch", plan: Path | None = None) -> dict[str, Any]:
         args = dict(targets=LANGUAGE_MODEL, weights=weight_spec(bits, granularity, "mse" if bits <= 2 else None),
                     **activation_args(act_bits), start_step=0, calibration_batches=self.calibration,
-                    freeze_observers_at=0.9, scale_lr=1e-4, float_reference=str(self.base_export))
+                    freeze_observers_at=0.9, scale_lr=1e-4, float_reference=str(self.float_finetune))
         if plan is not None:
             args["plan"] = str(plan)
         return callback(QAT, **args)
@@ -163,6 +164,16 @@ class Study(sparsity_study.Study):
         return args
 
     # ------------------------------------------------------------------ the study's runs
+    @property
+    def float_finetune(self) -> Path:
+        """The float model QAT rows are compared with: the base fine-tuned like them, without quantization."""
+        return self.exports / "float_finetune"
+
+    def float_finetune_job(self) -> Job:
+        o = self.opts
+        return Job("float_finetune", "fit", overrides=self.on(self.base_export, o.qat_steps, o.qat_lr),
+                   export_to=self.float_finetune)
+
     def table_jobs(self) -> list[Job]:
         o = self.opts
         jobs = [Job("float", "validate", overrides=self.on(self.base_export))]
@@ -346,6 +357,8 @@ def main(argv: list[str] | None = None) -> None:
                 codes["dense_base"] = study.run(study.base_job())
         if "table" in opts.stages:
             need_base("table")
+            # QAT rows measure agreement against the float fine-tune, so it comes first.
+            codes.update(study.run_all([study.float_finetune_job()], 1))
             codes.update(study.run_all(study.table_jobs(), opts.parallel))
         checks = None
         if "runtime" in opts.stages:  # CPU work: runs beside the GPU stages below

@@ -67,6 +67,11 @@ def test_every_run_has_a_unique_name_and_valid_plugin_arguments(tmp_path: Path) 
             + study.stacked_jobs())
     names = [job.name for job in jobs]
     assert len(names) == len(set(names))
+    reference = study.float_finetune_job()
+    assert reference.verb == "fit" and reference.export_to == study.float_finetune and reference.name not in names
+    qat_rows = [job for job in jobs if job.name.startswith("qat_")]
+    assert qat_rows and all(job.callbacks[0]["init_args"]["float_reference"] == str(study.float_finetune)
+                            for job in qat_rows)
     assert {"float", "ptq_w4a8_ch", "qat_w2a8_g32", "qat_w4a16_ch", "lora_float_autofill",
             "lora_float_ptq_w4a8_caption", "lora_qat_ptq_w4a8_autofill", "qalft_caption", "mixed_avg3",
             "mixed_avg5", "qat_uniform_w3a8_ch", "stacked_ramp75_qat_w4a8"} <= set(names)
