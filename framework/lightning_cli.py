@@ -1,0 +1,66 @@
+"""The LightningCLI subclass behind ``vlmc fit/validate/test/predict`` and its config-saving callback.
+
+Module-level classes (not classes made inside a factory) so that spawn-based strategies (``ddp_spawn``) can
+pickle the trainer's callbacks; :mod:`framework.cli` imports this module lazily, keeping ``vlmc --help`` fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+
+from framework.report import RunReport
+
+
+class RunConfigSaver(SaveConfigCallback):
+    """Saves the resolved config as ``config.yaml`` in the run folder (beside ``checkpoints/`` and
+    ``summary.json``), once the checkpoint folder is known, instead of in the logger's folder."""
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        pass  # the run folder is resolved by ModelCheckpoint's own setup, which runs later
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.already_saved or not trainer.is_global_zero:
+            return
+        from framework.io import atomic_write_text
+
+        folder = RunReport().run_folder(trainer)
+        target = (folder / self.config_filename).resolve()
+        inputs = {Path(str(c)).resolve() for c in (self.config.get("config") or [])}
+        if target in inputs:  # never replace a config the run was started from
+            target = target.with_name(f"resolved_{self.config_filename}")
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(target, self.parser.dump(self.config, skip_none=False))
+        self.already_saved = True
+
+
+class VLMCLI(LightningCLI):
+    """LightningCLI with the project's defaults: W&B logger, atomic checkpoints, run summary."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(RunReport, "report")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 500})
+
+    def _run_report(self) -> RunReport:
+        return next(c for c in self.trainer.callbacks if isinstance(c, RunReport))
+
+    def after_fit(self) -> None:
+        if self.trainer.interrupted:
+            return
+        report = self._run_report()
+        # The table reports the final weights: evaluate once more unless the last validation was at the end.
+        if report.eval_step != self.trainer.global_step and self.trainer.limit_val_batches != 0:
+            self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+        report.write(self.trainer, self.model)
+
+    def after_validate(self) -> None:
+        self._run_report().write(self.trainer, self.model)
+
+    def after_test(self) -> None:
+        self._run_report().write(self.trainer, self.model)
+
+    config_saver = RunConfigSaver
