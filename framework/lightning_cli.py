@@ -45,6 +45,14 @@ class VLMCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 500})
 
+    def before_instantiate_classes(self) -> None:
+        # Every batch holds one task: a text-only batch leaves the vision tower without gradients, which DDP
+        # refuses unless told to look for unused parameters. Several devices with the default strategy get that.
+        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        trainer = config.get("trainer")
+        if trainer is not None and trainer.get("strategy", "auto") == "auto" and _several(trainer.get("devices")):
+            trainer["strategy"] = "ddp_find_unused_parameters_true"
+
     def _run_report(self) -> RunReport:
         return next(c for c in self.trainer.callbacks if isinstance(c, RunReport))
 
@@ -64,3 +72,19 @@ class VLMCLI(LightningCLI):
         self._run_report().write(self.trainer, self.model)
 
     config_saver = RunConfigSaver
+
+
+def _several(devices: Any) -> bool:
+    """Whether a ``trainer.devices`` value asks for more than one device (``auto`` / -1 count the visible GPUs)."""
+    if isinstance(devices, (list, tuple)):
+        return len(devices) > 1
+    if isinstance(devices, str) and "," in devices:
+        return len([d for d in devices.split(",") if d.strip()]) > 1
+    if devices in ("auto", -1, "-1", None):
+        import torch
+
+        return torch.cuda.is_available() and torch.cuda.device_count() > 1
+    try:
+        return int(devices) > 1
+    except (TypeError, ValueError):
+        return False

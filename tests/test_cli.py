@@ -125,3 +125,14 @@ def main_bench(argv: list[str]) -> dict:
     from framework.bench import main as bench
 
     return bench(argv)
+
+
+@pytest.mark.parametrize(("trainer", "expected"), [
+    ({"devices": 2}, {"find_unused_parameters": True}),  # task-homogeneous batches leave parameters unused
+    ({"devices": 2, "strategy": "ddp"}, {}),             # an explicit strategy is kept
+    ({"devices": 1}, None),
+])
+def test_several_devices_get_ddp_that_tolerates_unused_parameters(tmp_path: Path, trainer: dict,
+                                                                   expected: dict | None) -> None:
+    cli = build(["--config", str(tiny_config(tmp_path, accelerator="cpu", logger=False, **trainer))], run=False)
+    assert getattr(cli.trainer.strategy, "_ddp_kwargs", None) == expected
