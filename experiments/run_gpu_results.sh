@@ -26,6 +26,10 @@ bench)
   # Regional torch.compile of every transformer block, same batch as the first run.
   $PY -m framework.cli bench --config experiments/pretrain/gpu_base.yaml "${LOGGER[@]}" --model.init_args.compile=true \
     --steps 40 --warmup 60 --plain --out "$OUT/bench_gpu_base_compiled.json" 2>&1 | tail -n 20 || true
+  # Fixed shapes (every batch padded to max_length) and CUDA graphs: the launch-bound step's remedy.
+  $PY -m framework.cli bench --config experiments/pretrain/gpu_base.yaml "${LOGGER[@]}" --model.init_args.compile=true \
+    --model.init_args.compile_mode=reduce-overhead --data.init_args.pad_to_max_length=true \
+    --steps 40 --warmup 60 --plain --out "$OUT/bench_gpu_base_cudagraphs.json" 2>&1 | tail -n 20 || true
   ;;
 train)
   STEPS=${STEPS:-4000}

@@ -20,6 +20,7 @@ from framework.models import load_vlm
 from framework.plugin import check_plugins, find_plugins
 from framework.processing import VLMProcessor, family_for
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_grid_thw", "mm_token_type_ids")
 
 
@@ -49,6 +50,9 @@ class VLMModule(pl.LightningModule):
         max_length: default longest sequence when no datamodule sets it.
         compile: compile each transformer block with ``torch.compile`` (regional compilation: one graph reused by
             every layer; parameter names are unchanged, so checkpoints and exports are the same).
+        compile_mode: ``torch.compile`` mode of those blocks: ``default``, ``reduce-overhead`` (CUDA graphs: fewer
+            kernel launches; pair it with ``data.init_args.pad_to_max_length`` so shapes stay fixed),
+            ``max-autotune`` or ``max-autotune-no-cudagraphs``.
 
     Example::
 
@@ -73,6 +77,7 @@ class VLMModule(pl.LightningModule):
         generate_batches: int = 1,
         max_length: int = 512,
         compile: bool = False,
+        compile_mode: str = "default",
     ) -> None:
         super().__init__()
         if not (lr > 0 and math.isfinite(lr)):
@@ -83,6 +88,9 @@ class VLMModule(pl.LightningModule):
             raise ValueError(f"model.min_lr_ratio: must be in [0, 1], got {min_lr_ratio}")
         if max_new_tokens < 1:
             raise ValueError(f"model.max_new_tokens: must be >= 1, got {max_new_tokens}")
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f"model.compile_mode: must be one of {', '.join(map(repr, COMPILE_MODES))}, "
+                             f"got {compile_mode!r}")
         if generate_batches < -1:
             raise ValueError(f"model.generate_batches: must be -1 (all) or >= 0, got {generate_batches}")
         self.save_hyperparameters()
@@ -110,7 +118,9 @@ class VLMModule(pl.LightningModule):
             # After the plugins: their masks and hooks are part of what gets compiled.
             for module in self.model.modules():
                 if type(module).__name__.endswith(("DecoderLayer", "EncoderLayer", "VisionBlock")):
-                    module.compile(dynamic=True)
+                    # Dynamic: generation changes the sequence length every step; padded training batches keep
+                    # one shape, so CUDA graphs (reduce-overhead) are recorded once for them.
+                    module.compile(dynamic=True, mode=self.hparams.compile_mode)
             self._compiled = True
 
     @override
@@ -120,6 +130,7 @@ class VLMModule(pl.LightningModule):
             return
         if hasattr(datamodule, "max_length"):
             self.processor.max_length = datamodule.max_length
+        self.processor.pad_to_max_length = bool(getattr(datamodule, "pad_to_max_length", False))
         if hasattr(datamodule, "check_lengths"):
             datamodule.check_lengths(self.processor)
         for task in getattr(datamodule, "val_sets", {}):

@@ -105,10 +105,12 @@ class VLMProcessor:
     Args:
         family: the model family (knows the image placeholder).
         max_length: longest sequence allowed (prompt + answer); longer samples raise.
+        pad_to_max_length: training batches (with answers) are padded to ``max_length``, not to their longest row.
     """
 
-    def __init__(self, family: Family, max_length: int) -> None:
+    def __init__(self, family: Family, max_length: int, pad_to_max_length: bool = False) -> None:
         self.family = family
+        self.pad_to_max_length = pad_to_max_length
         self.tokenizer = family.tokenizer
         self.max_length = max_length
         self.pad_id = self.tokenizer.pad_token_id
@@ -137,6 +139,8 @@ class VLMProcessor:
                 )
             rows.append((prompt, answer))
         width = max(len(p) + len(a) for p, a in rows)
+        if with_answer and self.pad_to_max_length:
+            width = self.max_length
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)

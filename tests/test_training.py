@@ -85,3 +85,38 @@ def test_missing_checkpoint_path_is_named(tmp_path: Path) -> None:
     cli = make_cli(tiny_config(tmp_path, max_steps=2))
     with pytest.raises(FileNotFoundError, match="nothere.ckpt"):
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(tmp_path / "nothere.ckpt"))
+
+
+def test_compile_mode_is_checked() -> None:
+    from framework.module import VLMModule
+
+    with pytest.raises(ValueError, match=r"model.compile_mode: must be one of 'default', 'reduce-overhead'"):
+        VLMModule(model="experiments/models/llava-test.json", compile_mode="fast")
+
+
+def test_compiled_blocks_on_fixed_shape_batches_train_like_eager(tmp_path: Path) -> None:
+    """Regional compilation with every training batch padded to max_length: one shape, same losses as eager."""
+    data = {"class_path": "framework.VLMDataModule",
+            "init_args": {"tasks": {"caption": 1.0, "autofill": 1.0}, "image_size": 64, "batch_size": 4,
+                          "batches_per_epoch": 6, "val_samples": 4, "max_length": 128, "pad_to_max_length": True}}
+    losses = {}
+    for compiled in (False, True):
+        folder = tmp_path / f"compiled_{compiled}"
+        folder.mkdir()
+        cli = make_cli(tiny_config(folder, max_steps=3, data=data, limit_val_batches=0, val_check_interval=None),
+                       f"--model.init_args.compile={str(compiled).lower()}")
+        widths = []
+        original = cli.model.training_step
+
+        def step(batch, batch_idx, original=original, widths=widths):  # noqa: ANN001, ANN202
+            widths.append(batch["input_ids"].shape[1])
+            out = original(batch, batch_idx)
+            losses.setdefault(compiled, []).append(float(out["loss"] if isinstance(out, dict) else out))
+            return out
+
+        cli.model.training_step = step
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        assert widths and set(widths) == {128}
+        names = {k for k in model_state(cli.model) if "val_" not in k}
+        assert not any("_orig_mod" in k for k in names)  # parameter names unchanged by compilation
+    torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-3, atol=1e-3)

@@ -158,6 +158,8 @@ class VLMDataModule(pl.LightningDataModule):
         max_length: longest prompt + answer in tokens; a longer sample is an error naming it.
         num_workers: DataLoader worker processes (rendering images is CPU work).
         skip_corrupt: skip JSONL records with missing or unreadable images instead of failing (reported).
+        pad_to_max_length: pad every training batch to ``max_length`` tokens: fixed shapes, so a compiled model
+            (``model.init_args.compile``) never recompiles and CUDA graphs can replay; costs the padded compute.
 
     Example::
 
@@ -181,6 +183,7 @@ class VLMDataModule(pl.LightningDataModule):
         max_length: int = 512,
         num_workers: int = 0,
         skip_corrupt: bool = False,
+        pad_to_max_length: bool = False,
     ) -> None:
         super().__init__()
         self.tasks = dict(tasks if tasks is not None else {"caption": 1.0, "autofill": 1.0})
@@ -214,6 +217,7 @@ class VLMDataModule(pl.LightningDataModule):
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"data.{key}: must be an integer >= {low}, got {value!r}")
         self.image_size = image_size
+        self.pad_to_max_length = bool(pad_to_max_length)
         self.seed = seed
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
