@@ -149,7 +149,7 @@ def timed_fit(args: list[str], steps: int, warmup: int, *, drop_plugins: bool = 
         "--checkpoint.save_top_k=0", "--checkpoint.save_last=false", "--trainer.num_sanity_val_steps=0",
         "--trainer.enable_progress_bar=false",
     ]
-    cli = build(args + overrides, run=False)
+    cli = build(args + overrides, run=False, save_config=False)  # nothing of a timing run is kept
     if drop_plugins:
         plugins = find_plugins(cli.trainer)
         cli.trainer.callbacks[:] = [cb for cb in cli.trainer.callbacks if cb not in plugins]

@@ -60,8 +60,11 @@ def trainer_defaults() -> dict[str, Any]:
     }
 
 
-def build(args: list[str], *, run: bool) -> Any:
-    """Instantiate the CLI (``run=False`` builds model, data and trainer from a config without running)."""
+def build(args: list[str], *, run: bool, save_config: bool = True) -> Any:
+    """Instantiate the CLI (``run=False`` builds model, data and trainer from a config without running).
+
+    ``save_config=False``: no ``config.yaml`` in the run folder (measurements such as ``vlmc bench`` keep no run).
+    """
     from framework.data import VLMDataModule
     from framework.module import VLMModule
 
@@ -72,7 +75,7 @@ def build(args: list[str], *, run: bool) -> Any:
         subclass_mode_model=True,
         subclass_mode_data=True,
         trainer_defaults=trainer_defaults(),
-        save_config_callback=cli_class.config_saver,
+        save_config_callback=cli_class.config_saver if save_config else None,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"parser_mode": "omegaconf"} if _has_omegaconf() else None,
         # LightningCLI warns when given the process's own argv as `args`; let it read sys.argv itself then.

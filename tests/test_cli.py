@@ -94,11 +94,17 @@ def test_export_verb_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture) -
               str(tmp_path / "e2")])
 
 
-def test_bench_verb_prints_throughput(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_bench_verb_prints_throughput(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
     config = tiny_config(tmp_path)
     out = tmp_path / "bench.json"
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)  # a timing run keeps nothing: no config.yaml where it runs
     results = main_bench(["--config", str(config), "--steps", "3", "--warmup", "1", "--new_tokens", "4",
                           "--repeats", "1", "--out", str(out)])
+    # The run folder is tmp_path, where the input config.yaml lies: a saved config would be resolved_config.yaml.
+    assert not (workdir / "config.yaml").exists() and not (tmp_path / "resolved_config.yaml").exists()
     printed = capsys.readouterr().out
     assert "tokens_per_s" in printed and "generate_tokens_per_s" in printed
     saved = json.loads(out.read_text())
