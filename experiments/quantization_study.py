@@ -51,7 +51,6 @@ import argparse
 import importlib.util
 import json
 import shutil
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -119,17 +118,12 @@ class Study(sparsity_study.Study):
         self.exports = self.work / "exports"
         self.plans = self.work / "plans"
 
-    def python(self, name: str, args: list[str]) -> int:
+    def python(self, name: str, args: list[str], cwd: Path | None = None) -> int:
         """As the sparsity study's, but in a folder of its own (Lightning writes ``config.yaml`` where it runs)."""
-        log = self.work / "logs" / f"{name}.log"
-        cwd = self.work / "runs" / name
-        cwd.mkdir(parents=True, exist_ok=True)
-        print(f"[start] {name}", flush=True)
-        with log.open("w") as handle:
-            code = subprocess.call([sys.executable, *args], cwd=cwd, stdout=handle, stderr=subprocess.STDOUT,
-                                   env=self.env)
-        print(f"[{'done' if code == 0 else f'FAILED rc={code}'}] {name}", flush=True)
-        return code
+        if cwd is None:
+            cwd = self.work / "runs" / name
+            cwd.mkdir(parents=True, exist_ok=True)
+        return super().python(name, args, cwd)
 
     @property
     def calibration(self) -> int:
@@ -355,10 +349,12 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"[skip] dense_base: using {study.base_export}", flush=True)
             else:
                 codes["dense_base"] = study.run(study.base_job())
+        if {"table", "mixed", "stacked"} & set(opts.stages) and not (study.float_finetune / "config.json").exists():
+            need_base("float_finetune")
+            # Every QAT run measures agreement against the float fine-tune, so it comes first.
+            codes["float_finetune"] = study.run(study.float_finetune_job())
         if "table" in opts.stages:
             need_base("table")
-            # QAT rows measure agreement against the float fine-tune, so it comes first.
-            codes.update(study.run_all([study.float_finetune_job()], 1))
             codes.update(study.run_all(study.table_jobs(), opts.parallel))
         checks = None
         if "runtime" in opts.stages:  # CPU work: runs beside the GPU stages below

@@ -83,7 +83,8 @@ class Study:
     # ------------------------------------------------------------------ running one job
     def common(self) -> list[str]:
         o = self.opts
-        args = ["--config", str(Path(o.base_config).resolve()), "--config", str(ROOT / "experiments" / "csv_logger.yaml"),
+        args = ["--config", str(Path(o.base_config).resolve()),
+                "--config", str(ROOT / "experiments" / "csv_logger.yaml"),
                 f"--data.init_args.num_workers={o.workers}", "--trainer.enable_progress_bar=false"]
         if o.smoke:
             args += ["--trainer.accelerator=cpu", "--trainer.precision=32-true", "--data.init_args.batch_size=4",
@@ -133,11 +134,12 @@ class Study:
             codes = dict(zip([j.name for j in jobs], pool.map(self.run, jobs)))
         return codes
 
-    def python(self, name: str, args: list[str]) -> int:
+    def python(self, name: str, args: list[str], cwd: Path = ROOT) -> int:
+        """``python <args>`` in ``cwd``, logged to ``<work>/logs/<name>.log``; returns the exit code."""
         log = self.work / "logs" / f"{name}.log"
         print(f"[start] {name}", flush=True)
         with log.open("w") as handle:
-            code = subprocess.call([sys.executable, *args], cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT,
+            code = subprocess.call([sys.executable, *args], cwd=cwd, stdout=handle, stderr=subprocess.STDOUT,
                                    env=self.env)
         print(f"[{'done' if code == 0 else f'FAILED rc={code}'}] {name}", flush=True)
         return code

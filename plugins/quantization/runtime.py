@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """``python -m plugins.quantization.runtime EXPORT``: fake-quant model vs integer runtime on validation samples."""
     import argparse
 
-    from framework.io import atomic_write_text
+    from framework.io import atomic_write_json
 
     parser = argparse.ArgumentParser(prog="python -m plugins.quantization.runtime", description=check_export.__doc__
                                      .split("\n\n")[0])
@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"{row['decided_fraction']:>8.3f} {row['top1_decided']:>12.4f} {row['max_abs_diff']:>10.3g} "
               f"{row['max_rel_diff']:>9.2g}")
     if opts.out:
-        atomic_write_text(opts.out, json.dumps(result, indent=2))
+        atomic_write_json(opts.out, result)
     return result
 
 

@@ -510,14 +510,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     module.to(device)
     with cli.trainer.precision_plugin.forward_context():  # the run's precision (e.g. bf16 autocast)
         rows = measure_sensitivity(module.model, batches, targets, opts.bits, template, opts.metric)
+    # What does not depend on the budget is computed once and shared by every plan.
+    shared: dict[str, Any] = {"metric": opts.metric, "spec": template.to_dict(), "batches": opts.batches,
+                              "configs": opts.config, "checkpoint": opts.ckpt_path}
+    if opts.pareto:
+        shared["pareto"] = pareto_curve(rows, opts.pareto, opts.bits)
+    uniform: dict[str, float] | None = None
     plans = []
     for key, value in budgets:
         plan = plan_bits(rows, bits_options=opts.bits, **{key: value})
-        plan.update({"metric": opts.metric, "spec": template.to_dict(), "batches": opts.batches,
-                     "configs": opts.config, "checkpoint": opts.ckpt_path,
-                     "uniform_delta": {str(b): uniform_delta(rows, b, opts.bits) for b in plan["bits_options"]}})
-        if opts.pareto:
-            plan["pareto"] = pareto_curve(rows, opts.pareto, opts.bits)
+        if uniform is None:
+            uniform = {str(b): uniform_delta(rows, b, opts.bits) for b in plan["bits_options"]}
+        plan.update({**shared, "uniform_delta": uniform})
         out = opts.out.replace("{budget}", f"{value:g}")
         write_plan(plan, out)
         print(format_table(plan))
@@ -531,6 +535,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             delta = "infeasible" if point["predicted_delta"] is None else f"{point['predicted_delta']:.4g}"
             print(f"{point['budget_avg_bits']:>8.3g}  {avg:>8}  {delta:>15}")
     return plans[0] if len(plans) == 1 else {"plans": plans}
+
 
 if __name__ == "__main__":
     main(sys.argv[1:])
