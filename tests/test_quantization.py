@@ -430,6 +430,8 @@ def test_runtime_check_compares_an_export_on_validation_samples(tmp_path: Path, 
     # Where the fake-quant model's top-2 margin is above float rounding, the integer runtime picks the same token.
     assert overall["top1_decided"] == 1.0 and overall["decided_fraction"] > 0.8
     assert overall["top1_all"] >= 0.97 and overall["max_rel_diff"] < 1e-2
+    assert 0 <= overall["median_position_diff"] <= overall["max_abs_diff"]
+    assert 0.0 <= overall["share_positions_above_1e-3"] <= 1.0
     assert json.loads((tmp_path / "check.json").read_text())["overall"] == overall
     assert "overall" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--samples / --batch_size: must be >= 1"):

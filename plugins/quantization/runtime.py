@@ -265,7 +265,8 @@ def check_export(folder: str | Path, tasks: list[str], samples: int = 64, *, ima
 
     Returns:
         ``{"tasks": {task: row}, "overall": row}``, each row with ``positions``, ``top1_answer``, ``top1_all``,
-        ``top1_decided``, ``decided_fraction``, ``max_abs_diff``, ``max_rel_diff``.
+        ``top1_decided``, ``decided_fraction``, ``max_abs_diff``, ``max_rel_diff``, and over positions (each
+        position's largest logit difference) ``median_position_diff`` and ``share_positions_above_1e-3``.
     """
     from framework.data.datamodule import VAL_SEED_OFFSET
     from framework.data.tasks import make_task
@@ -287,12 +288,14 @@ def check_export(folder: str | Path, tasks: list[str], samples: int = 64, *, ima
     handle = language_model.register_forward_pre_hook(grab, with_kwargs=True)
     rows: dict[str, dict[str, Any]] = {}
     totals = {key: Top1Agreement() for key in ("answer", "all", "decided")}
-    overall = {"positions": 0, "decided": 0, "max_abs_diff": 0.0, "max_rel_diff": 0.0}
+    overall: dict[str, Any] = {"positions": 0, "decided": 0, "max_abs_diff": 0.0, "max_rel_diff": 0.0,
+                               "position_diffs": []}
     try:
         for task_name in tasks:
             task = make_task(task_name, seed=seed + VAL_SEED_OFFSET, image_size=image_size)
             metrics = {key: Top1Agreement() for key in ("answer", "all", "decided")}
-            stats = {"positions": 0, "decided": 0, "max_abs_diff": 0.0, "max_rel_diff": 0.0}
+            stats: dict[str, Any] = {"positions": 0, "decided": 0, "max_abs_diff": 0.0, "max_rel_diff": 0.0,
+                                     "position_diffs": []}
             for start in range(0, samples, batch_size):
                 batch = processor.encode([task[i] for i in range(start, min(samples, start + batch_size))])
                 labels = batch.pop("labels")
@@ -311,7 +314,9 @@ def check_export(folder: str | Path, tasks: list[str], samples: int = 64, *, ima
                     totals[key].update(integer, fake, where)
                 diff = (integer[mask] - fake[mask]).abs()
                 scale = float(fake[mask].abs().max())
+                per_position = diff.amax(dim=-1)
                 for target in (stats, overall):
+                    target["position_diffs"].append(per_position)
                     target["positions"] += int(mask.sum())
                     target["decided"] += int(decided.sum())
                     target["max_abs_diff"] = max(target["max_abs_diff"], float(diff.max()))
@@ -323,10 +328,14 @@ def check_export(folder: str | Path, tasks: list[str], samples: int = 64, *, ima
 
 
 def _agreement_row(metrics: dict[str, Any], stats: dict[str, Any]) -> dict[str, Any]:
+    # Most positions differ by float rounding only; a flipped activation code shows as a position far above it.
+    diffs = torch.cat(stats["position_diffs"]) if stats["position_diffs"] else torch.zeros(1)
     return {"positions": stats["positions"], "top1_answer": float(metrics["answer"].compute()),
             "top1_all": float(metrics["all"].compute()), "top1_decided": float(metrics["decided"].compute()),
             "decided_fraction": stats["decided"] / max(1, stats["positions"]),
-            "max_abs_diff": stats["max_abs_diff"], "max_rel_diff": stats["max_rel_diff"]}
+            "max_abs_diff": stats["max_abs_diff"], "max_rel_diff": stats["max_rel_diff"],
+            "median_position_diff": float(diffs.median()),
+            "share_positions_above_1e-3": float((diffs > 1e-3).float().mean())}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -354,11 +363,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = check_export(opts.export, opts.tasks, opts.samples, image_size=opts.image_size,
                           max_length=opts.max_length, batch_size=opts.batch_size, seed=opts.seed)
     print(f"{'task':<10} {'positions':>9} {'top1 answer':>11} {'top1 all':>9} {'decided':>8} {'top1 decided':>12} "
-          f"{'max |diff|':>10} {'rel':>9}")
+          f"{'max |diff|':>10} {'rel':>9} {'median':>9} {'>1e-3':>6}")
     for name, row in [*result["tasks"].items(), ("overall", result["overall"])]:
         print(f"{name:<10} {row['positions']:>9} {row['top1_answer']:>11.4f} {row['top1_all']:>9.4f} "
               f"{row['decided_fraction']:>8.3f} {row['top1_decided']:>12.4f} {row['max_abs_diff']:>10.3g} "
-              f"{row['max_rel_diff']:>9.2g}")
+              f"{row['max_rel_diff']:>9.2g} {row['median_position_diff']:>9.2g} "
+              f"{row['share_positions_above_1e-3']:>6.3f}")
     if opts.out:
         atomic_write_json(opts.out, result)
     return result
