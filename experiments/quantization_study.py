@@ -355,7 +355,9 @@ def main(argv: list[str] | None = None) -> None:
             codes["float_finetune"] = study.run(study.float_finetune_job())
         if "table" in opts.stages:
             need_base("table")
-            codes.update(study.run_all(study.table_jobs(), opts.parallel))
+            # The stacked run needs nothing from the table: it shares the table's pool instead of waiting for it.
+            stacked = study.stacked_jobs() if "stacked" in opts.stages else []
+            codes.update(study.run_all(study.table_jobs() + stacked, opts.parallel))
         checks = None
         if "runtime" in opts.stages:  # CPU work: runs beside the GPU stages below
             checks = ThreadPoolExecutor(max_workers=1).submit(study.runtime_checks)
@@ -372,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
         jobs = []
         if "mixed" in opts.stages:
             jobs += study.mixed_jobs()
-        if "stacked" in opts.stages:
+        if "stacked" in opts.stages and "table" not in opts.stages:
             need_base("stacked")
             jobs += study.stacked_jobs()
         if jobs:

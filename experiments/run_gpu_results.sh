@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces the GPU numbers of README's Results section on one CUDA GPU.
-#   bash experiments/run_gpu_results.sh bench   # throughput + MFU of the GPU base, SmolLM2-shaped preset step time
+#   bash experiments/run_gpu_results.sh bench   # throughput + MFU of the GPU base at batch $BATCHES, compiled, SmolLM2 shape
 #   bash experiments/run_gpu_results.sh train   # trains the GPU base (experiments/pretrain/gpu_base.yaml)
 # Results land in $OUT (default experiments/results/gpu). Uses CSV logging so it runs where wandb is absent.
 set -euo pipefail
@@ -13,23 +13,29 @@ LOGGER=(--config experiments/csv_logger.yaml)
 
 case "${1:-bench}" in
 bench)
-  # Batch 128 and the training batch, 256; 60 warm-up steps drain the workers' prefetched batches, so the timed
-  # steps include data loading at its steady rate.
-  $PY -m framework.cli bench --config experiments/pretrain/gpu_base.yaml "${LOGGER[@]}" --data.init_args.batch_size=128 \
-    --steps 40 --warmup 60 --plain --static_cache --out "$OUT/bench_gpu_base_b128.json" 2>&1 | tail -n 20
-  $PY -m framework.cli bench --config experiments/pretrain/gpu_base.yaml "${LOGGER[@]}" \
-    --steps 40 --warmup 60 --plain --out "$OUT/bench_gpu_base.json" 2>&1 | tail -n 20
+  # Eager steps at each batch size ($BATCHES), beside a plain PyTorch loop; 60 warm-up steps drain the workers'
+  # prefetched batches, so the timed steps include data loading at its steady rate. Batch 128 also times decoding
+  # with a static cache.
+  for batch in ${BATCHES:-128 256 512 1024}; do
+    extra=(); [ "$batch" = 128 ] && extra=(--static_cache)
+    $PY -m framework.cli bench --config experiments/pretrain/gpu_base.yaml "${LOGGER[@]}" \
+      --data.init_args.batch_size="$batch" --data.init_args.num_workers=14 --steps 40 --warmup 60 --plain \
+      "${extra[@]}" --out "$OUT/bench_gpu_base_b$batch.json" 2>&1 | tail -n 20 || true
+  done
   $PY -m framework.cli bench --config experiments/pretrain/smollm2_vlm.yaml "${LOGGER[@]}" \
     --model.init_args.model=experiments/models/llava-smollm2-shape.json --model.init_args.text_gguf=null \
     --trainer.accelerator=gpu --data.init_args.num_workers=8 --steps 20 --warmup 10 \
     --out "$OUT/bench_smollm2_shape.json" 2>&1 | tail -n 20
-  # Regional torch.compile of every transformer block, same batch as the first run.
+  # At the largest batch: regional torch.compile of every transformer block, then fixed shapes (every batch padded
+  # to max_length) with CUDA graphs, the remedy for a launch-bound step.
+  big=${COMPILE_BATCH:-1024}
   $PY -m framework.cli bench --config experiments/pretrain/gpu_base.yaml "${LOGGER[@]}" --model.init_args.compile=true \
-    --steps 40 --warmup 60 --plain --out "$OUT/bench_gpu_base_compiled.json" 2>&1 | tail -n 20 || true
-  # Fixed shapes (every batch padded to max_length) and CUDA graphs: the launch-bound step's remedy.
+    --data.init_args.batch_size="$big" --data.init_args.num_workers=14 \
+    --steps 40 --warmup 60 --plain --out "$OUT/bench_gpu_base_b${big}_compiled.json" 2>&1 | tail -n 20 || true
   $PY -m framework.cli bench --config experiments/pretrain/gpu_base.yaml "${LOGGER[@]}" --model.init_args.compile=true \
     --model.init_args.compile_mode=reduce-overhead --data.init_args.pad_to_max_length=true \
-    --steps 40 --warmup 60 --plain --out "$OUT/bench_gpu_base_cudagraphs.json" 2>&1 | tail -n 20 || true
+    --data.init_args.batch_size="$big" --data.init_args.num_workers=14 \
+    --steps 40 --warmup 60 --plain --out "$OUT/bench_gpu_base_b${big}_cudagraphs.json" 2>&1 | tail -n 20 || true
   ;;
 train)
   STEPS=${STEPS:-4000}

@@ -6,11 +6,13 @@
 #   REUSE=experiments/results/sparsity/summaries bash experiments/run_gpu_studies.sh   # only the missing sparsity runs
 #
 # 1. experiments/sparsity_study.py trains the dense base on GPU 0 (and the same-compute from-scratch baseline of the
-#    50%-pruned shape on GPU 1), then runs its sweep over every GPU.
-# 2. The 2:4 kernel benchmark and 10-minute recipes for the GPU base ($RECIPES: batch 128, 8 px patches) use the
-#    last two GPUs while the base trains.
+#    50%-pruned shape on GPU 1), then runs its sweep; each run takes the least busy unreserved GPU.
+# 2. With four GPUs or more, the last two are reserved: 10-minute recipes for the GPU base ($RECIPES, batch:lr
+#    pairs), then the throughput table (experiments/run_gpu_results.sh bench) and the training overhead of every
+#    plugin, each with its GPU otherwise idle; then the studies get them too. (The 2:4 kernel table is the sparsity
+#    study's `kernels` stage: `python experiments/sparsity_study.py kernels`.)
 # 3. Once the base is exported, experiments/quantization_study.py starts from it and shares the GPUs with the sweep.
-# 4. With both studies done, the training overhead of every plugin is measured, one benchmark per GPU.
+# With fewer GPUs the overheads come last, after both studies.
 # Summaries, tables and logs land under $WORK/results/{sparsity,quantization,gpu}; copy them into
 # experiments/results/ to publish. CSV logging, so it runs where wandb is absent.
 set -uo pipefail
@@ -39,38 +41,67 @@ if [ -n "${REUSE:-}" ]; then
     case "$(basename "$f")" in summary_dense_base.json) ;; *) cp "$f" "$RES/sparsity/" ;; esac
   done
 fi
+# The last two GPUs (of four or more) first serve the framework's own measurements: each 10-minute base recipe
+# ($RECIPES) is sized by a throughput benchmark on its GPU, then trained; afterwards one GPU measures training
+# throughput (the MFU table) and the other the plugins' training overhead, both otherwise idle. Until then the
+# studies' runs avoid those GPUs (the file $RESERVED lists them).
+RESERVED=$WORK/reserved_gpus
+if [ "$GPUS" -ge 4 ]; then echo "$second_last $last" > "$RESERVED"; else rm -f "$RESERVED"; fi
+STUDY_GPUS=(--gpus "$GPUS" --reserved_gpus "$RESERVED")
+
 log "sparsity study: base, sweep, latency"
 $PY experiments/sparsity_study.py base sweep latency collect --out "$RES/sparsity" --work "$WORK/sparsity" \
-  --base_steps 2000 --ft_steps 500 --l0_steps 1200 --parallel "${SPARSITY_PARALLEL:-$GPUS}" --gpus "$GPUS" \
+  --base_steps 2000 --ft_steps 500 --l0_steps 1200 --parallel "${SPARSITY_PARALLEL:-$GPUS}" "${STUDY_GPUS[@]}" \
   > "$WORK/logs/sparsity_study.log" 2>&1 &
 sparsity=$!
 
-recipe() {  # name gpu steps overrides...: a GPU-base recipe, cut at 10 minutes like the issue's budget
-  local name=$1 gpu=$2 steps=$3; shift 3
+# name gpu batch lr: benchmark the recipe's step rate, then train for as many steps as fit $RECIPE_SECONDS of
+# training (validation and start-up take the rest of the 10 minutes), cut at 600 s like the issue's budget.
+recipe() {
+  local name=$1 gpu=$2 batch=$3 lr=$4
+  local cfg=(--config experiments/pretrain/gpu_base.yaml --config experiments/csv_logger.yaml
+             --data.init_args.batch_size="$batch" --model.init_args.lr="$lr" --data.init_args.num_workers=14)
+  CUDA_VISIBLE_DEVICES=$gpu $PY -m framework.cli bench "${cfg[@]}" --steps 40 --warmup 40 --plain \
+    --new_tokens 16 --repeats 1 --out "$RES/gpu/bench_$name.json" > "$WORK/logs/bench_$name.log" 2>&1
+  local steps
+  steps=$($PY -c "import json,sys; r=json.load(open(sys.argv[1])); print(int(r['steps_per_s'] * float(sys.argv[2]) // 100 * 100))" \
+          "$RES/gpu/bench_$name.json" "${RECIPE_SECONDS:-470}" 2>/dev/null || echo 2000)
+  log "$name: batch $batch lr $lr, $steps steps"
   local start=$(date +%s)
-  CUDA_VISIBLE_DEVICES=$gpu timeout 600 $PY -m framework.cli fit --config experiments/pretrain/gpu_base.yaml \
-    --config experiments/csv_logger.yaml --trainer.max_steps="$steps" --trainer.val_check_interval=$((steps / 4)) \
+  CUDA_VISIBLE_DEVICES=$gpu timeout 600 $PY -m framework.cli fit "${cfg[@]}" --trainer.max_steps="$steps" \
+    --trainer.val_check_interval=$((steps / 4)) --trainer.check_val_every_n_epoch=null \
     --trainer.enable_progress_bar=false --checkpoint.dirpath="$WORK/ckpt/$name" \
     --trainer.logger.init_args.save_dir="$WORK/runs/$name" \
-    --report.filename="$RES/gpu/summary_$name.json" "$@" > "$WORK/logs/$name.log" 2>&1
+    --report.filename="$RES/gpu/summary_$name.json" > "$WORK/logs/$name.log" 2>&1
   log "$name rc=$? in $(( $(date +%s) - start )) s"
   cp "$WORK"/runs/"$name"/*/version_*/metrics.csv "$RES/gpu/metrics_$name.csv" 2>/dev/null || true
 }
-RECIPES=${RECIPES:-b128}  # which 10-minute base recipes run beside the base: any of b128 p8
-(
-  CUDA_VISIBLE_DEVICES=$second_last $PY -m plugins.sparsity.bench --model experiments/models/llava-base-gpu.json \
-    --out "$RES/sparsity/bench_sparse24.json" > "$WORK/logs/kernels.log" 2>&1
-  log "kernels rc=$?"
-  case " $RECIPES " in *" b128 "*)
-    recipe recipe_b128 "$second_last" 4000 --data.init_args.batch_size=128 --trainer.check_val_every_n_epoch=null ;;
-  esac
-) &
-case " $RECIPES " in *" p8 "*)
-  recipe recipe_p8 "$last" 1600 --model.init_args.model=experiments/models/llava-base-gpu-p8.json \
-    --data.init_args.max_length=352 & ;;
-esac
-
+release() {  # gpu: the studies may use it again
+  [ -f "$RESERVED" ] && echo "$(tr ' ' '\n' < "$RESERVED" | grep -vx "$1" | tr '\n' ' ')" > "$RESERVED.tmp" && mv "$RESERVED.tmp" "$RESERVED"
+  log "gpu $1 released"
+}
 base=$WORK/sparsity/exports/dense_base
+if [ "$GPUS" -ge 4 ]; then
+  read -r -a recipes <<< "${RECIPES:-512:1.0e-3 1024:1.2e-3}"  # batch:lr
+  (
+    r=${recipes[0]}; recipe "recipe_b${r%%:*}" "$second_last" "${r%%:*}" "${r#*:}"
+    CUDA_VISIBLE_DEVICES=$second_last OUT=$RES/gpu BATCHES="128 256" bash experiments/run_gpu_results.sh bench > "$WORK/logs/throughput.log" 2>&1
+    log "throughput rc=$?"
+    release "$second_last"
+  ) &
+  (
+    if [ ${#recipes[@]} -gt 1 ]; then r=${recipes[1]}; recipe "recipe_b${r%%:*}" "$last" "${r%%:*}" "${r#*:}"; fi
+    CUDA_VISIBLE_DEVICES=$last $PY experiments/plugin_overhead.py --out "$RES/sparsity/overhead.json" \
+      > "$WORK/logs/overhead_sparsity.log" 2>&1
+    log "sparsity overhead rc=$?"
+    while [ ! -f "$WORK/quantization/exports/float_finetune/config.json" ]; do sleep 10; done
+    CUDA_VISIBLE_DEVICES=$last $PY experiments/quantization_study.py overhead --base_export "$base" \
+      --out "$RES/quantization" --work "$WORK/quantization" > "$WORK/logs/overhead_quantization.log" 2>&1
+    log "quantization overhead rc=$?"
+    release "$last"
+  ) &
+fi
+
 while [ ! -f "$base/config.json" ]; do
   kill -0 $sparsity 2>/dev/null || { log "sparsity study ended before the base was exported"; break; }
   sleep 10
@@ -79,18 +110,15 @@ if [ -f "$base/config.json" ]; then
   log "quantization study from $base"
   $PY experiments/quantization_study.py table runtime mixed qalft stacked collect --base_export "$base" \
     --out "$RES/quantization" --work "$WORK/quantization" --qat_steps 500 --lora_steps 400 \
-    --parallel "${QUANTIZATION_PARALLEL:-$GPUS}" --gpus "$GPUS" > "$WORK/logs/quantization_study.log" 2>&1
+    --parallel "${QUANTIZATION_PARALLEL:-$GPUS}" "${STUDY_GPUS[@]}" > "$WORK/logs/quantization_study.log" 2>&1
   log "quantization study rc=$?"
 fi
 wait $sparsity; log "sparsity study rc=$?"
 wait
-
-log "overheads"
-CUDA_VISIBLE_DEVICES=0 $PY experiments/plugin_overhead.py --out "$RES/sparsity/overhead.json" \
-  > "$WORK/logs/overhead_sparsity.log" 2>&1 &
-if [ -f "$base/config.json" ]; then
-  CUDA_VISIBLE_DEVICES=$((GPUS > 1 ? 1 : 0)) $PY experiments/quantization_study.py overhead --base_export "$base" \
-    --out "$RES/quantization" --work "$WORK/quantization" > "$WORK/logs/overhead_quantization.log" 2>&1 &
+if [ "$GPUS" -lt 4 ]; then  # one or two GPUs: the measurements that need an idle GPU come last
+  CUDA_VISIBLE_DEVICES=0 $PY experiments/plugin_overhead.py --out "$RES/sparsity/overhead.json" \
+    > "$WORK/logs/overhead_sparsity.log" 2>&1
+  [ -f "$base/config.json" ] && CUDA_VISIBLE_DEVICES=0 $PY experiments/quantization_study.py overhead \
+    --base_export "$base" --out "$RES/quantization" --work "$WORK/quantization" > "$WORK/logs/overhead_quantization.log" 2>&1
 fi
-wait
 log "all done"

@@ -27,6 +27,7 @@ import shlex
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -79,6 +80,42 @@ class Study:
                     # Each run's main process would otherwise start one CPU thread per core: with several runs on
                     # one host the spinning thread pools starved the GPUs (load 195 on 64 cores, GPUs mostly idle).
                     "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(run_threads(opts.parallel)))}
+        self._gpu_lock = threading.Lock()
+        self._gpu_load: dict[int, int] = {}
+
+    # ------------------------------------------------------------------ GPUs
+    def gpu_ids(self) -> list[int]:
+        return list(self.opts.gpu_ids) if getattr(self.opts, "gpu_ids", None) else list(range(self.opts.gpus))
+
+    def reserved_gpus(self) -> set[int]:
+        """GPUs another workload holds for now: the integers in ``--reserved_gpus`` (a file), while it exists."""
+        path = getattr(self.opts, "reserved_gpus", None)
+        try:
+            return {int(word) for word in Path(path).read_text().split()} if path else set()
+        except (FileNotFoundError, ValueError):
+            return set()
+
+    def acquire_gpu(self, job: Job) -> int | None:
+        """The GPU ``job`` runs on: its pinned one, else the least busy free one (waits while all are reserved)."""
+        ids = self.gpu_ids()
+        if len(ids) < 2 and job.gpu is None:
+            return ids[0] if ids and getattr(self.opts, "gpu_ids", None) else None
+        while True:
+            with self._gpu_lock:
+                if job.gpu is not None:
+                    gpu = ids[job.gpu % len(ids)]
+                else:
+                    free = [g for g in ids if g not in self.reserved_gpus()]
+                    gpu = min(free, key=lambda g: (self._gpu_load.get(g, 0), ids.index(g))) if free else None
+                if gpu is not None:
+                    self._gpu_load[gpu] = self._gpu_load.get(gpu, 0) + 1
+                    return gpu
+            time.sleep(5)
+
+    def release_gpu(self, gpu: int | None) -> None:
+        if gpu is not None:
+            with self._gpu_lock:
+                self._gpu_load[gpu] -= 1
 
     # ------------------------------------------------------------------ running one job
     def common(self) -> list[str]:
@@ -108,28 +145,31 @@ class Study:
             argv += [f"--checkpoint.dirpath={ckpt_dir}"]
         start = time.time()
         env = dict(self.env)
-        if job.gpu is not None and self.opts.gpus > 1:
-            env["CUDA_VISIBLE_DEVICES"] = str(job.gpu % self.opts.gpus)
-        print(f"[start] {job.name} (gpu {env.get('CUDA_VISIBLE_DEVICES', 'default')})", flush=True)
-        log.write_text(shlex.join(argv[1:]) + "\n")
-        # One working folder per run: loggers number their versions per folder, and runs start concurrently.
-        cwd = self.work / "runs" / job.name
-        cwd.mkdir(parents=True, exist_ok=True)
-        with log.open("a") as handle:
-            code = subprocess.call(argv, cwd=cwd, stdout=handle, stderr=subprocess.STDOUT, env=env)
-        if code == 0 and job.export_to is not None:
-            export = [sys.executable, "-m", "framework.cli", "export", *self.common(), "--config", str(config),
-                      *job.overrides, "--ckpt_path", str(ckpt_dir / "last.ckpt"), "--out", str(job.export_to),
-                      "--overwrite", "true"]
+        gpu = self.acquire_gpu(job)
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        try:
+            print(f"[start] {job.name} (gpu {env.get('CUDA_VISIBLE_DEVICES', 'default')})", flush=True)
+            log.write_text(shlex.join(argv[1:]) + "\n")
+            # One working folder per run: loggers number their versions per folder, and runs start concurrently.
+            cwd = self.work / "runs" / job.name
+            cwd.mkdir(parents=True, exist_ok=True)
             with log.open("a") as handle:
-                code = subprocess.call(export, cwd=cwd, stdout=handle, stderr=subprocess.STDOUT, env=env)
+                code = subprocess.call(argv, cwd=cwd, stdout=handle, stderr=subprocess.STDOUT, env=env)
+            if code == 0 and job.export_to is not None:
+                export = [sys.executable, "-m", "framework.cli", "export", *self.common(), "--config", str(config),
+                          *job.overrides, "--ckpt_path", str(ckpt_dir / "last.ckpt"), "--out", str(job.export_to),
+                          "--overwrite", "true"]
+                with log.open("a") as handle:
+                    code = subprocess.call(export, cwd=cwd, stdout=handle, stderr=subprocess.STDOUT, env=env)
+        finally:
+            self.release_gpu(gpu)
         print(f"[{'done' if code == 0 else f'FAILED rc={code}'}] {job.name} in {time.time() - start:.0f} s "
               f"(log {log})", flush=True)
         return code
 
     def run_all(self, jobs: list[Job], parallel: int) -> dict[str, int]:
-        for index, job in enumerate(jobs):  # spread over the GPUs in turn
-            job.gpu = index if job.gpu is None else job.gpu
+        # Each job takes the least busy unreserved GPU when it starts (see acquire_gpu).
         with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
             codes = dict(zip([j.name for j in jobs], pool.map(self.run, jobs)))
         return codes
@@ -324,6 +364,9 @@ def add_shared_arguments(parser: argparse.ArgumentParser, *, out: str, work: str
     parser.add_argument("--workers", type=int, default=2, help="data workers per run")
     parser.add_argument("--base_workers", type=int, default=10, help="data workers of the base pretraining run")
     parser.add_argument("--gpus", type=int, default=None, help="GPUs to spread runs over (default: all visible)")
+    parser.add_argument("--gpu_ids", type=int, nargs="+", help="which GPUs to spread runs over (default: 0..gpus-1)")
+    parser.add_argument("--reserved_gpus", help="a file listing GPU ids other work holds; new runs avoid them while "
+                        "it exists (jobs pinned to a GPU ignore it)")
     parser.add_argument("--smoke", action="store_true", help="tiny model, a few steps, CPU: checks the wiring")
     parser.add_argument("--rerun", action="store_true", help="run jobs whose summary already exists")
     parser.add_argument("--pack", help="also write logs and results into this .tar.gz at the end")

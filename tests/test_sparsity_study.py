@@ -55,3 +55,23 @@ def test_scratch_baseline_gets_the_same_compute(tmp_path: Path) -> None:
     steps = int(next(o for o in job.overrides if o.startswith("--trainer.max_steps=")).split("=")[1])
     # 10 base steps at batch 4 plus 30 L0 steps at batch 8, on a model with fewer parameters: more steps.
     assert steps > 10 + 30 * 8 // 4
+
+
+def test_runs_take_the_least_busy_unreserved_gpu(tmp_path: Path) -> None:
+    study = _study(tmp_path)
+    reserved = tmp_path / "reserved"
+    reserved.write_text("2 3\n")
+    study.opts.gpus, study.opts.gpu_ids, study.opts.reserved_gpus = 4, None, str(reserved)
+    job = study.base_job()
+    job.gpu = None
+    first, second, third = (study.acquire_gpu(job) for _ in range(3))
+    assert (first, second, third) == (0, 1, 0)  # 2 and 3 are held by other work
+    reserved.unlink()  # released: the idle ones come next
+    assert study.acquire_gpu(job) == 2 and study.acquire_gpu(job) == 3
+    study.release_gpu(first)
+    assert study.acquire_gpu(job) == 0
+    pinned = study.base_job()  # pinned to its GPU whatever the load
+    assert pinned.gpu == 0 and study.acquire_gpu(pinned) == 0
+    study.opts.gpu_ids = [5, 6]
+    pinned.gpu = 1
+    assert study.acquire_gpu(pinned) == 6

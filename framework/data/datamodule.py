@@ -264,6 +264,10 @@ class VLMDataModule(pl.LightningDataModule):
             raise RuntimeError("VLMDataModule needs a VLMModule (with a .processor) in the same Trainer")
         return processor
 
+    def _on_cuda(self) -> bool:
+        root = getattr(getattr(self.trainer, "strategy", None), "root_device", None)
+        return getattr(root, "type", None) == "cuda"
+
     def check_lengths(self, processor: Any) -> None:
         """Fail before training if any user sample is longer than ``max_length``."""
         for name, source in (self.train_sources.sources if self.train_sources else {}).items():
@@ -288,6 +292,8 @@ class VLMDataModule(pl.LightningDataModule):
             collate_fn=PositionCollator(self._processor()),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            # Page-locked batches copy to the GPU at full bandwidth (a batch of 1024 128-px images is 200 MB).
+            pin_memory=self._on_cuda(),
         )
 
     def training_batch(self, position: int = 0) -> dict[str, Any]:
