@@ -32,8 +32,8 @@ def test_every_run_has_a_unique_name_and_valid_plugin_arguments(tmp_path: Path) 
     assert {"dense", "dense_finetune", "ramp75", "ramp2of4", "oneshot_act_75", "oneshot_mag_2of4",
             "l0_50_improved", "l0_90_plain", "dense_finetune_l0"} <= set(names)
     # Longest runs first: the L0 fine-tunes and their dense reference lead the pool.
-    assert names[:7] == ["l0_50_improved", "l0_50_plain", "l0_90_improved", "l0_90_plain", "l0_50_improved_hard50",
-                         "l0_50_improved_hard80", "dense_finetune_l0"]
+    assert names[:8] == ["l0_50_improved", "l0_50_plain", "l0_90_improved", "l0_90_plain", "l0_50_improved_hard20",
+                         "l0_50_improved_hard50", "l0_90_improved_hard20", "dense_finetune_l0"]
     for job in jobs:
         for callback in job.callbacks:
             module_name, class_name = callback["class_path"].rsplit(".", 1)
