@@ -350,9 +350,23 @@ def test_validation_reports_top1_agreement_with_the_float_model(tmp_path: Path) 
         folder.mkdir()
         main(["validate", "--config", str(tiny_config(folder, callbacks=[ptq]))])
         summary = json.loads(next(folder.rglob("summary.json")).read_text())
-        agreement[bits] = summary["plugins"]["ptq"]["top1_agreement"]
+        result = summary["plugins"]["ptq"]
+        agreement[bits] = result["top1_agreement"]
+        # All positions = decided ones + near-ties, whose agreement lies somewhere in [0, 1].
+        # (An untrained tiny model is unsure everywhere: with no decided position that agreement is not reported.)
+        share, decided = result["near_tie_share"], result.get("top1_agreement_decided", 0.0)
+        assert 0.0 <= share <= 1.0
+        assert (1 - share) * decided - 1e-6 <= agreement[bits] <= (1 - share) * decided + share + 1e-6
     assert 0.0 <= agreement[2] < agreement[8] <= 1.0
     assert agreement[8] > 0.9  # 8-bit weights barely move the argmax
+
+
+def test_near_ties_compare_the_top_two_probabilities() -> None:
+    from plugins.quantization.common import near_ties
+
+    probs = torch.tensor([[0.50, 0.45, 0.05], [0.80, 0.15, 0.05], [0.40, 0.35, 0.25]])
+    assert near_ties(probs.log()).tolist() == [True, False, True]
+    assert near_ties(probs.log(), margin=0.04).tolist() == [False, False, False]
 
 
 def test_ptq_export_calibrates_on_the_runs_data_first(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

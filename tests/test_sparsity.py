@@ -393,3 +393,21 @@ def test_two_sparsity_plugins_on_one_layer_fail_at_startup(tmp_path: Path) -> No
     cli = make_cli(tiny_config(tmp_path, max_steps=3, callbacks=mixed, name="mixed.yaml", **NO_VAL))
     with pytest.raises(PluginConflictError, match="both rewrite"):
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+
+
+@pytest.mark.parametrize(("pattern", "expected_format", "mask_bits"), [("2:4", "nm", 1.0), ("4:8", "bitmask", 1.0)])
+def test_nm_export_keeps_the_smaller_index_coding(pattern: str, expected_format: str, mask_bits: float) -> None:
+    from framework.storage import bpv_row, unpack
+    from plugins.sparsity.config import Pattern
+    from plugins.sparsity.export import pack_sparse_weights
+
+    n, m = map(int, pattern.split(":"))
+    weight = torch.randn(16, 64)
+    groups = weight.view(16, -1, m)
+    drop = groups.abs().argsort(dim=-1)[..., : m - n]  # the m-n smallest of each group
+    weight = groups.scatter(-1, drop, 0.0).view(16, 64)
+    packed = pack_sparse_weights({"w": weight}, Pattern(n=n, m=m))["w"]
+    assert packed.format == expected_format
+    assert torch.equal(unpack(packed), weight)
+    # 2:4: 2-bit indices per kept value tie with the 1-bit mask; 4:8's 3-bit indices (1.5 bits) lose to it.
+    assert bpv_row("w", packed)["bpv"] == pytest.approx(0.5 * 32 + mask_bits)

@@ -9,7 +9,11 @@ codes and their bits per weight.
 
 Every validation and test batch is also run with quantization switched off: the share of answer positions where
 the quantized and the float model predict the same next token is logged as ``compression/<name>/top1_agreement``
-and reported in the run summary (the talk's device-vs-float "top-1 overlap").
+and reported in the run summary (the talk's device-vs-float "top-1 overlap"). Beside it, ``near_tie_share`` is the
+share of those positions where the float model's two most likely tokens are within ``DECIDED_MARGIN`` probability
+of each other, and ``top1_agreement_decided`` the agreement on the others: a model that is unsure between tokens
+flips at such positions under any perturbation (bf16 rounding included), which caps agreement whatever the bit
+width.
 
 Claims are shared (``exclusive_claims = False``): quantization reads the float weights as a master copy and
 rewrites them only at export, as ``scale * (q - zero_point)`` of the weight it is given. A plugin that zeroes
@@ -28,6 +32,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
+from torchmetrics.aggregation import MeanMetric
 import torch.nn as nn
 from typing_extensions import override
 
@@ -46,6 +51,16 @@ from plugins.quantization.placement import (
 )
 from plugins.quantization.quantizer import FakeQuantizer
 from plugins.quantization.sensitivity import load_plan, plan_specs
+
+# Float-model positions whose top-2 probabilities are closer than this count as near-ties (see the docstring).
+DECIDED_MARGIN = 0.1
+
+
+def near_ties(logits: torch.Tensor, margin: float = DECIDED_MARGIN) -> torch.Tensor:
+    """Positions (``logits.shape[:-1]``) where the two most likely tokens' probabilities differ by less than
+    ``margin``."""
+    top2 = logits.float().softmax(dim=-1).topk(2, dim=-1).values
+    return (top2[..., 0] - top2[..., 1]) < margin
 
 
 def default_targets() -> ModuleSelection:
@@ -129,7 +144,11 @@ class QuantizedModules(CompressionPlugin):
         self.quantizers: dict[str, FakeQuantizer] = {}
         self._export: dict[str, Any] | None = None
         self.agreement = Top1Agreement()
+        self.agreement_decided = Top1Agreement()
+        self.near_ties = MeanMetric()
         self.last_agreement: float | None = None
+        self.last_agreement_decided: float | None = None
+        self.last_near_tie_share: float | None = None
         self.float_reference = None if float_reference is None else str(float_reference)
         self._reference_model: nn.Module | None = None  # loaded on first use; never saved with the callback
 
@@ -222,6 +241,9 @@ class QuantizedModules(CompressionPlugin):
             "calibrated": int(all(q.is_initialized for q in self.quantizers.values() if q.static)),
             **({"plan": self.plan} if self.plan is not None else {}),
             **({"top1_agreement": self.last_agreement} if self.last_agreement is not None else {}),
+            **({"top1_agreement_decided": self.last_agreement_decided}
+               if self.last_agreement_decided is not None else {}),
+            **({"near_tie_share": self.last_near_tie_share} if self.last_near_tie_share is not None else {}),
             **({"float_reference": self.float_reference} if self.float_reference is not None else {}),
         }
 
@@ -268,15 +290,32 @@ class QuantizedModules(CompressionPlugin):
                              f"{tuple(reference.shape)}, the trained model {tuple(quantized.shape)}")
         # logits[:, t] predicts labels[:, t + 1]: count the positions that predict an answer token.
         answer = batch["labels"][:, 1:] != -100
+        quantized, reference = quantized[:, :-1].float(), reference[:, :-1].float()
+        near_tie = near_ties(reference)
         self.agreement = self.agreement.to(quantized.device)
-        self.agreement.update(quantized[:, :-1].float(), reference[:, :-1].float(), answer)
+        self.agreement_decided = self.agreement_decided.to(quantized.device)
+        self.near_ties = self.near_ties.to(quantized.device)
+        self.agreement.update(quantized, reference, answer)
+        self.agreement_decided.update(quantized, reference, answer & ~near_tie)
+        if answer.any():
+            self.near_ties.update(near_tie[answer].float())
 
     def log_agreement(self, pl_module: pl.LightningModule) -> None:
         value = self.agreement.compute()
-        self.agreement.reset()
+        decided = self.agreement_decided.compute()
+        ties = self.near_ties.compute() if self.near_ties.update_count else torch.tensor(float("nan"))
+        for metric in (self.agreement, self.agreement_decided, self.near_ties):
+            metric.reset()
         if not torch.isnan(value):
             self.last_agreement = float(value)
             self.log_metric(pl_module, "top1_agreement", self.last_agreement, on_step=False, on_epoch=True)
+        if not torch.isnan(decided):
+            self.last_agreement_decided = float(decided)
+            self.log_metric(pl_module, "top1_agreement_decided", self.last_agreement_decided, on_step=False,
+                            on_epoch=True)
+        if not torch.isnan(ties):
+            self.last_near_tie_share = float(ties)
+            self.log_metric(pl_module, "near_tie_share", self.last_near_tie_share, on_step=False, on_epoch=True)
 
     @override
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
