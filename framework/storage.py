@@ -3,7 +3,9 @@
 A :class:`PackedTensor` holds a tensor in one of three formats, every part a byte-exact ``uint8`` or value tensor:
 ``dense`` (all values), ``bitmask`` (nonzero values in row-major order plus a mask, coded either as 1 bit per
 element or as Golomb-Rice codes of the zero-run lengths) and ``nm`` (N:M structure: n values per group of m
-along the last dim plus ceil(log2 m)-bit in-group indices, as in NVIDIA's 2:4 format). Integer codes
+along the last dim plus the kept positions, either as ceil(log2 m)-bit in-group indices, as in NVIDIA's 2:4 format,
+or enumeratively: each group's n-of-m pattern as its rank among the C(m, n) patterns, ranks of consecutive groups
+packed in mixed radix into 62-bit words, within about 2% of the log2(C(m, n)) / m floor). Integer codes
 (``value_bits`` 2..8) are bit-packed two's complement, so ``storage_bits`` is the honest on-disk size.
 Bit streams are MSB-first within each byte (``np.packbits`` order). A file is one safetensors file whose
 tensors are named ``<name>.<part>``; formats, shapes and parameters live as JSON in its metadata header.
@@ -26,6 +28,8 @@ from safetensors.torch import save_file
 
 FORMATS = ("dense", "bitmask", "nm")
 MASK_CODINGS = ("bits", "golomb")
+INDEX_CODINGS = ("positions", "enumerative")
+_WORD_BITS = 62  # mixed-radix words of enumerative N:M indices stay below 2**62 (exact int64 arithmetic)
 _FILE_KEY = "vlmc.packed"
 _ENTRIES_KEY = "vlmc.entries"
 _FILE_VERSION = "1"
@@ -273,9 +277,53 @@ def _pack_bitmask(flat: torch.Tensor, shape: tuple[int, ...], value_bits: int, m
     return PackedTensor("bitmask", shape, _dtype_name(flat.dtype), value_bits, parts, meta)
 
 
-def _pack_nm(tensor: torch.Tensor, value_bits: int, n: int, m: int) -> PackedTensor:
+def _patterns(n: int, m: int) -> np.ndarray:
+    """Every sorted n-subset of range(m), row r being the subset of combinatorial rank r (colex order)."""
+    from itertools import combinations
+
+    subsets = np.array(list(combinations(range(m), n)), dtype=np.int64)
+    return subsets[np.argsort(_ranks(subsets, n, m), kind="stable")]
+
+
+def _ranks(index: np.ndarray, n: int, m: int) -> np.ndarray:
+    """Combinatorial number system: sorted positions c_1 < ... < c_n -> sum_j C(c_j, j), a rank in [0, C(m, n))."""
+    table = np.array([[math.comb(c, j) for j in range(n + 1)] for c in range(m)], dtype=np.int64)
+    return table[index, np.arange(1, n + 1)].sum(axis=1)
+
+
+def _chunk_groups(n: int, m: int) -> int:
+    """Groups per mixed-radix word: the most whose C(m, n)**k stays below 2**_WORD_BITS."""
+    radix = math.comb(m, n)
+    return max(1, int(_WORD_BITS // math.log2(radix))) if radix > 1 else 1
+
+
+def _encode_enumerative(index: np.ndarray, n: int, m: int) -> tuple[np.ndarray, int, int]:
+    radix, k = math.comb(m, n), _chunk_groups(n, m)
+    ranks = _ranks(index, n, m)
+    ranks = np.concatenate([ranks, np.zeros((-len(ranks)) % k, dtype=np.int64)]).reshape(-1, k)
+    words = (ranks * radix ** np.arange(k, dtype=np.int64)).sum(axis=1)
+    width = math.ceil(k * math.log2(radix)) if radix > 1 else 0
+    return _pack_fixed(words, width), k, width
+
+
+def _decode_enumerative(data: np.ndarray, n: int, m: int, groups: int, k: int, width: int) -> np.ndarray:
+    radix = math.comb(m, n)
+    words = _unpack_fixed(data, width, math.ceil(groups / k))
+    ranks = (words[:, None] // radix ** np.arange(k, dtype=np.int64)) % radix
+    ranks = ranks.reshape(-1)[:groups]
+    if ranks.size and ranks.max() >= radix:
+        raise ValueError(f"nm enumerative index holds a rank >= C({m}, {n})")
+    return _patterns(n, m)[ranks]
+
+
+def _pack_nm(tensor: torch.Tensor, value_bits: int, n: int, m: int, index_coding: str = "positions") -> PackedTensor:
     if not (isinstance(m, int) and isinstance(n, int)) or m < 2 or n < 1 or n >= m:
         raise ValueError(f"nm format needs integers 1 <= n < m and m >= 2, got n={n}, m={m}")
+    if index_coding not in INDEX_CODINGS:
+        raise ValueError(f"unknown index_coding {index_coding!r}; expected one of {', '.join(INDEX_CODINGS)}")
+    if index_coding == "enumerative" and math.comb(m, n) > 1 << 20:
+        raise ValueError(f"index_coding 'enumerative' supports C(m, n) <= 2**20 patterns; {n}:{m} has "
+                         f"{math.comb(m, n)}")
     if tensor.shape[-1] % m:
         raise ValueError(f"nm format: last dim {tensor.shape[-1]} is not divisible by m={m}")
     groups = tensor.reshape(-1, m)
@@ -287,10 +335,14 @@ def _pack_nm(tensor: torch.Tensor, value_bits: int, n: int, m: int) -> PackedTen
     order = torch.argsort((~nonzero).to(torch.int8), dim=1, stable=True)[:, :n]
     index = order.sort(dim=1).values
     values = _encode_values(groups.gather(1, index).reshape(-1), value_bits)
-    index_bits = math.ceil(math.log2(m))
-    coded = torch.from_numpy(_pack_fixed(index.reshape(-1).numpy().astype(np.int64), index_bits))
-    meta: dict[str, int | float | str] = {"n": n, "m": m, "index_bits": index_bits}
-    parts = {"values": values, "index": coded}
+    meta: dict[str, int | float | str] = {"n": n, "m": m, "index_coding": index_coding}
+    if index_coding == "enumerative":
+        data, k, width = _encode_enumerative(index.numpy().astype(np.int64), n, m)
+        meta.update(chunk_groups=k, chunk_bits=width)
+    else:
+        meta["index_bits"] = math.ceil(math.log2(m))
+        data = _pack_fixed(index.reshape(-1).numpy().astype(np.int64), int(meta["index_bits"]))
+    parts = {"values": values, "index": torch.from_numpy(data)}
     return PackedTensor("nm", tuple(tensor.shape), _dtype_name(tensor.dtype), value_bits, parts, meta)
 
 
@@ -302,6 +354,7 @@ def pack(
     m: int = 4,
     value_bits: int | None = None,
     mask_coding: str = "auto",
+    index_coding: str = "positions",
 ) -> PackedTensor:
     """Store ``tensor`` in a compressed format; :func:`unpack` gives it back exactly.
 
@@ -314,6 +367,8 @@ def pack(
         value_bits: bits per stored value. ``None`` for floats (the dtype width); 2..8 for integer codes.
         mask_coding: ``"bits"`` (1 bit per element), ``"golomb"`` (Rice codes of zero runs) or ``"auto"``
             (whichever is smaller for this tensor). Used by the ``bitmask`` format.
+        index_coding: ``"positions"`` (ceil(log2 m) bits per kept value, the layout sparse tensor cores read) or
+            ``"enumerative"`` (the group's pattern rank, about log2(C(m, n)) bits per group). ``nm`` only.
 
     Returns:
         The packed tensor.
@@ -338,7 +393,7 @@ def pack(
     if format == "bitmask":
         return _pack_bitmask(flat, shape, bits, mask_coding)
     if format == "nm":
-        return _pack_nm(tensor, bits, n, m)
+        return _pack_nm(tensor, bits, n, m, index_coding)
     dense = _pack_dense(flat, shape, bits)
     sparse = _pack_bitmask(flat, shape, bits, mask_coding)
     return sparse if sparse.storage_bits() < dense.storage_bits() else dense
@@ -370,12 +425,20 @@ def unpack(packed: PackedTensor) -> torch.Tensor:
         return out.reshape(packed.shape)
     n, m = int(packed.meta["n"]), int(packed.meta["m"])
     groups = numel // m
-    index = _unpack_fixed(packed.tensors["index"].numpy(), int(packed.meta["index_bits"]), groups * n)
+    if _index_coding(packed) == "enumerative":
+        index = _decode_enumerative(packed.tensors["index"].numpy(), n, m, groups, int(packed.meta["chunk_groups"]),
+                                    int(packed.meta["chunk_bits"]))
+    else:
+        index = _unpack_fixed(packed.tensors["index"].numpy(), int(packed.meta["index_bits"]), groups * n)
     if index.size and index.max() >= m:
         raise ValueError(f"nm index holds a position >= m={m}")
     out = torch.zeros(groups, m, dtype=dtype)
     out.scatter_(1, torch.from_numpy(index).reshape(groups, n), values.reshape(groups, n))
     return out.reshape(packed.shape)
+
+
+def _index_coding(packed: PackedTensor) -> str:
+    return str(packed.meta.get("index_coding", "positions"))  # files written before enumerative coding existed
 
 
 def _validate(packed: PackedTensor, name: str = "packed tensor") -> None:
@@ -407,9 +470,17 @@ def _validate(packed: PackedTensor, name: str = "packed tensor") -> None:
             if packed.meta["mask_coding"] == "golomb":
                 int(packed.meta["golomb_k"])
         if packed.format == "nm":
-            n, m, index_bits = int(packed.meta["n"]), int(packed.meta["m"]), int(packed.meta["index_bits"])
-            if m < 2 or not 1 <= n < m or packed.shape[-1] % m or index_bits != math.ceil(math.log2(m)):
+            n, m, coding = int(packed.meta["n"]), int(packed.meta["m"]), _index_coding(packed)
+            if m < 2 or not 1 <= n < m or packed.shape[-1] % m:
                 raise ValueError(f"{name}: nm parameters n={n}, m={m} do not fit shape {packed.shape}")
+            if coding not in INDEX_CODINGS:
+                raise ValueError(f"{name}: unknown index_coding {coding!r}")
+            expected = ({"index_bits": math.ceil(math.log2(m))} if coding == "positions" else
+                        {"chunk_groups": _chunk_groups(n, m),
+                         "chunk_bits": math.ceil(_chunk_groups(n, m) * math.log2(math.comb(m, n)))})
+            for key, value in expected.items():
+                if int(packed.meta[key]) != value:
+                    raise ValueError(f"{name}: nm {key}={packed.meta[key]} but {n}:{m} needs {value}")
     except KeyError as err:
         raise ValueError(f"{name}: meta lacks {err.args[0]!r} for format {packed.format}") from None
     count = _value_count(packed)
@@ -430,7 +501,11 @@ def _validate(packed: PackedTensor, name: str = "packed tensor") -> None:
         if have != need:
             raise ValueError(f"{name}: bit mask has {have} bytes, shape needs {need}")
     if packed.format == "nm":
-        need = math.ceil(count * int(packed.meta["index_bits"]) / 8)
+        if _index_coding(packed) == "enumerative":
+            words = math.ceil(packed.numel() // int(packed.meta["m"]) / int(packed.meta["chunk_groups"]))
+            need = math.ceil(words * int(packed.meta["chunk_bits"]) / 8)
+        else:
+            need = math.ceil(count * int(packed.meta["index_bits"]) / 8)
         if packed.tensors["index"].numel() != need:
             raise ValueError(f"{name}: index has {packed.tensors['index'].numel()} bytes, shape needs {need}")
 
@@ -571,7 +646,7 @@ def bpv_row(name: str, packed: PackedTensor) -> dict:
     row = {
         "name": name,
         "format": packed.format,
-        "mask_coding": str(packed.meta.get("mask_coding", "")),
+        "mask_coding": str(packed.meta.get("mask_coding", packed.meta.get("index_coding", ""))),
         "numel": numel,
         "nonzero": nonzero,
         "sparsity": sparsity,

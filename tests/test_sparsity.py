@@ -282,8 +282,9 @@ def test_resume_mid_ramp_matches_uninterrupted_run(tmp_path: Path) -> None:
 def test_nm_ramp_on_qwen_and_cli_export(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from transformers import AutoModelForImageTextToText
 
+    # Positions: NVIDIA's 2:4 layout (the default, auto, would pick the smaller enumerative coding).
     ramp = {"class_path": RAMP, "init_args": {"pattern": "2:4", "start_step": 0, "end_step": 4, "update_every": 2,
-                                              "schedule": "linear"}}
+                                              "schedule": "linear", "index_coding": "positions"}}
     config = tiny_config(tmp_path, spec=str(FAMILY_SPECS["qwen2_vl"]), max_steps=6, callbacks=[ramp], **NO_VAL)
     cli = make_cli(config)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
@@ -295,7 +296,8 @@ def test_nm_ramp_on_qwen_and_cli_export(tmp_path: Path, capsys: pytest.CaptureFi
           "--out", str(tmp_path / "export")])
     assert "exported to" in capsys.readouterr().out
     packed = load_packed(tmp_path / "export" / "sparsity.safetensors")
-    assert {p.format for p in packed.values()} == {"nm"} and len(packed) == len(plugin.layers)
+    assert {(p.format, p.meta["index_coding"]) for p in packed.values()} == {("nm", "positions")}
+    assert len(packed) == len(plugin.layers)
     exported = AutoModelForImageTextToText.from_pretrained(tmp_path / "export").state_dict()
     for key, value in load_unpacked(tmp_path / "export" / "sparsity.safetensors").items():
         torch.testing.assert_close(value, exported[key], rtol=0, atol=0)
@@ -395,19 +397,29 @@ def test_two_sparsity_plugins_on_one_layer_fail_at_startup(tmp_path: Path) -> No
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
 
 
-@pytest.mark.parametrize(("pattern", "expected_format", "mask_bits"), [("2:4", "nm", 1.0), ("4:8", "bitmask", 1.0)])
-def test_nm_export_keeps_the_smaller_index_coding(pattern: str, expected_format: str, mask_bits: float) -> None:
+@pytest.mark.parametrize(("pattern", "index_coding", "expected", "mask_bits"), [
+    ("2:4", "positions", ("nm", "positions"), 1.0),
+    ("2:4", "auto", ("nm", "enumerative"), 0.66),
+    ("4:8", "positions", ("nm", "positions"), 1.5),
+    ("4:8", "auto", ("nm", "enumerative"), 0.79),
+])
+def test_nm_export_index_codings(pattern: str, index_coding: str, expected: tuple[str, str], mask_bits: float) -> None:
     from framework.storage import bpv_row, unpack
     from plugins.sparsity.config import Pattern
     from plugins.sparsity.export import pack_sparse_weights
 
     n, m = map(int, pattern.split(":"))
-    weight = torch.randn(16, 64)
+    weight = torch.randn(16, 512)
     groups = weight.view(16, -1, m)
     drop = groups.abs().argsort(dim=-1)[..., : m - n]  # the m-n smallest of each group
-    weight = groups.scatter(-1, drop, 0.0).view(16, 64)
-    packed = pack_sparse_weights({"w": weight}, Pattern(n=n, m=m))["w"]
-    assert packed.format == expected_format
+    weight = groups.scatter(-1, drop, 0.0).view(16, 512)
+    packed = pack_sparse_weights({"w": weight}, Pattern(n=n, m=m), index_coding)["w"]
+    assert (packed.format, packed.meta["index_coding"]) == expected
     assert torch.equal(unpack(packed), weight)
-    # 2:4: 2-bit indices per kept value tie with the 1-bit mask; 4:8's 3-bit indices (1.5 bits) lose to it.
-    assert bpv_row("w", packed)["bpv"] == pytest.approx(0.5 * 32 + mask_bits)
+    row = bpv_row("w", packed)
+    # Positions: 2 bits per kept value at 2:4 (ties with the bitmask), 3 at 4:8 (worse than it). Enumerative: within
+    # 2% of the pattern entropy log2(C(m, n)) / m, below the 1-bit mask.
+    assert row["bpv"] - 0.5 * 32 == pytest.approx(mask_bits, abs=0.01)
+    assert row["bpv"] - 0.5 * 32 >= row["index_floor"]
+    with pytest.raises(ValueError, match="index_coding: must be one of"):
+        pack_sparse_weights({"w": weight}, Pattern(n=n, m=m), "huffman")

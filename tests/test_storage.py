@@ -79,6 +79,12 @@ CASES = [
     ("long-run-golomb", torch.eye(1000)[-1] - 2 * torch.eye(1000)[-3], {"format": "bitmask", "mask_coding": "golomb"}),
     ("negative-zero", torch.tensor([[-0.0, 1.0, 0.0, -2.0]]), {"format": "bitmask"}),
     ("negative-zero-nm", torch.tensor([[-0.0, 1.0, -0.0, -2.0]]), {"format": "nm"}),
+    ("fp32-nm-enumerative", _two_four((8, 16)), {"format": "nm", "index_coding": "enumerative"}),
+    ("bf16-nm-enumerative-3d", _two_four((2, 3, 8), torch.bfloat16), {"format": "nm", "index_coding": "enumerative"}),
+    ("fp32-1:8-enumerative", torch.eye(8).repeat(2, 1), {"format": "nm", "n": 1, "m": 8, "index_coding": "enumerative"}),
+    ("int8-4:8-enumerative", _codes((6, 64), 0.0, 4).reshape(-1, 8).index_fill(1, torch.tensor([1, 3, 4, 6]), 0)
+     .reshape(6, 64), {"format": "nm", "n": 4, "m": 8, "value_bits": 4, "index_coding": "enumerative"}),
+    ("all-zero-nm-enumerative", torch.zeros(4, 8), {"format": "nm", "index_coding": "enumerative"}),
     ("empty", torch.zeros(0, 4), {"format": "bitmask", "mask_coding": "golomb"}),
 ]
 
@@ -133,10 +139,31 @@ def test_storage_bits_hand_computed() -> None:
 def test_nm_index_is_two_bits_per_slot() -> None:
     t = torch.tensor([[0.0, 7.0, 0.0, 9.0, 1.0, 0.0, 0.0, 0.0]])
     packed = pack(t, "nm")
-    assert packed.meta == {"n": 2, "m": 4, "index_bits": 2}
+    assert packed.meta == {"n": 2, "m": 4, "index_coding": "positions", "index_bits": 2}
     # groups: slots (1, 3) and (0, padding 1) -> 2-bit indices 01 11 00 01
     assert packed.tensors["index"].tolist() == [0b01110001]
     assert packed.tensors["values"].tolist() == [7.0, 9.0, 1.0, 0.0]
+
+
+def test_nm_enumerative_ranks_hand_computed() -> None:
+    # 2:4 patterns in rank order (colex): {0,1} {0,2} {1,2} {0,3} {1,3} {2,3}; rank of {c1<c2} = C(c1,1) + C(c2,2).
+    t = torch.tensor([[0.0, 7.0, 0.0, 9.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 3.0, 4.0]])
+    packed = pack(t, "nm", index_coding="enumerative")
+    # groups: {1,3} -> 1 + 3 = 4; {0, padding 1} -> 0 + 0 = 0; {2,3} -> 2 + 3 = 5. Word: 4 + 0*6 + 5*36 = 184.
+    assert packed.meta == {"n": 2, "m": 4, "index_coding": "enumerative", "chunk_groups": 23, "chunk_bits": 60}
+    assert int.from_bytes(bytes(packed.tensors["index"].tolist()), "big") >> 4 == 184  # 60 bits in 8 bytes
+    assert torch.equal(unpack(packed), t)
+
+
+def test_nm_enumerative_approaches_the_pattern_entropy() -> None:
+    for n, m in ((2, 4), (4, 8), (1, 4)):
+        groups = 23 * 64
+        t = torch.zeros(groups, m)
+        t.scatter_(1, torch.rand(groups, m).argsort(dim=1)[:, :n], 1.0)
+        packed = pack(t.reshape(-1, 8 * m), "nm", n=n, m=m, index_coding="enumerative")
+        index_bits = packed.tensors["index"].numel() * 8 / (groups * m)
+        floor = math.log2(math.comb(m, n)) / m
+        assert floor <= index_bits < 1.02 * floor
 
 
 def test_auto_picks_the_smaller_format_and_never_nm() -> None:
@@ -260,6 +287,8 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
         (torch.zeros(2, 6), {"format": "nm"}, "last dim 6 is not divisible by m=4"),
         (torch.zeros(2, 8), {"format": "nm", "n": 4, "m": 4}, "1 <= n < m"),
         (torch.ones(2, 8), {"format": "nm"}, "violates the 2:4 pattern: 4 of 4 groups"),
+        (torch.zeros(2, 8), {"format": "nm", "index_coding": "huffman"}, "unknown index_coding 'huffman'"),
+        (torch.zeros(2, 32), {"format": "nm", "n": 16, "m": 32, "index_coding": "enumerative"}, "C\\(m, n\\) <= 2\\*\\*20"),
     ],
 )
 def test_pack_errors(tensor: torch.Tensor, kwargs: dict, match: str) -> None:

@@ -138,6 +138,7 @@ class MaskedLinears(CompressionPlugin):
 
     # ------------------------------------------------------------------ results and export
     config_name = "sparsity"
+    index_coding = "auto"  # N:M exports: the smallest coding (see plugins.sparsity.export.pack_sparse_weights)
 
     @override
     def config_echo(self) -> dict[str, Any]:
@@ -162,5 +163,5 @@ class MaskedLinears(CompressionPlugin):
             mask = weight_mask_of(layer)
             weight = layer.weight.detach() if mask is None else layer.weight.detach().masked_fill(~mask, 0.0)
             weights[f"{name}.weight"] = weight
-        return write_sparse_export(weights, self.pattern, directory, self.name,
+        return write_sparse_export(weights, self.pattern, directory, self.name, index_coding=self.index_coding,
                                    extra={"plugin": type(self).__name__, "target_sparsity": self.target})
