@@ -19,7 +19,7 @@ bench)
   for batch in ${BATCHES:-128 256 512 1024}; do
     extra=(); [ "$batch" = 128 ] && extra=(--static_cache)
     $PY -m framework.cli bench --config experiments/pretrain/gpu_base.yaml "${LOGGER[@]}" \
-      --data.init_args.batch_size="$batch" --data.init_args.num_workers=14 --steps 40 --warmup 60 --plain \
+      --data.init_args.batch_size="$batch" --data.init_args.num_workers=14 --steps 40 --warmup 60 --plain --profile 5 \
       "${extra[@]}" --out "$OUT/bench_gpu_base_b$batch.json" 2>&1 | tail -n 20 || true
   done
   $PY -m framework.cli bench --config experiments/pretrain/smollm2_vlm.yaml "${LOGGER[@]}" \

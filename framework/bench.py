@@ -4,6 +4,9 @@ Training is timed through the same Trainer a run uses (model, plugins, precision
 with the device synchronised around each timed step. Model FLOPs per step are counted once with
 ``torch.utils.flop_counter`` (forward + backward of a real batch); MFU divides achieved FLOP/s by the device's
 peak for the run's precision (known for data-centre GPUs only). Generation is greedy, batch 1, timed per new token.
+``--profile N`` runs N more steps under ``torch.profiler`` after the timed ones and reports where the step goes:
+the share of wall time the device is busy (far below 1: the step waits on the host, i.e. launch- or
+Python-bound), the share of device time in matrix multiplies, and the most expensive operators.
 """
 
 from __future__ import annotations
@@ -36,8 +39,9 @@ class StepTimer(pl.Callback):
     spans batch start to batch end (forward, backward and optimizer only).
     """
 
-    def __init__(self, warmup: int) -> None:
+    def __init__(self, warmup: int, steps: int | None = None) -> None:
         self.warmup = warmup
+        self.until = None if steps is None else warmup + steps  # later steps (e.g. profiled ones) are not timed
         self.times: list[float] = []
         self.compute_times: list[float] = []
         self._last_end: float | None = None
@@ -56,7 +60,7 @@ class StepTimer(pl.Callback):
                            batch_idx: int) -> None:
         _sync(pl_module.device)
         now = time.perf_counter()
-        if batch_idx >= self.warmup:
+        if batch_idx >= self.warmup and (self.until is None or batch_idx < self.until):
             # The first step after start-up has no previous end to measure from: count its compute only.
             self.times.append(now - (self._last_end if self._last_end is not None else self._start))
             self.compute_times.append(now - self._start)
@@ -64,6 +68,68 @@ class StepTimer(pl.Callback):
             self.padded_tokens.append(int(batch["attention_mask"].numel()))
             self.samples.append(int(batch["input_ids"].shape[0]))
         self._last_end = now
+
+
+# Operators whose time is matrix multiplication (dense GEMMs, attention's batched GEMMs and fused attention).
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::linear", "aten::matmul",
+              "aten::_scaled_dot_product", "aten::_flash_attention", "aten::_efficient_attention",
+              "aten::scaled_dot_product")
+
+
+class OpProfile(pl.Callback):
+    """Profile training steps ``[start, start + steps)`` with ``torch.profiler`` and summarise them.
+
+    ``summary()``: ``wall_s`` of the profiled steps, ``device_busy_share`` (device kernel time over wall time;
+    CUDA only), ``matmul_share`` (matrix-multiply operators' share of self device time, or of self CPU time on a
+    CPU), and ``top_ops``: the ``top`` operators by self time with their call counts.
+    """
+
+    def __init__(self, start: int, steps: int, top: int = 15) -> None:
+        self.start, self.steps, self.top = start, steps, top
+        self._profiler: Any = None
+        self._wall = 0.0
+        self._t0 = 0.0
+        self.result: dict[str, Any] = {}
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if batch_idx == self.start:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if pl_module.device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            _sync(pl_module.device)
+            self._profiler = torch.profiler.profile(activities=activities)
+            self._profiler.__enter__()
+            self._t0 = time.perf_counter()
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._profiler is not None and batch_idx == self.start + self.steps - 1:
+            _sync(pl_module.device)
+            self._wall = time.perf_counter() - self._t0
+            self._profiler.__exit__(None, None, None)
+            self.result = self._summarise(self._profiler.key_averages(), pl_module.device.type == "cuda")
+            self._profiler = None
+
+    def _summarise(self, events: Any, on_device: bool) -> dict[str, Any]:
+        def self_time(event: Any) -> float:  # microseconds
+            if on_device:
+                return float(getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0)))
+            return float(event.self_cpu_time_total)
+
+        rows = sorted(events, key=self_time, reverse=True)
+        total = sum(self_time(e) for e in rows)
+        matmul = sum(self_time(e) for e in rows if e.key.startswith(MATMUL_OPS))
+        return {
+            "profiled_steps": self.steps,
+            "wall_s": self._wall,
+            "time_basis": "self device time" if on_device else "self CPU time",
+            "device_busy_share": (total / 1e6 / self._wall) if on_device and self._wall else None,
+            "matmul_share": matmul / total if total else None,
+            "top_ops": [{"op": e.key, "calls": int(e.count), "self_ms": self_time(e) / 1e3,
+                         "share": self_time(e) / total if total else 0.0} for e in rows[: self.top]],
+        }
 
 
 def training_flops(module: Any, batch: dict[str, Any]) -> int:
@@ -140,12 +206,14 @@ def generation_speed(model: Any, processor: Any, sample: Any, new_tokens: int, r
     return new_tokens / statistics.median(times)
 
 
-def timed_fit(args: list[str], steps: int, warmup: int, *, drop_plugins: bool = False) -> tuple[Any, StepTimer]:
-    """Build the config's run without logging, checkpoints or validation and time ``steps`` training steps."""
+def timed_fit(args: list[str], steps: int, warmup: int, *, drop_plugins: bool = False,
+              profile: OpProfile | None = None) -> tuple[Any, StepTimer]:
+    """Build the config's run without logging, checkpoints or validation and time ``steps`` training steps (then
+    run ``profile``'s steps under the profiler, when given)."""
     from framework.cli import build
 
     overrides = [
-        f"--trainer.max_steps={warmup + steps}", "--trainer.limit_val_batches=0", "--trainer.logger=false",
+        f"--trainer.max_steps={warmup + steps + (profile.steps if profile is not None else 0)}", "--trainer.limit_val_batches=0", "--trainer.logger=false",
         "--checkpoint.save_top_k=0", "--checkpoint.save_last=false", "--trainer.num_sanity_val_steps=0",
         "--trainer.enable_progress_bar=false",
     ]
@@ -153,8 +221,10 @@ def timed_fit(args: list[str], steps: int, warmup: int, *, drop_plugins: bool = 
     if drop_plugins:
         plugins = find_plugins(cli.trainer)
         cli.trainer.callbacks[:] = [cb for cb in cli.trainer.callbacks if cb not in plugins]
-    timer = StepTimer(warmup)
+    timer = StepTimer(warmup, steps)
     cli.trainer.callbacks.append(timer)
+    if profile is not None:
+        cli.trainer.callbacks.append(profile)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     return cli, timer
 
@@ -193,13 +263,17 @@ def main(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--without_plugins", action="store_true",
                         help="also time the same config with its compression plugins removed, in the same process, "
                              "and report the plugins' training overhead (mean step time with / without)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after the timed steps, profile N more and report device busy time, the matmul share "
+                             "and the top operators")
     parser.add_argument("--out", help="write the numbers as JSON here")
     opts, rest = parser.parse_known_args(argv)
-    if opts.steps < 1 or opts.warmup < 0:
-        raise SystemExit("vlmc bench: --steps must be >= 1 and --warmup >= 0")
+    if opts.steps < 1 or opts.warmup < 0 or opts.profile < 0:
+        raise SystemExit("vlmc bench: --steps must be >= 1, --warmup and --profile >= 0")
 
     args = [a for c in opts.config for a in ("--config", c)] + rest
-    cli, timer = timed_fit(args, opts.steps, opts.warmup)
+    profile = OpProfile(opts.warmup + opts.steps, opts.profile) if opts.profile else None
+    cli, timer = timed_fit(args, opts.steps, opts.warmup, profile=profile)
     module, trainer = cli.model, cli.trainer
     module.to(trainer.strategy.root_device)  # fit's teardown moved it back to the CPU
 
@@ -251,11 +325,26 @@ def main(argv: list[str]) -> dict[str, Any]:
         if opts.static_cache:
             results["generate_static_tokens_per_s"] = generation_speed(model, module.processor, sample,
                                                                        opts.new_tokens, opts.repeats, True)
+    if profile is not None and profile.result:
+        results["profile"] = profile.result
     width = max(len(k) for k in results)
-    print("\n".join(f"{k.ljust(width)}  {_fmt(v)}" for k, v in results.items()))
+    print("\n".join(f"{k.ljust(width)}  {_fmt(v)}" for k, v in results.items() if k != "profile"))
+    if "profile" in results:
+        print(format_profile(results["profile"]))
     if opts.out:
         atomic_write_json(Path(opts.out), {**results, "configs": opts.config, "argv": argv})
     return results
+
+
+def format_profile(profile: dict[str, Any]) -> str:
+    """The profile summary as text: the headline shares, then one line per top operator."""
+    busy = profile["device_busy_share"]
+    lines = [f"profile of {profile['profiled_steps']} steps ({profile['wall_s']:.3f} s wall, {profile['time_basis']}): "
+             f"device busy {'-' if busy is None else f'{busy:.0%}'}, matmul share "
+             f"{'-' if profile['matmul_share'] is None else format(profile['matmul_share'], '.0%')}"]
+    lines += [f"  {row['share']:6.1%}  {row['self_ms']:10.2f} ms  {row['calls']:7d}x  {row['op']}"
+              for row in profile["top_ops"]]
+    return "\n".join(lines)
 
 
 def _fmt(value: Any) -> str:

@@ -113,6 +113,21 @@ def test_bench_verb_prints_throughput(tmp_path: Path, capsys: pytest.CaptureFixt
     assert results["device"] == "cpu"
 
 
+def test_bench_profile_reports_where_the_step_goes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    results = main_bench(["--config", str(tiny_config(tmp_path)), "--steps", "2", "--warmup", "1", "--profile", "2",
+                          "--new_tokens", "2", "--repeats", "1"])
+    profile = results["profile"]
+    assert profile["profiled_steps"] == 2 and profile["wall_s"] > 0
+    assert profile["device_busy_share"] is None  # measured on CUDA only
+    assert 0.0 < profile["matmul_share"] < 1.0
+    ops = [row["op"] for row in profile["top_ops"]]
+    assert len(ops) == 15 and any(op.startswith(("aten::mm", "aten::addmm", "aten::bmm")) for op in ops)
+    assert sum(row["share"] for row in profile["top_ops"]) <= 1.0 + 1e-9
+    assert "matmul share" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--profile >= 0"):
+        main_bench(["--config", str(tiny_config(tmp_path, name="p.yaml")), "--profile", "-1"])
+
+
 def test_bench_measures_plugin_overhead_side_by_side(tmp_path: Path) -> None:
     ablation = {"class_path": "plugins.channel_ablation.ChannelAblation", "init_args": {"fraction": 0.5}}
     config = tiny_config(tmp_path, callbacks=[ablation])
