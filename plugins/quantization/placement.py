@@ -7,6 +7,9 @@ so PEFT still recognises and wraps it. Activation quantizers run in forward pre-
 Quantizers are submodules named ``weight_quantizer``, ``input_quantizer`` and ``output_quantizer``, so their
 scales are checkpointed beside the weights. A quantized tensor is named by its module and point:
 ``<module>.weight``, ``<module>.input``, ``<module>.output`` (the keys of the encodings file).
+
+:func:`integer_exact_eval` switches quantized Linear layers to integer arithmetic for evaluation (codes times
+codes, exact accumulation, then scales), the computation the integer runtime and a device perform.
 """
 
 from __future__ import annotations
@@ -21,25 +24,80 @@ import torch.nn.functional as F
 
 from framework.selection import ModuleSelection
 from plugins.quantization.config import QuantSpec, check_points, check_spec
-from plugins.quantization.quantizer import FakeQuantizer
+from plugins.quantization.quantizer import FakeQuantizer, integer_linear
 
 WEIGHT, INPUT, OUTPUT = "weight_quantizer", "input_quantizer", "output_quantizer"
 _POINT_ATTR = {"weight": WEIGHT, "input": INPUT, "output": OUTPUT}
 
 
 class QuantLinear(nn.Linear):
-    """``nn.Linear`` whose forward uses its ``weight_quantizer``'s fake-quantized weight (names unchanged)."""
+    """``nn.Linear`` whose forward uses its ``weight_quantizer``'s fake-quantized weight (names unchanged).
+
+    Attributes:
+        integer_exact: in eval mode, when both the weight and the input are quantized, compute the output as a
+            device does instead of a float matmul of dequantized values: the input's integer codes times the
+            weight's integer codes, accumulated exactly per block, then scaled
+            (:func:`~plugins.quantization.quantizer.integer_linear`, shared with
+            :class:`~plugins.quantization.runtime.IntegerRuntime`). Same math, different float rounding; off by
+            default (training always uses the float path, which has the gradients). See :func:`integer_exact_eval`.
+    """
+
+    integer_exact: bool = False
+
+    def integer_path(self) -> bool:
+        """Whether this forward takes the integer path (``integer_exact``, eval, weight and input quantizing)."""
+        if not self.integer_exact or self.training:
+            return False
+        quantizers = (self._modules.get(WEIGHT), self._modules.get(INPUT))
+        return all(q is not None and q.enabled and not q.observing for q in quantizers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         quantizer = self._modules.get(WEIGHT)
+        if self.integer_path():  # the input hook left x unquantized for this
+            y = integer_linear(self._modules[INPUT].integer(x), quantizer.integer(self.weight))
+            if self.bias is not None:
+                y = y + self.bias.float()
+            return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
         weight = self.weight if quantizer is None else quantizer(self.weight)
         return F.linear(x, weight, self.bias)
+
+
+def set_integer_exact(model: nn.Module, enabled: bool) -> int:
+    """Set :attr:`QuantLinear.integer_exact` on every quantized Linear of ``model``; returns how many there are."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"integer_exact: must be true or false, got {enabled!r}")
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    for layer in layers:
+        layer.integer_exact = enabled
+    return len(layers)
+
+
+@contextmanager
+def integer_exact_eval(model: nn.Module) -> Iterator[nn.Module]:
+    """Evaluate quantized Linear layers with integer arithmetic inside the block (see :class:`QuantLinear`).
+
+    Example::
+
+        with torch.no_grad(), integer_exact_eval(model.eval()):
+            logits = model(**batch).logits   # what IntegerRuntime computes from the export
+    """
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    saved = [layer.integer_exact for layer in layers]
+    for layer in layers:
+        layer.integer_exact = True
+    try:
+        yield model
+    finally:
+        for layer, flag in zip(layers, saved):
+            layer.integer_exact = flag
 
 
 def _input_hook(module: nn.Module, args: tuple) -> tuple | None:
     quantizer = module._modules.get(INPUT)
     if quantizer is None:
         return None
+    if isinstance(module, QuantLinear) and module.integer_path():
+        return None  # forward quantizes the input to integer codes itself
     if not args or not torch.is_tensor(args[0]):
         raise TypeError(f"{type(module).__name__}: an input quantizer needs the tensor as first positional argument")
     return (quantizer(args[0]), *args[1:])

@@ -62,6 +62,75 @@ def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
     return torch.clamp(torch.round(x.float() * (1.0 / scale)) + zero_point, quant_min, quant_max).to(torch.int64)
 
 
+@dataclasses.dataclass(frozen=True)
+class IntegerRows:
+    """An integer tensor in row form: ``values = codes - zero_point`` (int64, ``[rows, in]``) and its scales
+    (float64, ``[rows, in / block]``, or ``[1, 1]`` for one scale), each covering ``block`` consecutive inputs."""
+
+    values: torch.Tensor
+    scale: torch.Tensor
+    block: int
+
+
+def integer_rows(codes: torch.Tensor, zero_point: torch.Tensor, scale: torch.Tensor) -> IntegerRows:
+    """:class:`IntegerRows` of ``codes`` (any shape ``[..., in]``) whose qparams are in row form ``[scales, 1]``:
+    one scale (``[1, 1]``), one per row of ``[-1, in]`` (channel, token) or ``in / block`` per row (group)."""
+    width = codes.shape[-1]
+    rows = codes.numel() // width
+    count = scale.numel()
+    per_row = 1 if count in (1, rows) else count // rows
+    if count not in (1, rows) and (count % rows or width % per_row):
+        raise ValueError(f"{count} scales do not fit a {tuple(codes.shape)} tensor")
+    shape = (1, 1) if count == 1 else (rows, per_row)
+    block = width // per_row
+    flat = codes.reshape(-1, block) - zero_point.reshape(-1, 1).to(torch.int64)
+    return IntegerRows(flat.reshape(rows, width), scale.reshape(shape).double(), block)
+
+
+#: Rows per chunk of :func:`integer_linear`, so the float64 per-block partial sums stay a few hundred MB.
+_ROW_CHUNK = 1 << 12
+
+
+def integer_linear(x: IntegerRows, w: IntegerRows) -> torch.Tensor:
+    """``y[r, o] = sum_blocks (sum_i x[r, i] * w[o, i]) * scale_x[r, block] * scale_w[o, block]``, float32.
+
+    The integer products are accumulated exactly, per block of ``gcd(x.block, w.block)`` inputs: in float64 when
+    ``max|x| * max|w| * block < 2**53`` (every partial sum is then an integer float64 holds exactly, whatever the
+    summation order), in int64 otherwise. Each block's sum is scaled in float64, ``(sum * scale_x) * scale_w``,
+    the blocks summed in float64, and the result rounded to float32 once. This is the one implementation of a
+    quantized Linear's integer matmul: :class:`~plugins.quantization.runtime.IntegerRuntime` and the integer-exact
+    evaluation of :class:`~plugins.quantization.placement.QuantLinear` both call it, so the two cannot drift.
+
+    Args:
+        x: activations ``[rows, in]``.
+        w: weights ``[out, in]``.
+
+    Returns:
+        ``[rows, out]`` float32.
+    """
+    rows, width = x.values.shape
+    out = w.values.shape[0]
+    block = math.gcd(x.block, w.block)
+    blocks = width // block
+    bound = int(x.values.abs().max()) * int(w.values.abs().max()) * block if x.values.numel() else 0
+    exact_dtype = torch.float64 if bound < (1 << 53) else torch.int64
+    wv = w.values.to(exact_dtype).reshape(out, blocks, block).permute(1, 2, 0)  # [blocks, block, out]
+    sw = w.scale.repeat_interleave(w.block // block, dim=1).expand(out, blocks)
+    pieces = []
+    for start in range(0, rows, _ROW_CHUNK):
+        xv = x.values[start:start + _ROW_CHUNK].to(exact_dtype)
+        n = xv.shape[0]
+        partial = torch.bmm(xv.reshape(n, blocks, block).permute(1, 0, 2), wv)  # [blocks, n, out], exact
+        sx = x.scale if x.scale.shape[0] == 1 else x.scale[start:start + _ROW_CHUNK]
+        sx = sx.repeat_interleave(x.block // block, dim=1).expand(n, blocks)
+        if blocks == 1:
+            pieces.append((partial[0].double() * sx * sw.t()).float())
+        else:
+            scaled = partial.double() * sx.t()[:, :, None] * sw.t()[:, None, :]
+            pieces.append(scaled.sum(0).float())
+    return torch.cat(pieces) if pieces else x.values.new_zeros((0, out), dtype=torch.float32)
+
+
 class _LSQ(torch.autograd.Function):
     """Fake quantization with the straight-through estimator and LSQ's scale gradient."""
 
@@ -310,6 +379,14 @@ class FakeQuantizer(nn.Module):
         """Integer codes of ``x`` (int64, shape of ``x``): ``x_hat = scale * (codes - zero_point)``."""
         scale, zero_point = self.qparams(x)
         return quantize_codes(self._rows(x), scale, zero_point, *self.quant_range).reshape(x.shape)
+
+    @torch.no_grad()
+    def integer(self, x: torch.Tensor) -> IntegerRows:
+        """``x`` (a weight ``[out, in]`` or activations ``[..., in]``) as :class:`IntegerRows` ``[-1, in]``: the
+        codes of :meth:`codes` less the zero point, with this quantizer's (static or per-input) scales."""
+        scale, zero_point = self.qparams(x)
+        codes = quantize_codes(self._rows(x), scale, zero_point, *self.quant_range)
+        return integer_rows(codes.reshape(x.shape), zero_point, scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observing:

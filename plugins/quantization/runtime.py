@@ -3,11 +3,20 @@
 It loads an export folder (HF ``config.json`` and ``model.safetensors``, ``<name>.encodings``,
 ``<name>_int_weights.safetensors``) and runs the language model of a Llama or Qwen2 decoder (the text tower of
 a LLaVA-style VLM, or a bare causal LM) the way a device runtime would: every quantized Linear multiplies
-integer activation codes by integer weight codes with int64 accumulators, per block of a group when weights or
-activations are grouped, then applies ``scale_x * scale_w``; static activations use the exported scale and
-offset, dynamic ones compute theirs per token / group with the same formulas as training. Quantized outputs
-(e.g. the KV cache, the outputs of ``k_proj`` / ``v_proj``) are stored as codes and dequantized. Norms,
-rotary embeddings, softmax and SiLU run in float32, as in the fake-quant model.
+integer activation codes by integer weight codes with exact accumulators, per block of a group when weights or
+activations are grouped, then applies ``scale_x * scale_w`` (:func:`~plugins.quantization.quantizer.integer_linear`);
+static activations use the exported scale and offset, dynamic ones compute theirs per token / group with the same
+formulas as training. Quantized outputs (e.g. the KV cache, the outputs of ``k_proj`` / ``v_proj``) are rounded
+to their codes and dequantized.
+
+Everything else runs in float32 with the op order of the installed transformers' Llama / Qwen2 forward with its
+default ``sdpa`` attention: RMSNorm, the default rotary embedding (cos / sin from ``inv_freq`` as HF computes
+them), ``scaled_dot_product_attention`` with HF's mask form (``is_causal`` and grouped heads without padding, a
+boolean mask and repeated KV heads with it), SiLU times up, residual adds, ``F.linear`` for float layers. So
+against the fake-quant model evaluated in integer-exact mode (:func:`~plugins.quantization.placement.integer_exact_eval`)
+the logits are equal bit for bit on CPU; against the ordinary fake-quant model (float matmuls of dequantized
+values) they differ by float rounding, which can move an activation across a code boundary and flip the argmax
+where the top two logits nearly tie.
 
 Scope: the vision tower and projector are not run here. Callers pass ``inputs_embeds`` produced by the
 (fake-quant) VLM, i.e. token embeddings with the image features (projector output, quantized when the
@@ -22,8 +31,8 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +41,16 @@ import torch.nn.functional as F
 
 from framework.storage import load_unpacked
 from plugins.quantization.encodings import decode_entries
-from plugins.quantization.quantizer import fake_quantize, qparams_from_range, quantize_codes
+from plugins.quantization.quantizer import (
+    IntegerRows,
+    fake_quantize,
+    integer_linear,
+    integer_rows,
+    qparams_from_range,
+    quantize_codes,
+)
 
 SUPPORTED = ("llama", "qwen2")
-
-
-class _Quantized:
-    """An integer tensor ``(codes - zero_point)`` in row form with its per-row (per-block) scales."""
-
-    def __init__(self, values: torch.Tensor, scale: torch.Tensor, block: int) -> None:
-        self.values, self.scale, self.block = values, scale, block  # values int64 [rows, in]; scale [rows, in/block]
 
 
 class IntegerRuntime:
@@ -91,88 +100,104 @@ class IntegerRuntime:
         self.prefix = embed[0][: -len("embed_tokens.weight")]
         self.head = "lm_head" if "lm_head.weight" in self.floats or "lm_head.weight" in self.params else None
         self.weights = {name: self._int_weight(name) for name in self.params}
-        from transformers import AutoConfig
-        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
-        hf_config = AutoConfig.from_pretrained(directory)
-        self.rotary = LlamaRotaryEmbedding(config=getattr(hf_config, "text_config", hf_config))
+        rope = text.get("rope_parameters") or {}
+        self.rope_theta = float(rope.get("rope_theta", text.get("rope_theta", 10000.0)))
 
     # ------------------------------------------------------------------ tensors
-    def _int_weight(self, name: str) -> _Quantized:
+    def _int_weight(self, name: str) -> IntegerRows:
         if name not in self.codes:
             raise ValueError(f"{name} has a param encoding but no integer codes in the export")
         codes = self.codes[name].to(torch.int64)
         scale, zero_point, _, _ = decode_entries(name, self.params[name])
-        out, width = codes.shape
-        count = scale.numel()
-        if count not in (1, out) and (count % out or width % (count // out)):
-            raise ValueError(f"{name}: {count} encodings do not fit a {tuple(codes.shape)} weight")
-        per_row = 1 if count in (1, out) else count // out
-        block = width // per_row
-        shape = (1, 1) if count == 1 else (out, per_row)
-        values = codes - zero_point.reshape(shape).repeat_interleave(block, dim=1).to(torch.int64)
-        return _Quantized(values, scale.reshape(shape).double(), block)
+        if codes.dim() != 2:
+            raise ValueError(f"{name}: integer codes of shape {tuple(codes.shape)}; a Linear weight is 2-D")
+        try:
+            return integer_rows(codes, zero_point, scale)
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from None
 
-    def _quantize_input(self, x: torch.Tensor, name: str) -> _Quantized | None:
+    def _quantize_input(self, x: torch.Tensor, name: str) -> IntegerRows | None:
         """Integer codes of an activation ``[rows, in]`` at ``name``, or ``None`` when it stays float."""
         if name in self.acts:
             scale, zero_point, bits, sym = decode_entries(name, self.acts[name])
-            qmin, qmax = _grid(bits, sym)
-            codes = quantize_codes(x, scale.reshape(1, 1), zero_point.reshape(1, 1), qmin, qmax)
-            return _Quantized(codes - zero_point.to(torch.int64).reshape(1, 1), scale.double().reshape(1, 1),
-                              x.shape[-1])
+            scale, zero_point = scale.reshape(1, 1), zero_point.reshape(1, 1)
+            return integer_rows(quantize_codes(x, scale, zero_point, *_grid(bits, sym)), zero_point, scale)
         if name in self.dynamic:
-            entry = self.dynamic[name]
-            bits, sym = int(entry["bitwidth"]), entry["is_symmetric"] == "True"
-            qmin, qmax = _grid(bits, sym)
-            block = {"tensor": x.numel(), "token": x.shape[-1], "group": entry.get("group_size")}[entry["granularity"]]
-            rows = x.reshape(-1, block)
-            scale, zero_point = qparams_from_range(rows.amin(dim=1), rows.amax(dim=1), qmin, qmax, sym)
-            codes = quantize_codes(rows, scale[:, None], zero_point[:, None], qmin, qmax)
-            values = (codes - zero_point[:, None].to(torch.int64)).reshape(x.shape)
-            if entry["granularity"] == "tensor":
-                return _Quantized(values, scale.double().reshape(1, 1).expand(x.shape[0], 1), x.shape[-1])
-            return _Quantized(values, scale.double().reshape(x.shape[0], x.shape[-1] // block), block)
+            rows, qmin, qmax, scale, zero_point = self._dynamic_qparams(x, name)
+            codes = quantize_codes(rows, scale, zero_point, qmin, qmax).reshape(x.shape)
+            return integer_rows(codes, zero_point, scale)
         return None
+
+    def _dynamic_qparams(self, x: torch.Tensor, name: str) -> tuple[torch.Tensor, int, int, torch.Tensor,
+                                                                     torch.Tensor]:
+        """``x`` in rows of one scale each, the grid, and per-row ``[rows, 1]`` scale and zero point."""
+        entry = self.dynamic[name]
+        bits, sym = int(entry["bitwidth"]), entry["is_symmetric"] == "True"
+        qmin, qmax = _grid(bits, sym)
+        block = {"tensor": x.numel(), "token": x.shape[-1], "group": entry.get("group_size")}[entry["granularity"]]
+        rows = x.reshape(-1, block)
+        scale, zero_point = qparams_from_range(rows.amin(dim=1), rows.amax(dim=1), qmin, qmax, sym)
+        return rows, qmin, qmax, scale[:, None], zero_point[:, None]
 
     def _fake_quant_output(self, y: torch.Tensor, name: str) -> torch.Tensor:
         if name in self.acts:
             scale, zero_point, bits, sym = decode_entries(name, self.acts[name])
             return fake_quantize(y, scale.reshape(1, 1), zero_point.reshape(1, 1), *_grid(bits, sym))
         if name in self.dynamic:
-            entry = self.dynamic[name]
-            bits, sym = int(entry["bitwidth"]), entry["is_symmetric"] == "True"
-            qmin, qmax = _grid(bits, sym)
-            block = {"tensor": y.numel(), "token": y.shape[-1], "group": entry.get("group_size")}[entry["granularity"]]
-            rows = y.reshape(-1, block)
-            scale, zero_point = qparams_from_range(rows.amin(dim=1), rows.amax(dim=1), qmin, qmax, sym)
-            return fake_quantize(rows, scale[:, None], zero_point[:, None], qmin, qmax).reshape(y.shape)
+            rows, qmin, qmax, scale, zero_point = self._dynamic_qparams(y, name)
+            return fake_quantize(rows, scale, zero_point, qmin, qmax).reshape(y.shape)
         return y
 
     def linear(self, x: torch.Tensor, module: str) -> torch.Tensor:
-        """``module``'s Linear on ``x`` (``[..., in]``): integer matmul where both sides are quantized."""
+        """``module``'s Linear on ``x`` (``[..., in]``): integer matmul where both sides are quantized, else
+        ``F.linear`` of the (dequantized) float tensors, as the fake-quant model computes it."""
         shape = x.shape
         x = x.reshape(-1, shape[-1]).float()
         qx = self._quantize_input(x, f"{module}.input")
         qw = self.weights.get(f"{module}.weight")
+        bias = self.floats.get(f"{module}.bias")
         if qw is not None and qx is not None:
-            y = _int_matmul(qx, qw)
+            y = integer_linear(qx, qw)
+            if bias is not None:
+                y = y + bias
         else:
-            if qx is not None:  # float weight, quantized input: the dequantized input
+            if qx is not None:  # float weight, quantized input: the dequantized input (exact in float64)
                 x = (qx.values.double() * qx.scale.repeat_interleave(qx.block, dim=1)).float()
             weight = self.floats[f"{module}.weight"] if qw is None else \
                 (qw.values.double() * qw.scale.repeat_interleave(qw.block, dim=1)).float()
-            y = x @ weight.t()
-        bias = self.floats.get(f"{module}.bias")
-        if bias is not None:
-            y = y + bias
+            y = F.linear(x, weight, bias)
         y = self._fake_quant_output(y, f"{module}.output")
         return y.reshape(*shape[:-1], y.shape[-1])
 
-    # ------------------------------------------------------------------ model
+    # ------------------------------------------------------------------ float parts, in HF's op order
     def _norm(self, x: torch.Tensor, key: str) -> torch.Tensor:
+        """``LlamaRMSNorm`` / ``Qwen2RMSNorm``."""
         variance = x.pow(2).mean(-1, keepdim=True)
-        return self.floats[key] * (x * torch.rsqrt(variance + self.config.get("rms_norm_eps", 1e-6)))
+        x = x * torch.rsqrt(variance + self.config.get("rms_norm_eps", 1e-6))
+        return self.floats[key] * x
+
+    def _rotary(self, seq: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos, sin`` ``[1, seq, dim]`` as ``LlamaRotaryEmbedding`` computes them (default rope, float32)."""
+        inv_freq = 1.0 / (self.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        freqs = torch.arange(seq)[None][..., None].float() * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos() * 1.0, emb.sin() * 1.0  # attention_scaling is 1.0 for the default rope
+
+    @staticmethod
+    def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                   scaling: float) -> torch.Tensor:
+        """HF's ``sdpa_attention_forward`` for a prefill without cache: without a mask, ``is_causal`` and SDPA's
+        own grouped-query heads; with one, KV heads repeated (expand + reshape) and the boolean mask."""
+        groups = q.shape[1] // k.shape[1]
+        kwargs = {}
+        if groups > 1:
+            if mask is None and k.shape[-1] == v.shape[-1] <= 256:
+                kwargs["enable_gqa"] = True
+            else:
+                k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, scale=scaling,
+                                             is_causal=mask is None and q.shape[2] > 1, **kwargs)
+        return out.transpose(1, 2).contiguous()
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
@@ -183,34 +208,37 @@ class IntegerRuntime:
         padded keys. Rows of padded queries are meaningless, as in the HF model.
         """
         c, p = self.config, self.prefix
-        h = self.floats[f"{p}embed_tokens.weight"][input_ids] if inputs_embeds is None else inputs_embeds.float()
+        h = F.embedding(input_ids, self.floats[f"{p}embed_tokens.weight"]) if inputs_embeds is None \
+            else inputs_embeds.float()
         batch, seq, _ = h.shape
-        heads, kv_heads = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
+        heads = c["num_attention_heads"]
         dim = c.get("head_dim") or c["hidden_size"] // heads
-        positions = torch.arange(seq)[None].expand(batch, -1)
-        cos, sin = self.rotary(h, positions)
-        allowed = torch.ones(seq, seq, dtype=torch.bool).tril()[None, None]
-        if attention_mask is not None:
-            allowed = allowed & attention_mask.bool()[:, None, None, :]
+        cos, sin = self._rotary(seq, dim)
+        cos, sin = cos[:, None], sin[:, None]
+        # HF's create_causal_mask: no mask (SDPA's is_causal) unless some key is padding, then a boolean
+        # [batch, 1, q, kv] mask `kv <= q and not padding`.
+        mask = None
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            causal = torch.arange(seq)[None, None, None, :] <= torch.arange(seq)[None, None, :, None]
+            mask = (causal & attention_mask.bool()[:, None, None, :]).expand(batch, -1, seq, seq)
         for i in range(c["num_hidden_layers"]):
             layer = f"{p}layers.{i}."
+            residual = h
             x = self._norm(h, f"{layer}input_layernorm.weight")
-            q = self.linear(x, f"{layer}self_attn.q_proj").view(batch, seq, heads, dim).transpose(1, 2)
-            k = self.linear(x, f"{layer}self_attn.k_proj").view(batch, seq, kv_heads, dim).transpose(1, 2)
-            v = self.linear(x, f"{layer}self_attn.v_proj").view(batch, seq, kv_heads, dim).transpose(1, 2)
-            q, k = q * cos[:, None] + _rotate_half(q) * sin[:, None], k * cos[:, None] + _rotate_half(k) * sin[:, None]
-            k = k.repeat_interleave(heads // kv_heads, dim=1)
-            v = v.repeat_interleave(heads // kv_heads, dim=1)
-            scores = (q @ k.transpose(2, 3)) / math.sqrt(dim)
-            scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
-            attn = (F.softmax(scores, dim=-1, dtype=torch.float32) @ v).transpose(1, 2).reshape(batch, seq, -1)
-            h = h + self.linear(attn, f"{layer}self_attn.o_proj")
+            hidden_shape = (batch, seq, -1, dim)
+            q = self.linear(x, f"{layer}self_attn.q_proj").view(hidden_shape).transpose(1, 2)
+            k = self.linear(x, f"{layer}self_attn.k_proj").view(hidden_shape).transpose(1, 2)
+            v = self.linear(x, f"{layer}self_attn.v_proj").view(hidden_shape).transpose(1, 2)
+            q, k = (q * cos) + (_rotate_half(q) * sin), (k * cos) + (_rotate_half(k) * sin)
+            attn = self._attention(q, k, v, mask, dim ** -0.5).reshape(batch, seq, -1).contiguous()
+            h = residual + self.linear(attn, f"{layer}self_attn.o_proj")
+            residual = h
             x = self._norm(h, f"{layer}post_attention_layernorm.weight")
             gate = self.linear(x, f"{layer}mlp.gate_proj")
-            h = h + self.linear(F.silu(gate) * self.linear(x, f"{layer}mlp.up_proj"), f"{layer}mlp.down_proj")
+            h = residual + self.linear(F.silu(gate) * self.linear(x, f"{layer}mlp.up_proj"), f"{layer}mlp.down_proj")
         h = self._norm(h, f"{p}norm.weight")
         if self.head is None:  # tied embeddings
-            return h @ self.floats[f"{p}embed_tokens.weight"].t()
+            return F.linear(h, self.floats[f"{p}embed_tokens.weight"])
         return self.linear(h, self.head)
 
 
@@ -233,30 +261,29 @@ def _grid(bits: int, symmetric: bool) -> tuple[int, int]:
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
 
 
-def _int_matmul(x: _Quantized, w: _Quantized) -> torch.Tensor:
-    """``sum_blocks (x_int @ w_int^T) * scale_x * scale_w`` with int64 accumulators, in float32."""
-    rows, width = x.values.shape
-    block = math.gcd(x.block, w.block)
-    blocks = width // block
-    xv = x.values.reshape(rows, blocks, block)
-    wv = w.values.reshape(w.values.shape[0], blocks, block)
-    partial = torch.einsum("rkb,okb->rok", xv, wv)  # int64, exact
-    sx = x.scale.repeat_interleave(x.block // block, dim=1).expand(rows, blocks)
-    sw = w.scale.repeat_interleave(w.block // block, dim=1).expand(w.values.shape[0], blocks)
-    if blocks == 1:
-        return (partial[..., 0].double() * sx * sw.t()).float()
-    return (partial.double() * sx[:, None, :] * sw[None]).sum(-1).float()
+def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    batch, kv_heads, seq, dim = x.shape
+    return x[:, :, None].expand(batch, kv_heads, groups, seq, dim).reshape(batch, kv_heads * groups, seq, dim)
 
 
 # ---------------------------------------------------------------------------------------------- agreement check
 def check_export(folder: str | Path, tasks: list[str], samples: int = 64, *, image_size: int = 128,
-                 max_length: int = 512, batch_size: int = 16, seed: int = 0, margin: float = 1e-3) -> dict[str, Any]:
+                 max_length: int = 512, batch_size: int = 16, seed: int = 0, margin: float = 1e-3,
+                 exact: bool = True) -> dict[str, Any]:
     """Run an export both ways, the fake-quant model (its encodings fixed) and :class:`IntegerRuntime`, on the
     validation samples of ``tasks`` and compare their logits.
+
+    With ``exact`` (the default) the fake-quant model runs in integer-exact mode
+    (:func:`~plugins.quantization.placement.integer_exact_eval`): its quantized Linear layers compute what the
+    runtime computes, so agreement is 1.0 and the logits are equal bit for bit (``share_positions_identical``
+    1.0); anything less is a bug in one of the two. Without it, the ordinary fake-quant model (float matmuls of
+    dequantized values, the float simulation that training uses) is compared with the integer runtime: the two
+    differ by float rounding, and where that moves an activation across a code boundary the difference grows and
+    near-tied top-2 logits can flip.
 
     The samples are the ones ``vlmc validate`` uses (seed ``seed``), prompt and answer, so agreement is counted at
     every position the loss sees (``answer``) and at every non-padding position (``all``). ``decided`` counts only
@@ -264,16 +291,21 @@ def check_export(folder: str | Path, tasks: list[str], samples: int = 64, *, ima
     argmax.
 
     Returns:
-        ``{"tasks": {task: row}, "overall": row}``, each row with ``positions``, ``top1_answer``, ``top1_all``,
-        ``top1_decided``, ``decided_fraction``, ``max_abs_diff``, ``max_rel_diff``, and over positions (each
-        position's largest logit difference) ``median_position_diff`` and ``share_positions_above_1e-3``.
+        ``{"export", "samples", "mode", "tasks": {task: row}, "overall": row}`` (``mode``: ``integer_exact`` or
+        ``float_simulation``), each row with ``positions``, ``top1_answer``, ``top1_all``, ``top1_decided``,
+        ``decided_fraction``, ``max_abs_diff``, ``max_rel_diff``, and over positions (each position's largest
+        logit difference) ``median_position_diff``, ``share_positions_above_1e-3`` and
+        ``share_positions_identical`` (every logit bit-equal).
     """
     from framework.data.datamodule import VAL_SEED_OFFSET
     from framework.data.tasks import make_task
     from framework.metrics import Top1Agreement
     from framework.processing import VLMProcessor, family_for
     from plugins.quantization.adapters import load_quantized_base
+    from plugins.quantization.placement import integer_exact_eval
 
+    if not isinstance(exact, bool):
+        raise TypeError(f"exact: must be true or false, got {exact!r}")
     loaded = load_quantized_base(folder, [])
     model = loaded.model.float().eval()
     processor = VLMProcessor(family_for(model.config, loaded.tokenizer, loaded.image_processor), max_length)
@@ -288,19 +320,19 @@ def check_export(folder: str | Path, tasks: list[str], samples: int = 64, *, ima
     handle = language_model.register_forward_pre_hook(grab, with_kwargs=True)
     rows: dict[str, dict[str, Any]] = {}
     totals = {key: Top1Agreement() for key in ("answer", "all", "decided")}
-    overall: dict[str, Any] = {"positions": 0, "decided": 0, "max_abs_diff": 0.0, "max_rel_diff": 0.0,
-                               "position_diffs": []}
+    overall: dict[str, Any] = {"positions": 0, "decided": 0, "identical": 0, "max_abs_diff": 0.0,
+                               "max_rel_diff": 0.0, "position_diffs": []}
     try:
         for task_name in tasks:
             task = make_task(task_name, seed=seed + VAL_SEED_OFFSET, image_size=image_size)
             metrics = {key: Top1Agreement() for key in ("answer", "all", "decided")}
-            stats: dict[str, Any] = {"positions": 0, "decided": 0, "max_abs_diff": 0.0, "max_rel_diff": 0.0,
-                                     "position_diffs": []}
+            stats: dict[str, Any] = {"positions": 0, "decided": 0, "identical": 0, "max_abs_diff": 0.0,
+                                     "max_rel_diff": 0.0, "position_diffs": []}
             for start in range(0, samples, batch_size):
                 batch = processor.encode([task[i] for i in range(start, min(samples, start + batch_size))])
                 labels = batch.pop("labels")
                 batch.pop("num_answer_tokens")
-                with torch.no_grad():
+                with torch.no_grad(), integer_exact_eval(model) if exact else contextlib.nullcontext():
                     fake = model(**batch).logits.float()
                 integer = runtime(inputs_embeds=captured["embeds"], attention_mask=batch["attention_mask"])
                 mask = batch["attention_mask"].bool()
@@ -319,12 +351,14 @@ def check_export(folder: str | Path, tasks: list[str], samples: int = 64, *, ima
                     target["position_diffs"].append(per_position)
                     target["positions"] += int(mask.sum())
                     target["decided"] += int(decided.sum())
+                    target["identical"] += int((integer[mask] == fake[mask]).all(dim=-1).sum())
                     target["max_abs_diff"] = max(target["max_abs_diff"], float(diff.max()))
                     target["max_rel_diff"] = max(target["max_rel_diff"], float(diff.max()) / max(scale, 1e-12))
             rows[task_name] = _agreement_row(metrics, stats)
     finally:
         handle.remove()
-    return {"export": str(folder), "samples": samples, "tasks": rows, "overall": _agreement_row(totals, overall)}
+    return {"export": str(folder), "samples": samples, "mode": "integer_exact" if exact else "float_simulation",
+            "tasks": rows, "overall": _agreement_row(totals, overall)}
 
 
 def _agreement_row(metrics: dict[str, Any], stats: dict[str, Any]) -> dict[str, Any]:
@@ -335,11 +369,13 @@ def _agreement_row(metrics: dict[str, Any], stats: dict[str, Any]) -> dict[str, 
             "decided_fraction": stats["decided"] / max(1, stats["positions"]),
             "max_abs_diff": stats["max_abs_diff"], "max_rel_diff": stats["max_rel_diff"],
             "median_position_diff": float(diffs.median()),
-            "share_positions_above_1e-3": float((diffs > 1e-3).float().mean())}
+            "share_positions_above_1e-3": float((diffs > 1e-3).float().mean()),
+            "share_positions_identical": stats["identical"] / max(1, stats["positions"])}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """``python -m plugins.quantization.runtime EXPORT``: fake-quant model vs integer runtime on validation samples."""
+    """``python -m plugins.quantization.runtime EXPORT [--no-exact]``: fake-quant model (integer-exact mode, or
+    the float simulation with ``--no-exact``) vs integer runtime on validation samples."""
     import argparse
 
     from framework.io import atomic_write_json
@@ -354,6 +390,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0, help="the data seed of the run (validation samples)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--exact", action=argparse.BooleanOptionalAction, default=True,
+                        help="compare with the fake-quant model in integer-exact mode (bit-equal logits expected); "
+                             "--no-exact compares the float simulation (float matmuls of dequantized values) with "
+                             "the integer runtime")
     parser.add_argument("--out", help="also write the result as JSON here")
     opts = parser.parse_args(argv)
     if opts.samples < 1 or opts.batch_size < 1:
@@ -361,14 +401,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if opts.threads:
         torch.set_num_threads(opts.threads)
     result = check_export(opts.export, opts.tasks, opts.samples, image_size=opts.image_size,
-                          max_length=opts.max_length, batch_size=opts.batch_size, seed=opts.seed)
+                          max_length=opts.max_length, batch_size=opts.batch_size, seed=opts.seed, exact=opts.exact)
+    print(f"fake-quant model ({result['mode'].replace('_', ' ')}) vs integer runtime")
     print(f"{'task':<10} {'positions':>9} {'top1 answer':>11} {'top1 all':>9} {'decided':>8} {'top1 decided':>12} "
-          f"{'max |diff|':>10} {'rel':>9} {'median':>9} {'>1e-3':>6}")
+          f"{'max |diff|':>10} {'rel':>9} {'median':>9} {'>1e-3':>6} {'identical':>9}")
     for name, row in [*result["tasks"].items(), ("overall", result["overall"])]:
         print(f"{name:<10} {row['positions']:>9} {row['top1_answer']:>11.4f} {row['top1_all']:>9.4f} "
               f"{row['decided_fraction']:>8.3f} {row['top1_decided']:>12.4f} {row['max_abs_diff']:>10.3g} "
               f"{row['max_rel_diff']:>9.2g} {row['median_position_diff']:>9.2g} "
-              f"{row['share_positions_above_1e-3']:>6.3f}")
+              f"{row['share_positions_above_1e-3']:>6.3f} {row['share_positions_identical']:>9.4f}")
     if opts.out:
         atomic_write_json(opts.out, result)
     return result
