@@ -34,6 +34,7 @@ from plugins.quantization import (
     quantizers_of,
 )
 from plugins.quantization.encodings import decode_entries
+from plugins.quantization.placement import QuantLinear
 from plugins.quantization.quantizer import qparams_from_range
 
 QAT = "plugins.quantization.QuantizationAwareTraining"
@@ -74,6 +75,7 @@ def _batch(loaded):  # noqa: ANN001, ANN202
         ({"activations": {"granularity": "token", "mode": "dynamic"}, "runtime": "qnn"},
          r"activations.mode: runtime 'qnn' compiles fixed encodings"),
         ({"runtime": "tflite"}, r"runtime: must be one of 'generic', 'qnn'"),
+        ({"integer_eval": "yes"}, r"QuantizationAwareTraining.integer_eval: must be true or false"),
         ({"start_step": -1}, r"QuantizationAwareTraining.start_step: must be an integer >= 0"),
         ({"activations": {"granularity": "tensor"}, "calibration_batches": 0},
          r"calibration_batches: static activation quantizers need >= 1"),
@@ -376,6 +378,24 @@ def test_ptq_export_calibrates_on_the_runs_data_first(tmp_path: Path, capsys: py
     assert "PostTrainingQuantization finish on data first" in capsys.readouterr().out
     encodings = json.loads((tmp_path / "export" / "ptq.encodings").read_text())
     assert len(encodings["param_encodings"]) == 14 and len(encodings["activation_encodings"]) == 14
+
+
+def test_integer_eval_validates_with_device_arithmetic(tmp_path: Path) -> None:
+    summaries = {}
+    for integer_eval in (False, True):
+        ptq = {"class_path": PTQ, "init_args": {
+            "weights": {"bits": 4}, "calibration_batches": 1, "integer_eval": integer_eval,
+            "activations": {"bits": 8, "granularity": "tensor", "symmetric": False}}}
+        folder = tmp_path / str(integer_eval)
+        folder.mkdir()
+        cli = make_cli(tiny_config(folder, callbacks=[ptq]))
+        cli.trainer.validate(cli.model, datamodule=cli.datamodule)
+        layers = [m for m in cli.model.model.modules() if isinstance(m, QuantLinear)]
+        assert layers and all(layer.integer_exact is integer_eval for layer in layers)
+        summaries[integer_eval] = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if "loss" in k}
+    # The same quantized model, computed with integer codes instead of dequantized floats: rounding differs only.
+    for key, value in summaries[False].items():
+        assert summaries[True][key] == pytest.approx(value, rel=1e-3), key
 
 
 def test_agreement_against_a_float_reference_model(tmp_path: Path) -> None:

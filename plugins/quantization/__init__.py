@@ -26,9 +26,11 @@ from plugins.quantization.encodings import export_encodings, load_encodings, wei
 from plugins.quantization.placement import (
     QuantLinear,
     attach_quantizers,
+    integer_exact_eval,
     quantization_disabled,
     quantizers_of,
     remove_quantizers,
+    set_integer_exact,
     set_quantizers,
 )
 from plugins.quantization.lora import QALFT
@@ -54,6 +56,7 @@ __all__ = [
     "check_spec",
     "export_encodings",
     "fake_quantize",
+    "integer_exact_eval",
     "load_adapter",
     "load_encodings",
     "load_plan",
@@ -65,6 +68,7 @@ __all__ = [
     "quantizers_of",
     "remove_quantizers",
     "set_adapter",
+    "set_integer_exact",
     "set_quantizers",
     "weight_codes",
     "write_plan",

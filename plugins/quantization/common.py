@@ -44,6 +44,7 @@ from plugins.quantization.config import ActivationSite, QuantSpec, check_points,
 from plugins.quantization.encodings import export_encodings, weight_codes, write_quantized_export
 from plugins.quantization.placement import (
     attach_quantizers,
+    QuantLinear,
     quantization_disabled,
     quantized_module,
     quantizers_of,
@@ -105,8 +106,12 @@ class QuantizedModules(CompressionPlugin):
         name: str,
         plan: str | None = None,
         float_reference: str | None = None,
+        integer_eval: bool = False,
     ) -> None:
         key = type(self).__name__
+        if not isinstance(integer_eval, bool):
+            raise ValueError(f"{key}.integer_eval: must be true or false, got {integer_eval!r}")
+        self.integer_eval = integer_eval
         if float_reference is not None and (not isinstance(float_reference, (str, Path)) or not str(float_reference)):
             raise ValueError(f"{key}.float_reference: must be a model path / hub id / spec JSON or null, "
                              f"got {float_reference!r}")
@@ -167,6 +172,10 @@ class QuantizedModules(CompressionPlugin):
         for quantizer in found.values():
             quantizer.enabled = quantizer.observing = False  # the callback switches them on
         self.quantizers = found
+        for module_name in {name.rsplit(".", 1)[0] for name in found}:  # only this plugin's layers
+            module = model.get_submodule(module_name)
+            if isinstance(module, QuantLinear):
+                module.integer_exact = self.integer_eval  # eval only: training keeps the float path
 
     def _attach_planned(self, model: nn.Module) -> dict[str, FakeQuantizer]:
         """Weight quantizers with the plan's bits per layer (the ``weights`` spec otherwise), activations as usual.

@@ -41,6 +41,9 @@ class PostTrainingQuantization(QuantizedModules):
         float_reference: the float model that top-1 agreement is measured against (HF folder, hub id or spec
             JSON); ``null``: this model with its quantizers switched off. Give the float model QAT started from:
             QAT's own weights move with training, so switching its quantizers off is no longer "the float model".
+        integer_eval: validate and test with integer arithmetic in every quantized Linear (input codes times
+            weight codes, exact accumulation, then scales), what the exported model computes on a device and in
+            :class:`~plugins.quantization.runtime.IntegerRuntime`, bit for bit; training keeps the float path.
 
     Raises:
         ValueError: a spec outside its range (naming the key), ``calibration_batches`` < 1, targets that
@@ -71,11 +74,12 @@ class PostTrainingQuantization(QuantizedModules):
         name: str = "ptq",
         plan: str | None = None,
         float_reference: str | None = None,
+        integer_eval: bool = False,
     ) -> None:
         key = type(self).__name__
         weights = None if weights is None else dataclasses.replace(weights)
         super().__init__(weights, activations, targets, activation_points or ["input"], activation_sites, runtime,
-                         name, plan, float_reference)
+                         name, plan, float_reference, integer_eval)
         if not isinstance(calibration_batches, int) or calibration_batches < 1:
             raise ValueError(f"{key}.calibration_batches: must be an integer >= 1, got {calibration_batches!r}")
         self.calibration_batches = calibration_batches

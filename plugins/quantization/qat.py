@@ -51,6 +51,9 @@ class QuantizationAwareTraining(QuantizedModules):
         float_reference: the float model that top-1 agreement is measured against (HF folder, hub id or spec
             JSON); ``null``: this model with its quantizers switched off. Give the float model QAT started from:
             QAT's own weights move with training, so switching its quantizers off is no longer "the float model".
+        integer_eval: validate and test with integer arithmetic in every quantized Linear (input codes times
+            weight codes, exact accumulation, then scales), what the exported model computes on a device and in
+            :class:`~plugins.quantization.runtime.IntegerRuntime`, bit for bit; training keeps the float path.
 
     Raises:
         ValueError: a spec outside its range (the message names the key, e.g. ``weights.bits``), negative
@@ -87,11 +90,12 @@ class QuantizationAwareTraining(QuantizedModules):
         name: str = "qat",
         plan: str | None = None,
         float_reference: str | None = None,
+        integer_eval: bool = False,
     ) -> None:
         key = type(self).__name__
         weights = None if weights is None else dataclasses.replace(weights)  # never share the default instance
         super().__init__(weights, activations, targets, activation_points or ["input"], activation_sites, runtime,
-                         name, plan, float_reference)
+                         name, plan, float_reference, integer_eval)
         if not isinstance(start_step, int) or start_step < 0:
             raise ValueError(f"{key}.start_step: must be an integer >= 0, got {start_step!r}")
         static_acts = any(s is not None and s.mode == "static"
