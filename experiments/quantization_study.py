@@ -22,7 +22,9 @@ on one GPU. The machinery (jobs, shared arguments, parallel runs, ``--pack``) is
 4. ``mixed``: per-layer sensitivity of the base and mixed-precision plans at 3, 4 and 5 average weight bits
    (``python -m plugins.quantization.sensitivity``, plans under ``--work``/plans and copied to ``--out``), QAT
    with each plan (``mixed_avg3`` ...) against uniform QAT at 3 and 5 bits (``qat_uniform_w3a8_ch``,
-   ``qat_uniform_w5a8_ch``; 4 bits is the table's ``qat_w4a8_ch``).
+   ``qat_uniform_w5a8_ch``; 4 bits is the table's ``qat_w4a8_ch``), and the same without training: PTQ with each
+   plan (``ptq_mixed_avg3`` ...) against uniform PTQ (``ptq_uniform_w3a8_ch``, ``_w5a8_ch``; the table's
+   ``ptq_w2a8_ch`` / ``ptq_w4a8_ch`` / ``ptq_w8a8_ch``).
 5. ``stacked``: the sparsity ramp to 75% and QAT W4A8 in one fine-tune of the base (``stacked_ramp75_qat_w4a8``),
    exported; ``bpv.json`` under ``--out`` gathers the ``summary`` of every export's ``*_bpv.json``: bits per weight
    over the layers each plugin packs (the language model's Linear layers here). ``qat_bpv.json`` of the stacked
@@ -138,9 +140,12 @@ class Study(sparsity_study.Study):
             args["plan"] = str(plan)
         return callback(QAT, **args)
 
-    def ptq(self, bits: int, act_bits: int = 8, granularity: str = "ch") -> dict[str, Any]:
-        return callback(PTQ, targets=LANGUAGE_MODEL, weights=weight_spec(bits, granularity, "mse"),
-                        **activation_args(act_bits), calibration_batches=self.calibration)
+    def ptq(self, bits: int, act_bits: int = 8, granularity: str = "ch", plan: Path | None = None) -> dict[str, Any]:
+        args = dict(targets=LANGUAGE_MODEL, weights=weight_spec(bits, granularity, "mse"), **activation_args(act_bits),
+                    calibration_batches=self.calibration)
+        if plan is not None:
+            args["plan"] = str(plan)
+        return callback(PTQ, **args)
 
     def lora(self, task: str, **args: Any) -> dict[str, Any]:
         return callback(QALFT, targets=LANGUAGE_MODEL, r=16 if not self.opts.smoke else 4,
@@ -265,6 +270,11 @@ class Study(sparsity_study.Study):
             name = f"qat_uniform_w{bits}a8_ch"
             jobs.append(Job(name, "fit", [self.qat(bits)], self.on(self.base_export, o.qat_steps, o.qat_lr),
                             export_to=self.exports / name))
+        # Without training, which can wash out where the bits went: PTQ with each plan against uniform PTQ.
+        jobs += [Job(f"ptq_mixed_avg{b}", "validate", [self.ptq(4, plan=self.plan_path(b))], self.on(self.base_export))
+                 for b in BUDGETS if self.plan_path(b).exists()]
+        jobs += [Job(f"ptq_uniform_w{bits}a8_ch", "validate", [self.ptq(bits)], self.on(self.base_export))
+                 for bits in (3, 5)]
         return jobs
 
     def stacked_jobs(self) -> list[Job]:

@@ -74,7 +74,8 @@ def test_every_run_has_a_unique_name_and_valid_plugin_arguments(tmp_path: Path) 
                             for job in qat_rows)
     assert {"float", "ptq_w4a8_ch", "qat_w2a8_g32", "qat_w4a16_ch", "lora_float_autofill",
             "lora_float_ptq_w4a8_caption", "lora_qat_ptq_w4a8_autofill", "qalft_caption", "mixed_avg3",
-            "mixed_avg5", "qat_uniform_w3a8_ch", "stacked_ramp75_qat_w4a8"} <= set(names)
+            "mixed_avg5", "qat_uniform_w3a8_ch", "ptq_mixed_avg3", "ptq_uniform_w5a8_ch",
+            "stacked_ramp75_qat_w4a8"} <= set(names)
     kinds = set()
     for job in jobs:
         assert job.verb in ("fit", "validate")
