@@ -5,10 +5,18 @@ set -u
 export WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
 HERE=$(cd "$(dirname "$0")" && pwd)
 BASE=${BASE:-/tmp/qtab/base}
-for c in dense_finetune l0_50_improved l0_50_improved_hard50 l0_50_improved_hard80 l0_50_plain; do
+for c in dense_finetune l0_50_improved_hard20 l0_50_improved_hard50 l0_50_improved_hard80 l0_50_plain; do
   vlmc fit --config experiments/quickstart.yaml --config "$HERE/$c.yaml" --model.init_args.model="$BASE" \
     --model.init_args.lr=1e-3 --trainer.max_steps=600 --trainer.val_check_interval=600 \
     --trainer.enable_progress_bar=false --checkpoint.dirpath="/tmp/cpu_l0/$c" \
     --report.filename="$HERE/summary_$c.json" > "/tmp/cpu_l0_$c.log" 2>&1
   echo "$c rc=$?"
 done
+# The L0 runs' pruned shape (llava-tiny-l0-50.json, from `python -m plugins.l0_pruning.spec --base
+# experiments/models/llava-tiny.json --fraction 0.5`) trained from scratch with the same compute as the quickstart
+# base (1800 steps) plus an L0 run (600 steps), both at batch 16: 2400 x 1.90M / 0.99M non-embedding parameters.
+vlmc fit --config experiments/quickstart.yaml --model.init_args.model="$HERE/llava-tiny-l0-50.json" \
+  --trainer.max_steps=4594 --trainer.val_check_interval=1000 --trainer.check_val_every_n_epoch=null \
+  --trainer.enable_progress_bar=false \
+  --checkpoint.dirpath=/tmp/cpu_l0/scratch --report.filename="$HERE/summary_l0_scratch50.json" > /tmp/cpu_l0_scratch.log 2>&1
+echo "l0_scratch50 rc=$?"
