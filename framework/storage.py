@@ -6,7 +6,8 @@ element or as Golomb-Rice codes of the zero-run lengths) and ``nm`` (N:M structu
 along the last dim plus the kept positions, either as ceil(log2 m)-bit in-group indices, as in NVIDIA's 2:4 format,
 or enumeratively: each group's n-of-m pattern as its rank among the C(m, n) patterns, ranks of consecutive groups
 packed in mixed radix into 62-bit words, within about 2% of the log2(C(m, n)) / m floor). Integer codes
-(``value_bits`` 2..8) are bit-packed two's complement, so ``storage_bits`` is the honest on-disk size.
+(``value_bits`` 2..8) are bit-packed two's complement, or Huffman-coded (``value_coding``: a canonical prefix code
+per tensor, its code lengths stored as a part), so ``storage_bits`` is the honest on-disk size.
 Bit streams are MSB-first within each byte (``np.packbits`` order). A file is one safetensors file whose
 tensors are named ``<name>.<part>``; formats, shapes and parameters live as JSON in its metadata header.
 Zeros are ``value == 0``, so ``-0.0`` is stored as a zero and decodes as ``0.0`` in the sparse formats.
@@ -29,6 +30,8 @@ from safetensors.torch import save_file
 FORMATS = ("dense", "bitmask", "nm")
 MASK_CODINGS = ("bits", "golomb")
 INDEX_CODINGS = ("positions", "enumerative")
+VALUE_CODINGS = ("fixed", "huffman")
+_MAX_CODE_BITS = 24  # longer Huffman codes (extremely skewed counts) fall back to fixed-width codes
 _WORD_BITS = 62  # mixed-radix words of enumerative N:M indices stay below 2**62 (exact int64 arithmetic)
 _FILE_KEY = "vlmc.packed"
 _ENTRIES_KEY = "vlmc.entries"
@@ -234,10 +237,132 @@ def _decode_values(packed: PackedTensor, count: int) -> torch.Tensor:
     if dtype.is_floating_point:
         return stored
     bits = packed.value_bits
+    if _value_coding(packed) == "huffman":
+        low = _code_range(dtype, bits)[0]
+        symbols = _huffman_decode(stored.numpy(), packed.tensors["code_lengths"].numpy(), count,
+                                  int(packed.meta["value_stream_bits"]))
+        return torch.from_numpy(symbols + low).to(dtype)
     codes = _unpack_fixed(stored.numpy(), bits, count)
     if dtype.is_signed:
         codes = np.where(codes >= 1 << (bits - 1), codes - (1 << bits), codes)
     return torch.from_numpy(codes).to(dtype)
+
+
+def _huffman_lengths(counts: np.ndarray) -> np.ndarray:
+    """Code length per symbol (0 for unused symbols) of a Huffman code for ``counts``."""
+    import heapq
+
+    used = np.flatnonzero(counts)
+    lengths = np.zeros(len(counts), dtype=np.int64)
+    if len(used) == 1:
+        lengths[used] = 1
+        return lengths
+    heap = [(int(counts[i]), int(i), [int(i)]) for i in used]
+    heapq.heapify(heap)
+    while len(heap) > 1:
+        c1, t1, s1 = heapq.heappop(heap)
+        c2, t2, s2 = heapq.heappop(heap)
+        lengths[s1 + s2] += 1
+        heapq.heappush(heap, (c1 + c2, min(t1, t2), s1 + s2))
+    return lengths
+
+
+def _canonical_codes(lengths: np.ndarray) -> np.ndarray:
+    """Canonical prefix codes for ``lengths`` (symbols ordered by length, then value)."""
+    codes = np.zeros(len(lengths), dtype=np.int64)
+    code, previous = 0, 0
+    for symbol in sorted(np.flatnonzero(lengths), key=lambda i: (lengths[i], i)):
+        code <<= int(lengths[symbol]) - previous
+        codes[symbol], previous = code, int(lengths[symbol])
+        code += 1
+    return codes
+
+
+def _huffman_encode(symbols: np.ndarray, alphabet: int) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """``symbols`` (ints in [0, alphabet)) as a Huffman bit stream: (stream bytes, code lengths, stream bits), or
+    ``None`` when a code would exceed ``_MAX_CODE_BITS``."""
+    lengths = _huffman_lengths(np.bincount(symbols, minlength=alphabet))
+    if lengths.max(initial=0) > _MAX_CODE_BITS:
+        return None
+    codes, width = _canonical_codes(lengths), int(lengths.max(initial=1))
+    chunks, total = [], 0
+    for start in range(0, len(symbols), 1 << 18):  # bounded memory: one bit matrix per chunk
+        part = symbols[start:start + (1 << 18)]
+        length = lengths[part]
+        shift = length[:, None] - 1 - np.arange(width)
+        bits = (codes[part][:, None] >> np.maximum(shift, 0)) & 1
+        chunks.append(bits[shift >= 0].astype(np.uint8))
+        total += int(length.sum())
+    stream = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.uint8)
+    return np.packbits(stream), lengths.astype(np.uint8), total
+
+
+def _huffman_decode(data: np.ndarray, lengths: np.ndarray, count: int, total: int) -> np.ndarray:
+    """Inverse of :func:`_huffman_encode`: ``count`` symbols.
+
+    Raises:
+        ValueError: if the stream does not decode to exactly ``count`` symbols in ``total`` bits.
+    """
+    lengths = lengths.astype(np.int64)
+    width = int(lengths.max(initial=1))
+    codes = _canonical_codes(lengths)
+    # Window table: the ``width`` bits at a position determine the symbol that starts there and its length.
+    table_symbol = np.full(1 << width, -1, dtype=np.int64)
+    table_length = np.zeros(1 << width, dtype=np.int64)
+    for symbol in np.flatnonzero(lengths):
+        span = width - int(lengths[symbol])
+        first = int(codes[symbol]) << span
+        table_symbol[first:first + (1 << span)] = symbol
+        table_length[first:first + (1 << span)] = lengths[symbol]
+    bits = np.unpackbits(data, count=total).astype(np.int64)
+    padded = np.concatenate([bits, np.zeros(width, dtype=np.int64)])
+    window = np.zeros(total, dtype=np.int64)
+    for offset in range(width):  # the window starting at every bit position, vectorised
+        window = (window << 1) | padded[offset:offset + total]
+    step = table_length[window] if total else table_length[:0]
+    symbol_at = table_symbol[window] if total else table_symbol[:0]
+    out = np.empty(count, dtype=np.int64)
+    position = 0
+    for i in range(count):  # prefix codes: each symbol starts where the previous one ends
+        if position >= total or step[position] == 0:
+            raise ValueError(f"Huffman value stream ends or breaks after {i} of {count} values")
+        out[i] = symbol_at[position]
+        position += int(step[position])
+    if position != total:
+        raise ValueError(f"Huffman value stream has {total - position} bits left after {count} values")
+    return out
+
+
+def _use_value_coding(packed: PackedTensor, value_coding: str) -> PackedTensor:
+    """Re-code ``packed``'s integer values with ``value_coding`` (``auto``: Huffman when it is smaller)."""
+    if value_coding == "fixed" or _torch_dtype(packed.dtype).is_floating_point:
+        if value_coding == "huffman":
+            raise ValueError("value_coding 'huffman' applies to integer codes; floats are stored as-is")
+        return packed
+    count, bits = _value_count(packed), packed.value_bits
+    low = _code_range(_torch_dtype(packed.dtype), bits)[0]
+    symbols = _decode_values(packed, count).numpy().astype(np.int64) - low
+    coded = _huffman_encode(symbols, 1 << bits)
+    if coded is None:
+        if value_coding == "huffman":
+            raise ValueError(f"value_coding 'huffman': a code would exceed {_MAX_CODE_BITS} bits for these counts")
+        return packed
+    stream, lengths, total = coded
+    tensors = {**packed.tensors, "values": torch.from_numpy(stream), "code_lengths": torch.from_numpy(lengths)}
+    recoded = PackedTensor(packed.format, packed.shape, packed.dtype, bits, tensors,
+                           {**packed.meta, "value_coding": "huffman", "value_stream_bits": total})
+    # auto: only when it saves at least 1%; Huffman streams decode value by value, slower than fixed-width codes.
+    if value_coding == "auto" and recoded.storage_bits() > 0.99 * packed.storage_bits():
+        return packed
+    return recoded
+
+
+def _value_coding(packed: PackedTensor) -> str:
+    return str(packed.meta.get("value_coding", "fixed"))
+
+
+def _parts(packed: PackedTensor) -> tuple[str, ...]:
+    return (*_PARTS[packed.format], *(("code_lengths",) if _value_coding(packed) == "huffman" else ()))
 
 
 def _value_count(packed: PackedTensor) -> int:
@@ -355,6 +480,7 @@ def pack(
     value_bits: int | None = None,
     mask_coding: str = "auto",
     index_coding: str = "positions",
+    value_coding: str = "fixed",
 ) -> PackedTensor:
     """Store ``tensor`` in a compressed format; :func:`unpack` gives it back exactly.
 
@@ -369,6 +495,9 @@ def pack(
             (whichever is smaller for this tensor). Used by the ``bitmask`` format.
         index_coding: ``"positions"`` (ceil(log2 m) bits per kept value, the layout sparse tensor cores read) or
             ``"enumerative"`` (the group's pattern rank, about log2(C(m, n)) bits per group). ``nm`` only.
+        value_coding: integer codes at ``value_bits`` each (``"fixed"``), Huffman-coded (``"huffman"``, a
+            canonical code per tensor; the code lengths, 2**value_bits bytes, are stored and counted), or
+            ``"auto"`` (Huffman when it saves at least 1%). Floats are always stored as-is.
 
     Returns:
         The packed tensor.
@@ -382,6 +511,14 @@ def pack(
         raise ValueError(f"unknown format {format!r}; expected one of {', '.join((*FORMATS, 'auto'))}")
     if mask_coding not in (*MASK_CODINGS, "auto"):
         raise ValueError(f"unknown mask_coding {mask_coding!r}; expected one of bits, golomb, auto")
+    if value_coding not in (*VALUE_CODINGS, "auto"):
+        raise ValueError(f"unknown value_coding {value_coding!r}; expected one of fixed, huffman, auto")
+    packed = _pack(tensor, format, n, m, value_bits, mask_coding, index_coding)
+    return _use_value_coding(packed, value_coding)
+
+
+def _pack(tensor: torch.Tensor, format: str, n: int, m: int, value_bits: int | None, mask_coding: str,
+          index_coding: str) -> PackedTensor:
     if tensor.ndim == 0:
         raise ValueError("cannot pack a 0-d tensor; reshape it to at least 1-d")
     tensor = tensor.detach().cpu()
@@ -456,7 +593,9 @@ def _validate(packed: PackedTensor, name: str = "packed tensor") -> None:
         bits = _resolve_value_bits(dtype, packed.value_bits)
     except ValueError as err:
         raise ValueError(f"{name}: {err}") from err
-    missing = [part for part in _PARTS[packed.format] if part not in packed.tensors]
+    if _value_coding(packed) not in VALUE_CODINGS or (_value_coding(packed) == "huffman" and dtype.is_floating_point):
+        raise ValueError(f"{name}: value_coding {_value_coding(packed)!r} does not apply to {packed.dtype} values")
+    missing = [part for part in _parts(packed) if part not in packed.tensors]
     if missing:
         raise ValueError(f"{name}: missing stored part(s) {', '.join(missing)} for format {packed.format}")
     numel = packed.numel()
@@ -485,13 +624,23 @@ def _validate(packed: PackedTensor, name: str = "packed tensor") -> None:
         raise ValueError(f"{name}: meta lacks {err.args[0]!r} for format {packed.format}") from None
     count = _value_count(packed)
     values = packed.tensors["values"]
-    expected = (count, dtype) if dtype.is_floating_point else (math.ceil(count * bits / 8), torch.uint8)
+    if _value_coding(packed) == "huffman":
+        try:
+            stream_bits = int(packed.meta["value_stream_bits"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{name}: Huffman-coded values need an integer value_stream_bits") from None
+        expected = (math.ceil(stream_bits / 8), torch.uint8)
+        if packed.tensors["code_lengths"].numel() != 1 << bits:
+            raise ValueError(f"{name}: code_lengths has {packed.tensors['code_lengths'].numel()} entries, "
+                             f"{bits}-bit codes need {1 << bits}")
+    else:
+        expected = (count, dtype) if dtype.is_floating_point else (math.ceil(count * bits / 8), torch.uint8)
     if (values.numel(), values.dtype) != expected or values.ndim != 1:
         raise ValueError(
             f"{name}: values part is {values.dtype} x {values.numel()} but shape {packed.shape} "
             f"({packed.format}) needs {expected[1]} x {expected[0]}"
         )
-    for part in _PARTS[packed.format][1:]:
+    for part in _parts(packed)[1:]:
         stored = packed.tensors[part]
         if stored.dtype != torch.uint8 or stored.ndim != 1:
             shape = tuple(stored.shape)
@@ -528,7 +677,7 @@ def save_packed(tensors: dict[str, PackedTensor], path: str | Path) -> None:
     entries: dict[str, dict] = {}
     for name, packed in tensors.items():
         _validate(packed, name)
-        parts = list(_PARTS[packed.format])
+        parts = list(_parts(packed))
         for part in parts:
             key = f"{name}.{part}"
             if key in arrays:
@@ -647,6 +796,7 @@ def bpv_row(name: str, packed: PackedTensor) -> dict:
         "name": name,
         "format": packed.format,
         "mask_coding": str(packed.meta.get("mask_coding", packed.meta.get("index_coding", ""))),
+        "value_coding": _value_coding(packed),
         "numel": numel,
         "nonzero": nonzero,
         "sparsity": sparsity,

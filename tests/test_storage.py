@@ -85,6 +85,15 @@ CASES = [
     ("int8-4:8-enumerative", _codes((6, 64), 0.0, 4).reshape(-1, 8).index_fill(1, torch.tensor([1, 3, 4, 6]), 0)
      .reshape(6, 64), {"format": "nm", "n": 4, "m": 8, "value_bits": 4, "index_coding": "enumerative"}),
     ("all-zero-nm-enumerative", torch.zeros(4, 8), {"format": "nm", "index_coding": "enumerative"}),
+    ("int8-4bit-bitmask-huffman", _codes((10, 13), 0.4, 4), {"format": "bitmask", "value_bits": 4,
+                                                              "value_coding": "huffman"}),
+    ("int8-2bit-dense-huffman", _codes((9, 7), 0.9, 2), {"format": "dense", "value_bits": 2, "value_coding": "huffman"}),
+    ("uint8-8bit-huffman", _codes((5, 6), 0.5, 8, torch.uint8), {"format": "bitmask", "value_bits": 8,
+                                                                  "value_coding": "huffman"}),
+    ("int8-2bit-nm-huffman", _two_four((4, 8), torch.int8).clamp(-2, 1), {"format": "nm", "value_bits": 2,
+                                                                            "value_coding": "huffman"}),
+    ("one-symbol-huffman", torch.full((3, 5), 3, dtype=torch.int8), {"format": "dense", "value_bits": 4,
+                                                                     "value_coding": "huffman"}),
     ("empty", torch.zeros(0, 4), {"format": "bitmask", "mask_coding": "golomb"}),
 ]
 
@@ -164,6 +173,27 @@ def test_nm_enumerative_approaches_the_pattern_entropy() -> None:
         index_bits = packed.tensors["index"].numel() * 8 / (groups * m)
         floor = math.log2(math.comb(m, n)) / m
         assert floor <= index_bits < 1.02 * floor
+
+
+def test_huffman_values_hand_computed() -> None:
+    # Counts 4 / 2 / 1 / 1 of the 2-bit codes 0 / 1 / -2 / -1 (symbols 2 / 3 / 0 / 1 after the offset of -2):
+    # lengths 1 / 2 / 3 / 3; canonical codes by (length, symbol): 2 -> 0, 3 -> 10, 0 -> 110, 1 -> 111.
+    t = torch.tensor([0, 0, 1, -2, 0, 1, -1, 0], dtype=torch.int8)
+    packed = pack(t, "dense", value_bits=2, value_coding="huffman")
+    assert packed.tensors["code_lengths"].tolist() == [3, 3, 1, 2]
+    assert packed.meta == {"value_coding": "huffman", "value_stream_bits": 14}
+    # 0 0 10 110 0 10 111 0 -> 00101100 101110(00)
+    assert packed.tensors["values"].tolist() == [0b00101100, 0b10111000]
+    assert torch.equal(unpack(packed), t)
+    assert packed.storage_bits() == 2 * 8 + 4 * 8  # the stream plus one byte of code length per symbol
+
+
+def test_huffman_auto_pays_on_skewed_codes_only() -> None:
+    skewed = torch.where(torch.rand(4096) < 0.9, 1, torch.randint(-8, 8, (4096,))).to(torch.int8)
+    uniform = torch.randint(-8, 8, (4096,), dtype=torch.int8)
+    assert pack(skewed, "dense", value_bits=4, value_coding="auto").meta.get("value_coding") == "huffman"
+    assert pack(uniform, "dense", value_bits=4, value_coding="auto").meta.get("value_coding") is None
+    assert bpv_row("s", pack(skewed, "dense", value_bits=4, value_coding="auto"))["value_coding"] == "huffman"
 
 
 def test_auto_picks_the_smaller_format_and_never_nm() -> None:
@@ -288,6 +318,8 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
         (torch.zeros(2, 8), {"format": "nm", "n": 4, "m": 4}, "1 <= n < m"),
         (torch.ones(2, 8), {"format": "nm"}, "violates the 2:4 pattern: 4 of 4 groups"),
         (torch.zeros(2, 8), {"format": "nm", "index_coding": "huffman"}, "unknown index_coding 'huffman'"),
+        (torch.ones(4), {"value_coding": "arithmetic"}, "unknown value_coding 'arithmetic'"),
+        (torch.ones(4), {"value_coding": "huffman"}, "applies to integer codes; floats are stored as-is"),
         (torch.zeros(2, 32), {"format": "nm", "n": 16, "m": 32, "index_coding": "enumerative"}, "C\\(m, n\\) <= 2\\*\\*20"),
     ],
 )
