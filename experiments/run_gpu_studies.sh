@@ -7,8 +7,8 @@
 #
 # 1. experiments/sparsity_study.py trains the dense base on GPU 0 (and the same-compute from-scratch baseline of the
 #    50%-pruned shape on GPU 1), then runs its sweep; each run takes the least busy unreserved GPU.
-# 2. With four GPUs or more, the last two are reserved: 10-minute recipes for the GPU base ($RECIPES, batch:lr
-#    pairs), then the throughput table (experiments/run_gpu_results.sh bench) and the training overhead of every
+# 2. With four GPUs or more, the last two are reserved: 10-minute recipes for the GPU base ($RECIPES,
+#    batch:lr[:compile|:cudagraphs] entries), then the throughput table (experiments/run_gpu_results.sh bench) and the training overhead of every
 #    plugin, each with its GPU otherwise idle; then the studies get them too. (The 2:4 kernel table is the sparsity
 #    study's `kernels` stage: `python experiments/sparsity_study.py kernels`.)
 # 3. Once the base is exported, experiments/quantization_study.py starts from it and shares the GPUs with the sweep.
@@ -55,17 +55,23 @@ $PY experiments/sparsity_study.py base sweep latency collect --out "$RES/sparsit
   > "$WORK/logs/sparsity_study.log" 2>&1 &
 sparsity=$!
 
-# name gpu batch lr: benchmark the recipe's step rate, then train for as many steps as fit $RECIPE_SECONDS of
-# training (validation and start-up take the rest of the 10 minutes), cut at 600 s like the issue's budget.
+# name gpu batch lr [mode]: benchmark the recipe's step rate, then train for as many steps as fit $RECIPE_SECONDS
+# of training (start-up, compilation and validation take the rest of the 10 minutes), cut at 600 s like the issue's
+# budget. mode: compile (regional torch.compile) or cudagraphs (compiled, fixed shapes, CUDA graphs).
 recipe() {
-  local name=$1 gpu=$2 batch=$3 lr=$4
+  local name=$1 gpu=$2 batch=$3 lr=$4 mode=${5:-}
   local cfg=(--config experiments/pretrain/gpu_base.yaml --config experiments/csv_logger.yaml
              --data.init_args.batch_size="$batch" --model.init_args.lr="$lr" --data.init_args.num_workers=14)
+  case "$mode" in
+    compile) cfg+=(--model.init_args.compile=true) ;;
+    cudagraphs) cfg+=(--model.init_args.compile=true --model.init_args.compile_mode=reduce-overhead
+                      --data.init_args.pad_to_max_length=true) ;;
+  esac
   CUDA_VISIBLE_DEVICES=$gpu $PY -m framework.cli bench "${cfg[@]}" --steps 40 --warmup 40 --plain \
     --new_tokens 16 --repeats 1 --out "$RES/gpu/bench_$name.json" > "$WORK/logs/bench_$name.log" 2>&1
   local steps
   steps=$($PY -c "import json,sys; r=json.load(open(sys.argv[1])); print(int(r['steps_per_s'] * float(sys.argv[2]) // 100 * 100))" \
-          "$RES/gpu/bench_$name.json" "${RECIPE_SECONDS:-470}" 2>/dev/null || echo 2000)
+          "$RES/gpu/bench_$name.json" "${RECIPE_SECONDS:-$([ -n "$mode" ] && echo 420 || echo 470)}" 2>/dev/null || echo 2000)
   log "$name: batch $batch lr $lr, $steps steps"
   local start=$(date +%s)
   CUDA_VISIBLE_DEVICES=$gpu timeout 600 $PY -m framework.cli fit "${cfg[@]}" --trainer.max_steps="$steps" \
@@ -82,15 +88,21 @@ release() {  # gpu: the studies may use it again
 }
 base=$WORK/sparsity/exports/dense_base
 if [ "$GPUS" -ge 4 ]; then
-  read -r -a recipes <<< "${RECIPES:-512:1.0e-3 1024:1.2e-3}"  # batch:lr
+  # Batch 512 and 1024 (2026-11-27) did not start reading sooner: reading needs optimizer steps, so the next
+  # recipes buy steps per second at the batch that worked.
+  read -r -a recipes <<< "${RECIPES:-256:8.0e-4:compile 256:8.0e-4:cudagraphs}"  # batch:lr[:mode]
   (
-    r=${recipes[0]}; recipe "recipe_b${r%%:*}" "$second_last" "${r%%:*}" "${r#*:}"
+    IFS=: read -r batch lr mode <<< "${recipes[0]}"
+    recipe "recipe_b${batch}${mode:+_$mode}" "$second_last" "$batch" "$lr" "$mode"
     CUDA_VISIBLE_DEVICES=$second_last OUT=$RES/gpu BATCHES="128 256" bash experiments/run_gpu_results.sh bench > "$WORK/logs/throughput.log" 2>&1
     log "throughput rc=$?"
     release "$second_last"
   ) &
   (
-    if [ ${#recipes[@]} -gt 1 ]; then r=${recipes[1]}; recipe "recipe_b${r%%:*}" "$last" "${r%%:*}" "${r#*:}"; fi
+    if [ ${#recipes[@]} -gt 1 ]; then
+      IFS=: read -r batch lr mode <<< "${recipes[1]}"
+      recipe "recipe_b${batch}${mode:+_$mode}" "$last" "$batch" "$lr" "$mode"
+    fi
     CUDA_VISIBLE_DEVICES=$last $PY experiments/plugin_overhead.py --out "$RES/sparsity/overhead.json" \
       > "$WORK/logs/overhead_sparsity.log" 2>&1
     log "sparsity overhead rc=$?"
