@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAMILY_SPECS
+from conftest import FAMILY_SPECS, ROOT
 from helpers import make_cli, model_state, tiny_config
 
 from framework.data.tasks import make_task
@@ -62,6 +62,7 @@ def test_misconfiguration_fails_in_init(kwargs: dict, message: str) -> None:
         ("llava", {"target_shape": {"num_attention_heads": 3}}, "give num_key_value_heads too"),
         ("llava", {"target_shape": {"hidden_size": 16}, "prune_hidden": False}, "needs prune_hidden: true"),
         ("llava", {"target_shape": {"vocab_size": 16}}, "unknown keys"),
+        ("llava", {"target_shape": {"hidden_size": 30}}, "hidden_size: must be a multiple of num_attention_heads=4"),
         ("llava", {"target_fraction": 0.5, "targets": ModuleSelection(include="no_such_module")}, "matched no module"),
         ("llava", {"target_fraction": 0.5, "targets": ModuleSelection(include=r"language_model\.layers\.0$",
                                                                       types=["GradientCheckpointingLayer"])},
@@ -286,3 +287,14 @@ def test_model_copies_after_a_training_forward(method: str) -> None:
     assert copied(input_ids=ids).logits.shape == (2, 8, model.config.get_text_config().vocab_size)
     copied = copy.deepcopy(model).eval()  # generate embeds the prompt before the model's own forward runs
     assert copied.generate(input_ids=ids, max_new_tokens=2, do_sample=False).shape == (2, 10)
+
+
+def test_fraction_shapes_keep_hidden_a_multiple_of_heads(tmp_path: Path) -> None:
+    from plugins.l0_pruning.spec import main as spec_main
+
+    # 50% of the GPU base at multiple_of 1 once gave hidden 405 with 6 heads, a config transformers refuses.
+    out = tmp_path / "pruned.json"
+    spec_main(["--base", str(ROOT / "experiments/models/llava-base-gpu.json"), "--fraction", "0.5", "--out", str(out)])
+    text = json.loads(out.read_text())["hf_config"]["text_config"]
+    assert text["hidden_size"] % text["num_attention_heads"] == 0
+    assert load_vlm(str(out)).model.config.text_config.hidden_size == text["hidden_size"]  # builds

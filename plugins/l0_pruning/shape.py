@@ -11,6 +11,8 @@ Qwen2-VL's attention derives ``head_dim`` from ``hidden_size / num_attention_hea
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -122,7 +124,10 @@ def shape_for_fraction(full: MaskShape, facts: TowerFacts, kinds: tuple[str, ...
                 heads = kv * full.group
             else:
                 heads = max(1, round(s * full.heads))
-        hidden = _round_to(s * full.hidden, multiple_of, full.hidden) if "hidden" in kinds else full.hidden
+        # transformers (5.x) refuses a Llama config whose hidden size is not a multiple of its heads, even with
+        # head_dim given, so the hidden width rounds to a common multiple of both.
+        hidden = (_round_to(s * full.hidden, math.lcm(multiple_of, heads), full.hidden) if "hidden" in kinds
+                  else full.hidden)
         if facts.hidden_follows_heads and "hidden" in kinds:
             hidden = heads * full.head_dim
         inter = _round_to(s * full.intermediate, multiple_of, full.intermediate) if "mlp" in kinds else full.intermediate
@@ -168,6 +173,9 @@ def shape_from_dict(full: MaskShape, facts: TowerFacts, kinds: tuple[str, ...], 
             f"L0Pruning.target_shape: num_attention_heads={heads}, num_key_value_heads={kv} is not a valid grouped-query "
             f"shape here: heads must be a multiple of KV heads with at most {full.group} query heads per KV group")
     shape = MaskShape(want["num_hidden_layers"], heads, kv, want["intermediate_size"], want["hidden_size"], full.head_dim)
+    if shape.hidden % shape.heads:
+        raise ValueError(f"L0Pruning.target_shape.hidden_size: must be a multiple of num_attention_heads={shape.heads} "
+                         f"(transformers refuses other Llama configs), got {shape.hidden}")
     if facts.hidden_follows_heads and shape.hidden != shape.heads * full.head_dim:
         raise ValueError(
             f"L0Pruning.target_shape.hidden_size: this model's attention takes head_dim = hidden_size / "

@@ -5,7 +5,8 @@ set -u
 export WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
 HERE=$(cd "$(dirname "$0")" && pwd)
 BASE=${BASE:-/tmp/qtab/base}
-for c in dense_finetune l0_50_improved_hard20 l0_50_improved_hard50 l0_50_improved_hard80 l0_50_plain; do
+for c in dense_finetune l0_50_improved_hard20 l0_50_improved_hard50 l0_50_improved_hard80 l0_50_plain \
+         l0_90_improved_hard20 l0_90_improved_hard80 l0_90_plain; do
   vlmc fit --config experiments/quickstart.yaml --config "$HERE/$c.yaml" --model.init_args.model="$BASE" \
     --model.init_args.lr=1e-3 --trainer.max_steps=600 --trainer.val_check_interval=600 \
     --trainer.enable_progress_bar=false --checkpoint.dirpath="/tmp/cpu_l0/$c" \
