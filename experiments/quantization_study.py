@@ -18,7 +18,8 @@ on one GPU. The machinery (jobs, shared arguments, parallel runs, ``--pack``) is
    weights), merged, then PTQ W4A8 (the talk's "QAT + PTQ" pipeline);
    ``qalft_<task>``: QALFT on the frozen QAT W4A8 base fixed to its encodings (autofill distilled from the float
    base plus half the task loss, caption task loss only), the adapters added to the QAT export (1+N LoRA).
-   Needs ``qat_w4a8_ch`` from ``table``.
+   Needs ``qat_w4a8_ch`` from ``table``. ``--qalft_setting w2a8`` (or another width) runs the same comparison on
+   ``qat_w2a8_ch`` with PTQ at that width; its runs are named ``lora_qat_w2a8_<task>``, ``qalft_w2a8_<task>``, ...
 4. ``mixed``: per-layer sensitivity of the base and mixed-precision plans at 3, 4 and 5 average weight bits
    (``python -m plugins.quantization.sensitivity``, plans under ``--work``/plans and copied to ``--out``), QAT
    with each plan (``mixed_avg3`` ...) against uniform QAT at 3 and 5 bits (``qat_uniform_w3a8_ch``,
@@ -187,8 +188,17 @@ class Study(sparsity_study.Study):
         return jobs
 
     @property
+    def qalft_setting(self) -> str:
+        return getattr(self.opts, "qalft_setting", "w4a8")
+
+    def qalft_name(self, name: str) -> str:
+        """``name`` of a QALFT-stage run, tagged with the width when it is not the default W4A8."""
+        return name if self.qalft_setting == "w4a8" else f"{name}_{self.qalft_setting}"
+
+    @property
     def qat_w4a8(self) -> Path:
-        return self.exports / "qat_w4a8_ch"
+        """The QAT export QALFT starts from: ``qat_<qalft_setting>_ch`` of the table (W4A8 by default)."""
+        return self.exports / f"qat_{self.qalft_setting}_ch"
 
     def lora_fit_jobs(self) -> list[Job]:
         """The LoRA fine-tunes of each task (they need the table's QAT W4A8 export)."""
@@ -196,22 +206,23 @@ class Study(sparsity_study.Study):
         jobs = []
         for task in TASKS:
             restrict = self.task_only(task)
-            for prefix, model in (("lora_float", self.base_export), ("lora_qat", self.qat_w4a8)):
+            for prefix, model in (("lora_float", self.base_export), (self.qalft_name("lora_qat"), self.qat_w4a8)):
                 name = f"{prefix}_{task}"
                 jobs.append(Job(name, "fit", [self.lora(task, base="float", mode="sft")],
                                 [*self.on(model, o.lora_steps, o.lora_lr), restrict], export_to=self.exports / name))
             mode = {"mode": "distill", "temperature": 2.0, "sft_weight": 0.5} if task == "autofill" else {"mode": "sft"}
-            jobs.append(Job(f"qalft_{task}", "fit",
+            jobs.append(Job(f"{self.qalft_name('qalft')}_{task}", "fit",
                             [self.lora(task, base="encodings", encodings=str(self.qat_w4a8 / "qat.encodings"),
                                        adapters_to=str(self.qat_w4a8), **mode)],
                             [*self.on(self.qat_w4a8, o.lora_steps, o.lora_lr), restrict]))
         return jobs
 
     def lora_ptq_jobs(self) -> list[Job]:
-        """PTQ W4A8 of each float LoRA merged into its base (after :meth:`merge_adapters`)."""
-        return [Job(f"{prefix}_ptq_w4a8_{task}", "validate", [self.ptq(4, 8)],
+        """PTQ at the QALFT width of each float LoRA merged into its base (after :meth:`merge_adapters`)."""
+        bits, act_bits = SETTINGS[self.qalft_setting]
+        return [Job(f"{prefix}_ptq_{self.qalft_setting}_{task}", "validate", [self.ptq(bits, act_bits)],
                     [*self.on(self.exports / f"{prefix}_{task}_merged"), self.task_only(task)])
-                for task in TASKS for prefix in ("lora_float", "lora_qat")]
+                for task in TASKS for prefix in ("lora_float", self.qalft_name("lora_qat"))]
 
     def merge_adapters(self) -> int:
         """Merge each float LoRA export's adapter into its base weights and save the result as an HF folder."""
@@ -221,7 +232,7 @@ class Study(sparsity_study.Study):
 
         code = 0
         for task in TASKS:
-            for prefix in ("lora_float", "lora_qat"):
+            for prefix in ("lora_float", self.qalft_name("lora_qat")):
                 source, target = self.exports / f"{prefix}_{task}", self.exports / f"{prefix}_{task}_merged"
                 if (target / "config.json").exists() and not self.opts.rerun:
                     continue
@@ -338,6 +349,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="the table's weight/activation widths")
     parser.add_argument("--granularities", nargs="+", choices=list(GRANULARITY), default=list(GRANULARITY),
                         help="the table's weight granularities")
+    parser.add_argument("--qalft_setting", choices=list(SETTINGS), default="w4a8",
+                        help="the width of the QALFT stage's quantized base (its table QAT export, per channel) and "
+                             "PTQ; runs other than W4A8 carry it in their names")
     opts = parser.parse_args(argv)
     if opts.smoke:
         opts.base_steps, opts.qat_steps, opts.lora_steps, opts.ft_batch = 6, 4, 4, 4
@@ -377,7 +391,8 @@ def main(argv: list[str] | None = None) -> None:
         if "qalft" in opts.stages:
             need_base("qalft")
             if not (study.qat_w4a8 / "qat.encodings").exists():
-                raise SystemExit(f"qalft: no QAT W4A8 export at {study.qat_w4a8}; run the `table` stage first")
+                raise SystemExit(f"qalft: no QAT {opts.qalft_setting} export at {study.qat_w4a8}; run the `table` "
+                                 "stage first")
             codes.update(study.run_all(study.lora_fit_jobs(), opts.parallel))
             codes["merge"] = study.merge_adapters()
             codes.update(study.run_all(study.lora_ptq_jobs(), opts.parallel))

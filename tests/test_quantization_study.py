@@ -108,3 +108,16 @@ def test_table_rows_use_the_settings_they_are_named_after(tmp_path: Path) -> Non
         assert args["weights"]["symmetric"] and args["activations"]["granularity"] == "tensor"
         assert args["weights"]["granularity"] == ("channel" if granularity == "ch" else "group")
 
+
+
+def test_qalft_at_another_width_names_its_runs(tmp_path: Path) -> None:
+    study = _study(tmp_path)
+    study.opts.qalft_setting = "w2a8"
+    names = {job.name for job in study.lora_fit_jobs() + study.lora_ptq_jobs()}
+    assert study.qat_w4a8.name == "qat_w2a8_ch"
+    assert {"lora_float_autofill", "lora_qat_w2a8_caption", "qalft_w2a8_autofill",
+            "lora_float_ptq_w2a8_caption", "lora_qat_w2a8_ptq_w2a8_autofill"} <= names
+    ptq = next(job for job in study.lora_ptq_jobs() if job.name == "lora_float_ptq_w2a8_autofill")
+    assert ptq.callbacks[0]["init_args"]["weights"]["bits"] == 2
+    qalft = next(job for job in study.lora_fit_jobs() if job.name == "qalft_w2a8_caption")
+    assert qalft.callbacks[0]["init_args"]["encodings"].endswith("qat_w2a8_ch/qat.encodings")
