@@ -407,3 +407,20 @@ def test_large_golomb_is_fast() -> None:
     packed = pack(t, "bitmask", mask_coding="golomb")
     assert torch.equal(unpack(packed), t)
     assert time.perf_counter() - start < 5.0
+
+
+def test_corrupt_huffman_values_fail_clearly() -> None:
+    t = torch.tensor([0, 0, 1, -2, 0, 1, -1, 0], dtype=torch.int8)
+    packed = pack(t, "dense", value_bits=2, value_coding="huffman")
+    short = PackedTensor(packed.format, packed.shape, packed.dtype, packed.value_bits, dict(packed.tensors),
+                         {**packed.meta, "value_stream_bits": 40})
+    with pytest.raises(ValueError, match="values part is torch.uint8 x 2 but"):
+        unpack(short)
+    fewer = PackedTensor(packed.format, packed.shape, packed.dtype, packed.value_bits, dict(packed.tensors),
+                         {**packed.meta, "value_stream_bits": 10})  # the last values' bits are missing
+    with pytest.raises(ValueError, match="Huffman value stream ends or breaks after"):
+        unpack(fewer)
+    lengths = PackedTensor(packed.format, packed.shape, packed.dtype, packed.value_bits,
+                           {**packed.tensors, "code_lengths": torch.zeros(3, dtype=torch.uint8)}, dict(packed.meta))
+    with pytest.raises(ValueError, match="code_lengths has 3 entries, 2-bit codes need 4"):
+        unpack(lengths)
