@@ -92,7 +92,8 @@ class OpProfile(pl.Callback):
         self.result: dict[str, Any] = {}
 
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
         if batch_idx == self.start:
             activities = [torch.profiler.ProfilerActivity.CPU]
             if pl_module.device.type == "cuda":
@@ -212,8 +213,9 @@ def timed_fit(args: list[str], steps: int, warmup: int, *, drop_plugins: bool = 
     run ``profile``'s steps under the profiler, when given)."""
     from framework.cli import build
 
+    total_steps = warmup + steps + (profile.steps if profile is not None else 0)
     overrides = [
-        f"--trainer.max_steps={warmup + steps + (profile.steps if profile is not None else 0)}", "--trainer.limit_val_batches=0", "--trainer.logger=false",
+        f"--trainer.max_steps={total_steps}", "--trainer.limit_val_batches=0", "--trainer.logger=false",
         "--checkpoint.save_top_k=0", "--checkpoint.save_last=false", "--trainer.num_sanity_val_steps=0",
         "--trainer.enable_progress_bar=false",
     ]

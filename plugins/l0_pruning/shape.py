@@ -12,7 +12,6 @@ Qwen2-VL's attention derives ``head_dim`` from ``hidden_size / num_attention_hea
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass, replace
 from typing import Any
 

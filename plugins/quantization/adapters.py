@@ -42,6 +42,7 @@ from plugins.quantization.placement import (
     _input_hook,
     _output_hook,
     attach_quantizers,
+    attributes_set,
     quantizers_of,
 )
 from plugins.quantization.quantizer import FakeQuantizer
@@ -371,15 +372,8 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
         with torch.no_grad(), adapters_disabled(model), quantization_disabled(model):
             teacher_logits = model(**batch).logits
     """
-    layers = list(lora_layers(model).values())
-    saved = [layer._disable_adapters for layer in layers]
-    for layer in layers:
-        layer._disable_adapters = True
-    try:
+    with attributes_set(lora_layers(model).values(), _disable_adapters=True):
         yield model
-    finally:
-        for layer, flag in zip(layers, saved):
-            layer._disable_adapters = flag
 
 
 def adapter_state(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:

@@ -32,8 +32,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from torchmetrics.aggregation import MeanMetric
 import torch.nn as nn
+from torchmetrics.aggregation import MeanMetric
 from typing_extensions import override
 
 from framework.metrics import Top1Agreement
@@ -43,8 +43,8 @@ from framework.selection import ModuleSelection
 from plugins.quantization.config import ActivationSite, QuantSpec, check_points, check_runtime, check_spec
 from plugins.quantization.encodings import export_encodings, weight_codes, write_quantized_export
 from plugins.quantization.placement import (
-    attach_quantizers,
     QuantLinear,
+    attach_quantizers,
     quantization_disabled,
     quantized_module,
     quantizers_of,

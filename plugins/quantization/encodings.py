@@ -118,8 +118,9 @@ def weight_codes(model: nn.Module, names: set[str] | None = None) -> dict[str, t
 def write_quantized_export(encodings: dict[str, Any], codes: dict[str, torch.Tensor], bits: dict[str, int],
                            directory: Path, name: str, extra: dict | None = None) -> list[str]:
     """Write ``<name>.encodings``, ``<name>_int_weights.safetensors`` (bit-packed codes, dense or bitmask,
-    whichever is smaller, values Huffman-coded where that saves at least 1%) and ``<name>_bpv.json`` (one :func:`~framework.storage.bpv_row` per weight and the
-    :func:`~framework.storage.bpv_summary`); return the three file names."""
+    whichever is smaller, values Huffman-coded where that saves at least 1%) and ``<name>_bpv.json`` (one
+    :func:`~framework.storage.bpv_row` per weight and the :func:`~framework.storage.bpv_summary`); return the three
+    file names."""
     atomic_write_json(directory / f"{name}.encodings", encodings)
     # Sparse or skewed codes (e.g. the kept weights of a pruned layer) take Huffman-coded values where that pays.
     packed = {key: pack(value, "auto", value_bits=bits[key], value_coding="auto") for key, value in codes.items()}

@@ -14,7 +14,7 @@ codes, exact accumulation, then scales), the computation the integer runtime and
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -73,6 +73,22 @@ def set_integer_exact(model: nn.Module, enabled: bool) -> int:
 
 
 @contextmanager
+def attributes_set(objects: Iterable[object], **values: object) -> Iterator[None]:
+    """Set ``values`` as attributes of every object inside the block; restore each object's own values after."""
+    objects = list(objects)
+    saved = [{name: getattr(obj, name) for name in values} for obj in objects]
+    for obj in objects:
+        for name, value in values.items():
+            setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        for obj, old in zip(objects, saved):
+            for name, value in old.items():
+                setattr(obj, name, value)
+
+
+@contextmanager
 def integer_exact_eval(model: nn.Module) -> Iterator[nn.Module]:
     """Evaluate quantized Linear layers with integer arithmetic inside the block (see :class:`QuantLinear`).
 
@@ -81,15 +97,8 @@ def integer_exact_eval(model: nn.Module) -> Iterator[nn.Module]:
         with torch.no_grad(), integer_exact_eval(model.eval()):
             logits = model(**batch).logits   # what IntegerRuntime computes from the export
     """
-    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    saved = [layer.integer_exact for layer in layers]
-    for layer in layers:
-        layer.integer_exact = True
-    try:
+    with attributes_set((m for m in model.modules() if isinstance(m, QuantLinear)), integer_exact=True):
         yield model
-    finally:
-        for layer, flag in zip(layers, saved):
-            layer.integer_exact = flag
 
 
 def _input_hook(module: nn.Module, args: tuple) -> tuple | None:
@@ -222,15 +231,8 @@ def quantization_disabled(model: nn.Module) -> Iterator[nn.Module]:
         with quantization_disabled(model):
             teacher_logits = model(**batch).logits
     """
-    quantizers = list(quantizers_of(model).values())
-    saved = [(q.enabled, q.observing) for q in quantizers]
-    for q in quantizers:
-        q.enabled, q.observing = False, False
-    try:
+    with attributes_set(quantizers_of(model).values(), enabled=False, observing=False):
         yield model
-    finally:
-        for q, (enabled, observing) in zip(quantizers, saved):
-            q.enabled, q.observing = enabled, observing
 
 
 def set_quantizers(model: nn.Module, *, enabled: bool | None = None, observing: bool | None = None) -> None:

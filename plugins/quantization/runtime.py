@@ -13,8 +13,8 @@ Everything else runs in float32 with the op order of the installed transformers'
 default ``sdpa`` attention: RMSNorm, the default rotary embedding (cos / sin from ``inv_freq`` as HF computes
 them), ``scaled_dot_product_attention`` with HF's mask form (``is_causal`` and grouped heads without padding, a
 boolean mask and repeated KV heads with it), SiLU times up, residual adds, ``F.linear`` for float layers. So
-against the fake-quant model evaluated in integer-exact mode (:func:`~plugins.quantization.placement.integer_exact_eval`)
-the logits are equal bit for bit on CPU; against the ordinary fake-quant model (float matmuls of dequantized
+against the fake-quant model evaluated in integer-exact mode
+(:func:`~plugins.quantization.placement.integer_exact_eval`) the logits are equal bit for bit on CPU; against the ordinary fake-quant model (float matmuls of dequantized
 values) they differ by float rounding, which can move an activation across a code boundary and flip the argmax
 where the top two logits nearly tie.
 
