@@ -99,8 +99,8 @@ class Study:
     def acquire_gpu(self, job: Job) -> int | None:
         """The GPU ``job`` runs on: its pinned one, else the least busy free one (waits while all are reserved)."""
         ids = self.gpu_ids()
-        if len(ids) < 2 and job.gpu is None:
-            return ids[0] if ids and getattr(self.opts, "gpu_ids", None) else None
+        if len(ids) < 2 and not getattr(self.opts, "gpu_ids", None):
+            return None  # one GPU, not named: the run uses the default device
         while True:
             with self._gpu_lock:
                 if job.gpu is not None:

@@ -75,3 +75,9 @@ def test_runs_take_the_least_busy_unreserved_gpu(tmp_path: Path) -> None:
     study.opts.gpu_ids = [5, 6]
     pinned.gpu = 1
     assert study.acquire_gpu(pinned) == 6
+    study.opts.gpu_ids = [7]  # one named GPU: counted like any other, so releasing it balances
+    only = study.acquire_gpu(study.base_job())
+    assert only == 7
+    study.release_gpu(only)
+    study.opts.gpus, study.opts.gpu_ids = 1, None
+    assert study.acquire_gpu(job) is None  # one unnamed GPU: the default device
