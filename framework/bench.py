@@ -79,9 +79,9 @@ MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::li
 class OpProfile(pl.Callback):
     """Profile training steps ``[start, start + steps)`` with ``torch.profiler`` and summarise them.
 
-    ``summary()``: ``wall_s`` of the profiled steps, ``device_busy_share`` (device kernel time over wall time;
-    CUDA only), ``matmul_share`` (matrix-multiply operators' share of self device time, or of self CPU time on a
-    CPU), and ``top_ops``: the ``top`` operators by self time with their call counts.
+    ``result`` (see :func:`summarise_profile`): ``wall_s`` of the profiled steps, ``device_busy_share`` (device
+    kernel time over wall time; CUDA only), ``matmul_share`` (matrix-multiply operators' share of the kernel time, or
+    of self CPU time on a CPU), and ``top_ops``: the ``top`` operators by the time of the kernels they launched.
     """
 
     def __init__(self, start: int, steps: int, top: int = 15) -> None:
@@ -110,27 +110,45 @@ class OpProfile(pl.Callback):
             _sync(pl_module.device)
             self._wall = time.perf_counter() - self._t0
             self._profiler.__exit__(None, None, None)
-            self.result = self._summarise(self._profiler.key_averages(), pl_module.device.type == "cuda")
+            self.result = summarise_profile(self._profiler.key_averages(), pl_module.device.type == "cuda",
+                                            self.steps, self._wall, self.top)
             self._profiler = None
 
-    def _summarise(self, events: Any, on_device: bool) -> dict[str, Any]:
-        def self_time(event: Any) -> float:  # microseconds
-            if on_device:
-                return float(getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0)))
-            return float(event.self_cpu_time_total)
 
-        rows = sorted(events, key=self_time, reverse=True)
-        total = sum(self_time(e) for e in rows)
-        matmul = sum(self_time(e) for e in rows if e.key.startswith(MATMUL_OPS))
-        return {
-            "profiled_steps": self.steps,
-            "wall_s": self._wall,
-            "time_basis": "self device time" if on_device else "self CPU time",
-            "device_busy_share": (total / 1e6 / self._wall) if on_device and self._wall else None,
-            "matmul_share": matmul / total if total else None,
-            "top_ops": [{"op": e.key, "calls": int(e.count), "self_ms": self_time(e) / 1e3,
-                         "share": self_time(e) / total if total else 0.0} for e in rows[: self.top]],
-        }
+def summarise_profile(events: Any, on_device: bool, steps: int, wall_s: float, top: int = 15) -> dict[str, Any]:
+    """Shares of profiled time from ``torch.profiler``'s ``key_averages()``.
+
+    The profiler lists each operator (a host event whose self device time is that of the kernels it launched), each
+    kernel once more as a device event, and user annotations (``Optimizer.step#...``, ``ProfilerStep#...``) whose
+    device span covers other kernels. Counting all three counts kernels twice or three times, so the total is the
+    device events' time without annotations (what ``torch.profiler``'s own table sums) and the ranking is by
+    operator. On a CPU everything is host time: operators without annotations.
+    """
+    def is_device_event(event: Any) -> bool:
+        return getattr(event, "device_type", None) not in (None, torch.autograd.DeviceType.CPU)
+
+    def device_time(event: Any) -> float:  # microseconds
+        return float(getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0)))
+
+    events = [e for e in events if not getattr(e, "is_user_annotation", False)]
+    operators = [e for e in events if not is_device_event(e)]
+    if on_device:
+        total = sum(device_time(e) for e in events if is_device_event(e))
+        op_time = device_time
+    else:
+        total = sum(float(e.self_cpu_time_total) for e in operators)
+        op_time = lambda e: float(e.self_cpu_time_total)  # noqa: E731
+    rows = sorted(operators, key=op_time, reverse=True)
+    matmul = sum(op_time(e) for e in operators if e.key.startswith(MATMUL_OPS))
+    return {
+        "profiled_steps": steps,
+        "wall_s": wall_s,
+        "time_basis": "device kernel time" if on_device else "self CPU time",
+        "device_busy_share": (total / 1e6 / wall_s) if on_device and wall_s else None,
+        "matmul_share": matmul / total if total else None,
+        "top_ops": [{"op": e.key, "calls": int(e.count), "self_ms": op_time(e) / 1e3,
+                     "share": op_time(e) / total if total else 0.0} for e in rows[:top]],
+    }
 
 
 def training_flops(module: Any, batch: dict[str, Any]) -> int:

@@ -113,6 +113,28 @@ def test_bench_verb_prints_throughput(tmp_path: Path, capsys: pytest.CaptureFixt
     assert results["device"] == "cpu"
 
 
+def test_device_profile_counts_each_kernel_once() -> None:
+    """A CUDA profile lists operators (with their kernels' time), the kernels again, and annotations spanning them."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from framework.bench import summarise_profile
+
+    def event(key: str, device_us: float, device: DeviceType, annotation: bool = False) -> SimpleNamespace:
+        return SimpleNamespace(key=key, count=1, self_device_time_total=device_us, self_cpu_time_total=5.0,
+                               device_type=device, is_user_annotation=annotation)
+
+    events = [event("Optimizer.step#AdamW.step", 900.0, DeviceType.CUDA, annotation=True),
+              event("Optimizer.step#AdamW.step", 0.0, DeviceType.CPU, annotation=True),
+              event("aten::mm", 300.0, DeviceType.CPU), event("aten::mul", 100.0, DeviceType.CPU),
+              event("sm90_gemm_kernel", 300.0, DeviceType.CUDA), event("elementwise_kernel", 100.0, DeviceType.CUDA)]
+    profile = summarise_profile(events, on_device=True, steps=1, wall_s=0.001)
+    assert profile["device_busy_share"] == pytest.approx(0.4)  # 400 us of kernels in 1 ms
+    assert profile["matmul_share"] == pytest.approx(0.75)
+    assert [(row["op"], row["share"]) for row in profile["top_ops"]] == [("aten::mm", 0.75), ("aten::mul", 0.25)]
+
+
 def test_bench_profile_reports_where_the_step_goes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     results = main_bench(["--config", str(tiny_config(tmp_path)), "--steps", "2", "--warmup", "1", "--profile", "2",
                           "--new_tokens", "2", "--repeats", "1"])
