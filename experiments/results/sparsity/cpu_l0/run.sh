@@ -21,3 +21,10 @@ vlmc fit --config experiments/quickstart.yaml --model.init_args.model="$HERE/lla
   --trainer.enable_progress_bar=false \
   --checkpoint.dirpath=/tmp/cpu_l0/scratch --report.filename="$HERE/summary_l0_scratch50.json" > /tmp/cpu_l0_scratch.log 2>&1
 echo "l0_scratch50 rc=$?"
+# The same shape from scratch with only the L0 run's compute (600 steps x 1.90M / 0.99M = 1152 steps at batch 16):
+# the comparison Sheared-LLaMA makes, where the base is given.
+vlmc fit --config experiments/quickstart.yaml --model.init_args.model="$HERE/llava-tiny-l0-50.json" \
+  --trainer.max_steps=1152 --trainer.val_check_interval=1152 --trainer.check_val_every_n_epoch=null \
+  --trainer.enable_progress_bar=false --checkpoint.dirpath=/tmp/cpu_l0/scratch_l0compute \
+  --report.filename="$HERE/summary_l0_scratch50_l0compute.json" > /tmp/cpu_l0_scratch_l0compute.log 2>&1
+echo "l0_scratch50_l0compute rc=$?"
