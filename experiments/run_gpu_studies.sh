@@ -116,6 +116,8 @@ if [ "$GPUS" -ge 4 ]; then
     CUDA_VISIBLE_DEVICES=$last $PY experiments/quantization_study.py overhead --base_export "$base" \
       --out "$RES/quantization" --work "$WORK/quantization" > "$WORK/logs/overhead_quantization.log" 2>&1
     log "quantization overhead rc=$?"
+    CUDA_VISIBLE_DEVICES=$last $PY -m plugins.quantization.bench --out "$RES/quantization/bench_fake_quant.json" \
+      > "$WORK/logs/bench_fake_quant.log" 2>&1
     release "$last"
   ) &
 fi

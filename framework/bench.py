@@ -132,12 +132,11 @@ def summarise_profile(events: Any, on_device: bool, steps: int, wall_s: float, t
 
     events = [e for e in events if not getattr(e, "is_user_annotation", False)]
     operators = [e for e in events if not is_device_event(e)]
-    if on_device:
-        total = sum(device_time(e) for e in events if is_device_event(e))
-        op_time = device_time
-    else:
-        total = sum(float(e.self_cpu_time_total) for e in operators)
-        op_time = lambda e: float(e.self_cpu_time_total)  # noqa: E731
+    def cpu_time(event: Any) -> float:
+        return float(event.self_cpu_time_total)
+
+    op_time = device_time if on_device else cpu_time
+    total = sum(device_time(e) for e in events if is_device_event(e)) if on_device else sum(map(cpu_time, operators))
     rows = sorted(operators, key=op_time, reverse=True)
     matmul = sum(op_time(e) for e in operators if e.key.startswith(MATMUL_OPS))
     return {

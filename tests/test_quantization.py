@@ -154,6 +154,45 @@ def test_lsq_gradient_matches_torch_learnable_fake_quant() -> None:
     assert (x.grad == 0).any()
 
 
+def _lsq_reference(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                   grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LSQ written out: rows of ``x`` share ``scale[row]``; returns (output, grad of x, grad of scale)."""
+    v = x * (1.0 / scale)  # the kernels multiply by the reciprocal
+    rounded = torch.round(v)
+    q = rounded + zero_point
+    low, high = q < qmin, q > qmax
+    out = (q.clamp(qmin, qmax) - zero_point) * scale
+    grad_x = grad_out * ~(low | high)
+    local = torch.where(low, qmin - zero_point, torch.where(high, qmax - zero_point, rounded - v))
+    grad_scale = (grad_out * local).sum(1, keepdim=True) / (x.shape[1] * qmax) ** 0.5
+    return out, grad_x, grad_scale
+
+
+@pytest.mark.parametrize(("granularity", "bits", "symmetric"),
+                         [("tensor", 8, False), ("channel", 4, True), ("group", 2, True), ("channel", 16, False)])
+def test_fused_fake_quant_gradients_are_lsq(granularity: str, bits: int, symmetric: bool) -> None:
+    """The fused PyTorch kernels training uses give LSQ's output and input gradient exactly, its scale gradient to
+    float rounding (the kernel sums in another order)."""
+    torch.manual_seed(bits)
+    w = torch.randn(24, 64) * 2
+    quantizer = FakeQuantizer(QuantSpec(bits=bits, granularity=granularity, symmetric=symmetric,
+                                        group_size=16 if granularity == "group" else None),
+                              shape=w.shape)
+    quantizer.calibrate(w * 0.6)  # a tighter range than w: some values clip
+    quantizer.scale.requires_grad_(True)
+    x = w.clone().requires_grad_(True)
+    grad_out = torch.randn_like(w)
+    quantizer(x).backward(grad_out)
+    rows = quantizer._rows(w)
+    scale, zero_point = (t.detach() for t in quantizer.qparams(w))
+    out, grad_x, grad_scale = _lsq_reference(rows, scale, zero_point, *quantizer.quant_range,
+                                             quantizer._rows(grad_out))
+    torch.testing.assert_close(quantizer(w).detach(), out.reshape(w.shape), atol=0, rtol=0)
+    torch.testing.assert_close(x.grad, grad_x.reshape(w.shape), atol=0, rtol=0)
+    assert (x.grad == 0).any() and (x.grad != 0).any()
+    torch.testing.assert_close(quantizer.scale.grad.reshape(-1), grad_scale.reshape(-1), rtol=1e-4, atol=1e-5)
+
+
 def test_group_and_dynamic_token_by_hand() -> None:
     torch.manual_seed(0)
     w = torch.randn(4, 16)
@@ -601,3 +640,30 @@ def test_stacked_fit_with_sparsity(tmp_path: Path) -> None:
         pruned = ~weight_mask_of(layer).bool()
         assert pruned.float().mean().item() == pytest.approx(0.5, abs=0.02)
         assert torch.all(layer.weight[pruned] == 0)  # the masks survive fake-quant training
+
+
+def test_fake_quant_bench_runs_and_composite_matches(tmp_path: Path) -> None:
+    from plugins.quantization.bench import main as bench_main
+
+    result = bench_main(["--device", "cpu", "--hidden", "64", "--intermediate", "128", "--tokens", "32",
+                         "--repeats", "2", "--warmup", "1", "--out", str(tmp_path / "fq.json")])
+    assert len(result["rows"]) == 6 and all(row["fused_ms"] > 0 and row["speedup"] > 0 for row in result["rows"])
+    assert json.loads((tmp_path / "fq.json").read_text())["rows"][0]["quantizer"].startswith("weight W4")
+    # The composite baseline computes the same function and LSQ gradients as the fused kernels.
+    from plugins.quantization.bench import composite_lsq
+
+    torch.manual_seed(0)
+    w = torch.randn(16, 32)
+    quantizer = FakeQuantizer(QuantSpec(bits=4, granularity="channel"), shape=w.shape)
+    quantizer.calibrate(w * 0.7)
+    quantizer.scale.requires_grad_(True)
+    x = w.clone().requires_grad_(True)
+    quantizer(x).sum().backward()
+    fused = (x.grad.clone(), quantizer.scale.grad.clone())
+    x.grad, quantizer.scale.grad = None, None
+    scale, zero_point = quantizer.qparams(x)
+    out = composite_lsq(x, scale, zero_point, *quantizer.quant_range, 1.0 / (32 * 7) ** 0.5)
+    out.sum().backward()
+    torch.testing.assert_close(out.detach(), quantizer(w).detach())
+    torch.testing.assert_close(x.grad, fused[0])
+    torch.testing.assert_close(quantizer.scale.grad, fused[1], rtol=1e-4, atol=1e-6)
