@@ -373,7 +373,10 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"[skip] dense_base: using {study.base_export}", flush=True)
             else:
                 codes["dense_base"] = study.run(study.base_job())
-        if {"table", "mixed", "stacked"} & set(opts.stages) and not (study.float_finetune / "config.json").exists():
+        qalft_alone = "qalft" in opts.stages and "table" not in opts.stages
+        needs_float = {"table", "mixed", "stacked"} & set(opts.stages) or (
+            qalft_alone and not (study.qat_w4a8 / "qat.encodings").exists())
+        if needs_float and not (study.float_finetune / "config.json").exists():
             need_base("float_finetune")
             # Every QAT run measures agreement against the float fine-tune, so it comes first.
             codes["float_finetune"] = study.run(study.float_finetune_job())
@@ -391,8 +394,13 @@ def main(argv: list[str] | None = None) -> None:
         if "qalft" in opts.stages:
             need_base("qalft")
             if not (study.qat_w4a8 / "qat.encodings").exists():
-                raise SystemExit(f"qalft: no QAT {opts.qalft_setting} export at {study.qat_w4a8}; run the `table` "
-                                 "stage first")
+                # Without the table, run only the table's QAT job that QALFT starts from.
+                wanted = [job for job in study.table_jobs() if job.export_to == study.qat_w4a8]
+                if "table" in opts.stages or not wanted:
+                    raise SystemExit(f"qalft: no QAT {opts.qalft_setting} export at {study.qat_w4a8}")
+                codes.update(study.run_all(wanted, opts.parallel))
+                if not (study.qat_w4a8 / "qat.encodings").exists():
+                    raise SystemExit(f"qalft: the QAT run {wanted[0].name} wrote no encodings to {study.qat_w4a8}")
             codes.update(study.run_all(study.lora_fit_jobs(), opts.parallel))
             codes["merge"] = study.merge_adapters()
             codes.update(study.run_all(study.lora_ptq_jobs(), opts.parallel))

@@ -4,6 +4,7 @@
 #   WORK=/tmp/vlmc_studies bash experiments/run_gpu_studies.sh
 #   bash experiments/run_gpu_studies.sh pack results.tgz   # results, logs and export JSONs so far, one archive
 #   REUSE=experiments/results/sparsity/summaries bash experiments/run_gpu_studies.sh   # only the missing sparsity runs
+#   QUANT_STAGES="mixed qalft runtime collect" bash experiments/run_gpu_studies.sh      # some quantization stages
 #
 # 1. experiments/sparsity_study.py trains the dense base on GPU 0 (and the same-compute from-scratch baseline of the
 #    50%-pruned shape on GPU 1), then runs its sweep; each run takes the least busy unreserved GPU.
@@ -128,7 +129,8 @@ while [ ! -f "$base/config.json" ]; do
 done
 if [ -f "$base/config.json" ]; then
   log "quantization study from $base"
-  $PY experiments/quantization_study.py table runtime mixed qalft stacked collect --base_export "$base" \
+  # shellcheck disable=SC2086  # QUANT_STAGES is a list of stage names
+  $PY experiments/quantization_study.py ${QUANT_STAGES:-table runtime mixed qalft stacked collect} --base_export "$base" \
     --out "$RES/quantization" --work "$WORK/quantization" --qat_steps 500 --lora_steps 400 \
     --parallel "${QUANTIZATION_PARALLEL:-$GPUS}" "${STUDY_GPUS[@]}" > "$WORK/logs/quantization_study.log" 2>&1
   log "quantization study rc=$?"

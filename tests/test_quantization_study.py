@@ -121,3 +121,33 @@ def test_qalft_at_another_width_names_its_runs(tmp_path: Path) -> None:
     assert ptq.callbacks[0]["init_args"]["weights"]["bits"] == 2
     qalft = next(job for job in study.lora_fit_jobs() if job.name == "qalft_w2a8_caption")
     assert qalft.callbacks[0]["init_args"]["encodings"].endswith("qat_w2a8_ch/qat.encodings")
+
+
+def test_qalft_alone_first_runs_the_qat_export_it_starts_from(tmp_path: Path, monkeypatch: Any) -> None:
+    """Without the table stage, `qalft` runs the float fine-tune and the one QAT job whose encodings it needs."""
+    module = type(_study(tmp_path))
+    ran: list[str] = []
+
+    def run(self: Any, job: Any) -> int:
+        ran.append(job.name)
+        return 0
+
+    def run_all(self: Any, jobs: list, parallel: int) -> dict[str, int]:
+        for job in jobs:
+            ran.append(job.name)
+            if job.export_to == self.qat_w4a8:  # what the QAT job leaves behind
+                job.export_to.mkdir(parents=True, exist_ok=True)
+                (job.export_to / "qat.encodings").write_text("{}")
+        return {job.name: 0 for job in jobs}
+
+    monkeypatch.setattr(module, "run", run)
+    monkeypatch.setattr(module, "run_all", run_all)
+    monkeypatch.setattr(module, "merge_adapters", lambda self: 0)
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    main = sys.modules["quantization_study"].main
+    main(["qalft", "--smoke", "--base_export", str(base), "--out", str(tmp_path / "out"),
+          "--work", str(tmp_path / "work")])
+    assert ran[:2] == ["float_finetune", "qat_w4a8_ch"]
+    assert {"lora_float_autofill", "qalft_caption", "lora_float_ptq_w4a8_caption"} <= set(ran)
