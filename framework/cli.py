@@ -33,9 +33,15 @@ Run `vlmc VERB --help` for a verb's options. W&B logs offline unless WANDB_MODE=
 
 
 def wandb_offline() -> bool:
-    """Log offline unless the user configured W&B (an API key, a netrc entry, or WANDB_MODE=online)."""
+    """Log offline unless the user configured W&B (an API key, a netrc entry, or WANDB_MODE=online).
+
+    ``WANDB_MODE=disabled`` gives ``False`` too: Lightning's logger would otherwise set the mode to offline and
+    write a run folder; left alone, W&B reads ``disabled`` from the environment and writes nothing.
+    """
     mode = os.environ.get("WANDB_MODE", "").lower()
-    if mode in ("offline", "disabled", "dryrun"):
+    if mode == "disabled":
+        return False
+    if mode in ("offline", "dryrun"):
         return True
     if mode == "online" or os.environ.get("WANDB_API_KEY"):
         return False

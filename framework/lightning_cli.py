@@ -64,14 +64,27 @@ class VLMCLI(LightningCLI):
         if report.eval_step != self.trainer.global_step and self.trainer.limit_val_batches != 0:
             self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
         report.write(self.trainer, self.model)
+        _finish_wandb(self.trainer)
 
     def after_validate(self) -> None:
         self._run_report().write(self.trainer, self.model)
+        _finish_wandb(self.trainer)
 
     def after_test(self) -> None:
         self._run_report().write(self.trainer, self.model)
+        _finish_wandb(self.trainer)
 
     config_saver = RunConfigSaver
+
+
+def _finish_wandb(trainer: Any) -> None:
+    """Close the run's W&B run, which Lightning leaves open, so that a later run in the same process (a notebook,
+    a sweep) gets its own W&B run instead of silently logging into this one."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and getattr(logger, "_experiment", None) is not None:
+            logger.experiment.finish()
 
 
 def _several(devices: Any) -> bool:

@@ -23,6 +23,9 @@ callback.setup -> module.setup -> module.configure_model -> checkpoint restore -
 9. Training objectives: :meth:`loss_terms` adds named terms (regularisers, penalties, distillation) to the task
    loss; :meth:`param_groups` gives a plugin's own parameters their optimizer settings (learning rate, weight
    decay, ``maximize`` for Lagrange multipliers). Both are called by :class:`framework.module.VLMModule`.
+10. Strategies: under FSDP a hook outside forward and backward sees parameters and gradients as flat shards, so a
+    hook that reads or writes them (or runs the model itself) does it inside
+    :func:`framework.sharding.full_parameters`, entered on every rank alike and only when it touches them.
 """
 
 from __future__ import annotations

@@ -12,11 +12,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
 from framework.io import atomic_write_json
 from framework.plugin import find_plugins
+from framework.sharding import full_parameters
 
 
 def _scalar(value: Any) -> float | int | str:
@@ -68,9 +68,13 @@ class RunReport(pl.Callback):
             "plugins": plugins,
         }
 
-    @rank_zero_only
-    def write(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-        summary = self.summary(trainer, pl_module)
+    def write(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any] | None:
+        """Write the summary on rank zero (returned there; ``None`` elsewhere). Every rank calls it: plugin
+        summaries read the model, which under FSDP every rank gathers together."""
+        with full_parameters(trainer):
+            summary = self.summary(trainer, pl_module)
+        if not trainer.is_global_zero:
+            return None
         path = self.run_folder(trainer) / self.filename
         atomic_write_json(path, summary)
         for logger in trainer.loggers:

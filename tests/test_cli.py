@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -66,6 +67,23 @@ def test_fit_saves_its_config_in_the_run_folder(tmp_path: Path) -> None:
     saved = yaml.safe_load((run_folder / "config.yaml").read_text())
     assert saved["trainer"]["max_steps"] == 2 and saved["model"]["class_path"].endswith("VLMModule")
     assert not (tmp_path / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("mode", ["offline", "disabled"])
+def test_fit_leaves_an_offline_wandb_run_unless_disabled(tmp_path: Path, mode: str) -> None:
+    # A process of its own: W&B keeps its settings process-wide once a run has started.
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"} | {"WANDB_MODE": mode}
+    config = tiny_config(tmp_path, max_steps=2, name="wb.yaml")
+    result = subprocess.run([sys.executable, "-m", "framework.cli", "fit", "--config", str(config),
+                             f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+                             "--trainer.limit_val_batches=0"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    runs = list((tmp_path / "logs" / "wandb").glob("offline-run-*"))
+    if mode == "offline":
+        assert len(runs) == 1 and list(runs[0].glob("run-*.wandb")), "an offline W&B run with its log file"
+    else:
+        assert runs == [], "WANDB_MODE=disabled writes no W&B run"
 
 
 def test_export_verb_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -1,8 +1,10 @@
 """Plugins under data parallelism: two CPU processes (gloo) launched by torchrun; the sparsity masks, activation
-statistics and quantizer encodings must come out identical on both ranks."""
+statistics and quantizer encodings must come out identical on both ranks. FSDP runs on CPU too, through the
+test-only :class:`cpu_fsdp.CPUFSDPStrategy` (Lightning's own refuses CPU), and again on two GPUs when present."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,17 +16,20 @@ from conftest import ROOT
 from helpers import tiny_config
 
 NO_VAL = {"limit_val_batches": 0, "val_check_interval": None}
+CPU_FSDP = {"class_path": "cpu_fsdp.CPUFSDPStrategy"}
 
 
-def _fit_on_two_ranks(tmp_path: Path, callbacks: list, max_steps: int,
+def _fit_on_two_ranks(tmp_path: Path, callbacks: list, max_steps: int, ckpt_path: Path | None = None,
                       **trainer: object) -> list[dict[str, torch.Tensor]]:
-    # No strategy given: the CLI picks DDP that looks for unused parameters (see test_cli).
+    # Unless a strategy is given the CLI picks DDP that looks for unused parameters (see test_cli).
     trainer = {"accelerator": "cpu", "devices": 2, **trainer}
+    tmp_path.mkdir(parents=True, exist_ok=True)
     config = tiny_config(tmp_path, max_steps=max_steps, callbacks=callbacks, logger=False, **trainer, **NO_VAL)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    resume = [str(ckpt_path)] if ckpt_path is not None else []
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(ROOT / "tests" / "ddp_fit.py"), str(config), str(tmp_path)],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                             str(ROOT / "tests" / "ddp_fit.py"), str(config), str(tmp_path), *resume],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert ranks[0].keys() == ranks[1].keys()
@@ -33,41 +38,87 @@ def _fit_on_two_ranks(tmp_path: Path, callbacks: list, max_steps: int,
     return ranks
 
 
-def test_sparsity_and_qat_agree_across_ranks(tmp_path: Path) -> None:
+def _ramp_and_qat(score: str = "activation", scope: str = "global") -> list[dict]:
     ramp = {"class_path": "plugins.sparsity.SparsityRamp",
             "init_args": {"final_sparsity": 0.5, "start_step": 0, "end_step": 4, "update_every": 2,
-                          "score": "activation", "scope": "global", "stats_steps": None}}
+                          "score": score, "scope": scope, "stats_steps": None}}
     qat = {"class_path": "plugins.quantization.QuantizationAwareTraining",
            "init_args": {"weights": {"bits": 4, "granularity": "channel"},
                          "activations": {"bits": 8, "granularity": "tensor", "symmetric": False},
                          "calibration_batches": 2, "scale_lr": 1e-2}}
-    ranks = _fit_on_two_ranks(tmp_path, [ramp, qat], max_steps=6)
-    masks = [k for k in ranks[0] if k.endswith("weight_mask")]
-    scales = [k for k in ranks[0] if k.endswith("scale")]
+    return [ramp, qat]
+
+
+def _check_sparsity_and_quantizers(ranks: list[dict[str, torch.Tensor]]) -> None:
+    """50% sparsity with pruned weights and their gradients exactly zero; quantizers calibrated and whole."""
+    state = ranks[0]
+    masks = [k for k in state if k.endswith("weight_mask")]
+    scales = [k for k in state if k.endswith("scale")]
     assert len(masks) == 14 and len(scales) == 28
+    kept = sum(int(state[k].sum()) for k in masks)
+    assert abs(1 - kept / sum(state[k].numel() for k in masks) - 0.5) < 0.01
+    for key in masks:
+        weight = state[key.removesuffix("_mask")]
+        assert weight.shape == state[key].shape and not weight[~state[key]].any(), key
+    assert int(state["pruned_grads"]) == 0, "a pruned weight had a gradient at an optimizer step"
+    assert all(bool(state[k]) for k in state if k.endswith("initialized"))
+    for key in scales:  # whole (per output channel, or one per tensor), not FSDP's flat shards
+        rows = state[key.replace("weight_quantizer.scale", "weight_mask")].shape[0] if "weight_" in key else 1
+        assert state[key].shape == ((rows, 1) if "weight_" in key else (1,)), key
+
+
+def test_sparsity_and_qat_agree_across_ranks(tmp_path: Path) -> None:
+    ranks = _fit_on_two_ranks(tmp_path, _ramp_and_qat(), max_steps=6)
+    _check_sparsity_and_quantizers(ranks)
     # The global ramp reached its target from statistics gathered on both ranks' (different) batches.
-    kept = sum(int(ranks[0][k].sum()) for k in masks)
-    assert abs(1 - kept / sum(ranks[0][k].numel() for k in masks) - 0.5) < 0.01
     assert all(int(ranks[0][k]) > 0 for k in ranks[0] if k.endswith("input_count"))
 
 
-def test_l0_gates_agree_across_ranks(tmp_path: Path) -> None:
-    l0 = {"class_path": "plugins.l0_pruning.L0Pruning", "init_args": {"target_fraction": 0.5, "method": "improved"}}
-    ranks = _fit_on_two_ranks(tmp_path, [l0], max_steps=6)
-    gates = [k for k in ranks[0] if k.startswith("l0_masks.")]
-    assert gates and any(not torch.all(ranks[0][k] == ranks[0][k].flatten()[0]) for k in gates), "gates learned"
+def test_sparsity_and_qat_under_fsdp_on_cpu(tmp_path: Path) -> None:
+    # Outside forward FSDP shows each rank a flat shard of every parameter: masks are scored on the whole
+    # weights, re-applied after each step and the quantizers calibrated through framework.sharding.
+    ranks = _fit_on_two_ranks(tmp_path, _ramp_and_qat(), max_steps=6, strategy=CPU_FSDP)
+    _check_sparsity_and_quantizers(ranks)
+    assert all(int(ranks[0][k]) > 0 for k in ranks[0] if k.endswith("input_count"))
+    # Resumed after the ramp's last update (step 4), through FSDP's full state dict: the same final masks.
+    resumed = _fit_on_two_ranks(tmp_path / "resumed", _ramp_and_qat(), max_steps=6, strategy=CPU_FSDP,
+                                ckpt_path=tmp_path / "ckpt" / "epoch=0-step=4.ckpt")
+    _check_sparsity_and_quantizers(resumed)
+    for key in (k for k in ranks[0] if k.endswith("weight_mask")):
+        assert torch.equal(resumed[0][key], ranks[0][key]), key
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="FSDP needs two CUDA GPUs (Lightning refuses it on CPU)")
-def test_sparsity_and_qat_under_fsdp(tmp_path: Path) -> None:
-    ramp = {"class_path": "plugins.sparsity.SparsityRamp",
-            "init_args": {"final_sparsity": 0.5, "start_step": 0, "end_step": 4, "update_every": 2}}
-    qat = {"class_path": "plugins.quantization.QuantizationAwareTraining",
+def test_oneshot_ptq_and_channel_ablation_under_fsdp_on_cpu(tmp_path: Path) -> None:
+    # Calibration runs the model from hooks, outside the trainer's forward: inside full_parameters under FSDP.
+    oneshot = {"class_path": "plugins.sparsity.OneShotPruning",
+               "init_args": {"method": "activation", "sparsity": 0.5, "scope": "global", "calibration_batches": 2}}
+    ptq = {"class_path": "plugins.quantization.PostTrainingQuantization",
            "init_args": {"weights": {"bits": 4, "granularity": "channel"},
                          "activations": {"bits": 8, "granularity": "tensor", "symmetric": False},
                          "calibration_batches": 2}}
-    ranks = _fit_on_two_ranks(tmp_path, [ramp, qat], max_steps=6, accelerator="gpu", strategy="fsdp")
-    masks = [k for k in ranks[0] if k.endswith("weight_mask")]
-    assert masks and abs(1 - sum(int(ranks[0][k].sum()) for k in masks)
-                         / sum(ranks[0][k].numel() for k in masks) - 0.5) < 0.01
+    ablation = {"class_path": "plugins.channel_ablation.ChannelAblation",
+                "init_args": {"fraction": 0.25, "targets": {"include": "vision_tower", "types": ["Linear"]}}}
+    ranks = _fit_on_two_ranks(tmp_path, [oneshot, ptq, ablation], max_steps=4, strategy=CPU_FSDP)
+    _check_sparsity_and_quantizers(ranks)
+    summary = json.loads((tmp_path / "summary.json").read_text())["plugins"]
+    assert summary["ptq"]["calibrated"] == 1 and summary["channel_ablation"]["zeroed_fraction"] == 0.25
+
+
+@pytest.mark.parametrize("strategy", [None, CPU_FSDP], ids=["ddp", "fsdp"])
+def test_l0_gates_agree_across_ranks(tmp_path: Path, strategy: dict | None) -> None:
+    l0 = {"class_path": "plugins.l0_pruning.L0Pruning", "init_args": {"target_fraction": 0.5, "method": "improved"}}
+    ranks = _fit_on_two_ranks(tmp_path, [l0], max_steps=6, **({"strategy": strategy} if strategy else {}))
+    gates = [k for k in ranks[0] if k.startswith("l0_masks.")]
+    assert gates and any(not torch.all(ranks[0][k] == ranks[0][k].flatten()[0]) for k in gates), "gates learned"
+    # The summary reads the gates and counts the parameters: whole ones under FSDP too, not rank 0's shards.
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["parameters"] == summary["plugins"]["l0_pruning"]["params_before"] + sum(
+        ranks[0][k].numel() for k in gates)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (the CPU variant runs everywhere)")
+def test_sparsity_and_qat_under_fsdp(tmp_path: Path) -> None:
+    ranks = _fit_on_two_ranks(tmp_path, _ramp_and_qat(score="magnitude", scope="layer"), max_steps=6,
+                              accelerator="gpu", strategy="fsdp")
+    _check_sparsity_and_quantizers(ranks)

@@ -289,6 +289,19 @@ def test_model_copies_after_a_training_forward(method: str) -> None:
     assert copied.generate(input_ids=ids, max_new_tokens=2, do_sample=False).shape == (2, 10)
 
 
+def test_multipliers_are_vectors_and_old_scalar_checkpoints_load() -> None:
+    # FSDP refuses 0-dim parameters; checkpoints from when the multipliers were scalars still load.
+    model = load_vlm(str(FAMILY_SPECS["llava"])).model
+    L0Pruning(target_fraction=0.5).transform(model)
+    masks = getattr(model, MASKS_ATTR)
+    assert masks.lambda1.shape == masks.lambda2.shape == (1,)
+    old = {**masks.state_dict(), "lambda1": torch.tensor(0.25), "lambda2": torch.tensor(0.25)}
+    masks.load_state_dict(old)
+    assert masks.lambda1.tolist() == masks.lambda2.tolist() == [0.25]
+    loss = masks.lagrangian(torch.tensor(2.0), 1.0, 1.0)
+    assert loss.shape == () and float(loss) == 0.25 * 1 + 0.25 * 1
+
+
 def test_fraction_shapes_keep_hidden_a_multiple_of_heads(tmp_path: Path) -> None:
     from plugins.l0_pruning.spec import main as spec_main
 

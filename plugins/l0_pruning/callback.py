@@ -14,6 +14,7 @@ from typing_extensions import override
 
 from framework.plugin import CompressionPlugin, PluginConflictError
 from framework.selection import ModuleSelection
+from framework.sharding import full_parameters
 from plugins.l0_pruning.gates import KINDS, STAGES, L0Masks, MaskConfig, MaskShape
 from plugins.l0_pruning.shape import (count_params, prunable_params, read_facts, read_shape, shape_dict,
                                       shape_for_fraction, shape_from_dict)
@@ -244,11 +245,11 @@ class L0Pruning(CompressionPlugin):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         masks = self._require_masks()
-        if self.method == "improved":  # keep each parameter in its range [0, mask_scale]
-            with torch.no_grad():
+        # The gates and multipliers are model parameters: under FSDP, shards outside forward; gather them.
+        with full_parameters(trainer, writeback=True), torch.no_grad():
+            if self.method == "improved":  # keep each parameter in its range [0, mask_scale]
                 for kind in self.kinds:
                     getattr(masks, kind).clamp_(0.0, self.mask_config.mask_scale)
-        with torch.no_grad():
             self.log_metric(pl_module, "expected_params", float(masks.expected_params()))
             self.log_metric(pl_module, "target_params", masks.target_params())
             self.log_metric(pl_module, "lambda1", masks.lambda1.item())

@@ -169,8 +169,9 @@ class L0Masks(nn.Module):
             else:  # every unit starts fully kept: the forward is the dense model's
                 init = torch.full(sizes[kind], config.mask_scale)
             self.register_parameter(kind, nn.Parameter(init))
-        self.lambda1 = nn.Parameter(torch.zeros(()))
-        self.lambda2 = nn.Parameter(torch.zeros(()))
+        # One-element vectors, not scalars: FSDP refuses to shard 0-dim parameters.
+        self.lambda1 = nn.Parameter(torch.zeros(1))
+        self.lambda2 = nn.Parameter(torch.zeros(1))
         self.step, self.total_steps = 0, 1
         self.current: dict[str, torch.Tensor] = {}
 
@@ -273,6 +274,13 @@ class L0Masks(nn.Module):
             probs[kind] = gate
         return probs
 
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object, **kwargs: object) -> None:
+        for name in ("lambda1", "lambda2"):  # checkpoints from when the multipliers were 0-dim
+            key = prefix + name
+            if key in state_dict and state_dict[key].dim() == 0:
+                state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def __getstate__(self) -> dict:
         # The masks of the last forward are graph tensors; copies (export, half-precision decode) recompute them.
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
@@ -301,4 +309,4 @@ class L0Masks(nn.Module):
         """lambda1 (E - T) + lambda2 (E - T)^2 on sizes relative to ``scale``; minimised by the masks, maximised
         by the multipliers (Sheared-LLaMA, eq. 2)."""
         gap = (expected - target) / scale
-        return self.lambda1 * gap + self.lambda2 * gap * gap
+        return (self.lambda1 * gap + self.lambda2 * gap * gap).reshape(())

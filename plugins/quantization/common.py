@@ -40,6 +40,7 @@ from framework.metrics import Top1Agreement
 from framework.module import model_inputs
 from framework.plugin import CompressionPlugin
 from framework.selection import ModuleSelection
+from framework.sharding import full_parameters
 from plugins.quantization.config import ActivationSite, QuantSpec, check_points, check_runtime, check_spec
 from plugins.quantization.encodings import export_encodings, weight_codes, write_quantized_export
 from plugins.quantization.placement import (
@@ -211,15 +212,21 @@ class QuantizedModules(CompressionPlugin):
     def scales(self) -> list[nn.Parameter]:
         return [q.scale for q in self.quantizers.values() if q.scale is not None and q.scale.requires_grad]
 
+    def uncalibrated_weights(self, model: nn.Module) -> list[str]:
+        """This plugin's static weight quantizers of ``model`` that are not yet initialized (reads flags only)."""
+        return [name for name, quantizer in quantizers_of(model).items()
+                if name in self.quantizers and name.endswith(".weight") and quantizer.static
+                and not quantizer.is_initialized]
+
     @torch.no_grad()
     def init_weight_quantizers(self, model: nn.Module) -> None:
         """Calibrate every static weight quantizer that is not yet initialized from its weight (the observer on
-        the weight; round to nearest)."""
-        for name, quantizer in quantizers_of(model).items():
-            if name in self.quantizers and name.endswith(".weight") and quantizer.static \
-                    and not quantizer.is_initialized:
-                module, _ = quantized_module(model, name)
-                quantizer.calibrate(module.weight.detach())
+        the weight; round to nearest). Under FSDP call it inside :func:`~framework.sharding.full_parameters` with
+        ``writeback`` (it reads weights and writes scales)."""
+        quantizers = quantizers_of(model)
+        for name in self.uncalibrated_weights(model):
+            module, _ = quantized_module(model, name)
+            quantizers[name].calibrate(module.weight.detach())
 
     # ------------------------------------------------------------------ results
     config_name = "quantization"
@@ -287,7 +294,8 @@ class QuantizedModules(CompressionPlugin):
         if not any(q.enabled for q in self.quantizers.values()) or "labels" not in batch:
             return
         model, inputs = pl_module.model, model_inputs(batch, labels=False)
-        with trainer.precision_plugin.forward_context():
+        # The model runs outside the trainer's forward: under FSDP it needs its whole parameters.
+        with full_parameters(trainer), trainer.precision_plugin.forward_context():
             quantized = model(**inputs).logits
             if self.float_reference is None:
                 with quantization_disabled(model):

@@ -27,6 +27,7 @@ from typing_extensions import override
 from framework.module import model_inputs
 from framework.plugin import CompressionPlugin, PluginConflictError
 from framework.selection import ModuleSelection
+from framework.sharding import full_parameters
 from plugins.quantization.adapters import (
     ADAPTERS_DIR,
     BNB_KINDS,
@@ -322,8 +323,9 @@ class QALFT(CompressionPlugin):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.adapters_to is None or trainer.interrupted:
             return
-        if trainer.is_global_zero:
-            self.add_to_export(pl_module.model, self.adapters_to)
+        with full_parameters(trainer):  # under FSDP the adapter's weights are shards; every rank gathers
+            if trainer.is_global_zero:
+                self.add_to_export(pl_module.model, self.adapters_to)
         trainer.strategy.barrier("qalft_adapters_to")
 
     # ------------------------------------------------------------------ state and results

@@ -13,6 +13,7 @@ from typing_extensions import override
 
 from framework.module import model_inputs
 from framework.selection import ModuleSelection
+from framework.sharding import full_parameters
 from plugins.quantization.common import QuantizedModules, freeze_observers
 from plugins.quantization.config import ActivationSite, QuantSpec
 
@@ -102,10 +103,13 @@ class PostTrainingQuantization(QuantizedModules):
         """
         model = pl_module.model
         if not self.calibrated:
-            self.init_weight_quantizers(model)
-            pending = [q for q in self.static_quantizers("activation").values() if not q.is_initialized]
-            if pending:
-                self._observe(trainer, pl_module, pending)
+            # Weights are read, scales written and the model run outside the trainer's forward: under FSDP all
+            # of it needs the whole parameters.
+            with full_parameters(trainer, writeback=True):
+                self.init_weight_quantizers(model)
+                pending = [q for q in self.static_quantizers("activation").values() if not q.is_initialized]
+                if pending:
+                    self._observe(trainer, pl_module, pending)
             self.calibrated = True
         for quantizer in self.quantizers.values():
             quantizer.enabled, quantizer.observing = True, False

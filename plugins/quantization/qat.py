@@ -12,6 +12,7 @@ import torch.nn as nn
 from typing_extensions import override
 
 from framework.selection import ModuleSelection
+from framework.sharding import full_parameters
 from plugins.quantization.common import QuantizedModules, freeze_observers
 from plugins.quantization.config import ActivationSite, QuantSpec
 
@@ -177,13 +178,13 @@ class QuantizationAwareTraining(QuantizedModules):
             return "calibrating"
         return "frozen" if self._freeze_step is not None and step >= self._freeze_step else "learning"
 
-    def _apply_phase(self, step: int, model: nn.Module, *, training: bool) -> None:
+    def _apply_phase(self, trainer: pl.Trainer, model: nn.Module, *, training: bool) -> None:
+        step = trainer.global_step
         if step < self.start_step:
             for quantizer in self.quantizers.values():
                 quantizer.enabled = quantizer.observing = False
             return
         self.started = True
-        self.init_weight_quantizers(model)
         to_freeze = []
         for name, quantizer in self.quantizers.items():
             quantizer.observing = False
@@ -193,7 +194,12 @@ class QuantizationAwareTraining(QuantizedModules):
                 quantizer.enabled, quantizer.observing = False, training
             else:
                 to_freeze.append(quantizer)
-        freeze_observers(to_freeze)
+        # Calibrating weight quantizers reads the weights and fixing scales writes parameters: under FSDP both
+        # need the whole tensors, gathered only on the steps that do either.
+        if to_freeze or self.uncalibrated_weights(model):
+            with full_parameters(trainer, writeback=True):
+                self.init_weight_quantizers(model)
+                freeze_observers(to_freeze)
         for quantizer in to_freeze:
             quantizer.enabled = True
 
@@ -205,7 +211,7 @@ class QuantizationAwareTraining(QuantizedModules):
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        self._apply_phase(trainer.global_step, pl_module.model, training=True)
+        self._apply_phase(trainer, pl_module.model, training=True)
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,

@@ -5,6 +5,10 @@ weights (two sparsity plugins on one layer fail at start-up), keeps pruned weigh
 optimizer step (gradient masked before the step, weight re-masked right after it, so AdamW's weight decay and
 momentum cannot revive them), computes new masks from scores on request, reports the sparsity reached and
 exports the baked weights with their packed form and BPV.
+
+Under FSDP the weights and gradients a hook sees are flat shards while the masks are whole, so every hook that
+touches them does it inside :func:`framework.sharding.full_parameters` (a no-op elsewhere): the masks are computed
+from the whole weights, identically on every rank, and each rank writes back its shard of the result.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing_extensions import override
 
 from framework.plugin import CompressionPlugin
 from framework.selection import ModuleSelection
+from framework.sharding import full_parameters
 from plugins.sparsity.config import Pattern, default_targets
 from plugins.sparsity.export import write_sparse_export
 from plugins.sparsity.layer import (
@@ -92,6 +97,7 @@ class MaskedLinears(CompressionPlugin):
         return self.sparsity
 
     def reapply_masks(self) -> None:
+        """Zero the pruned weights (under FSDP: inside :func:`~framework.sharding.full_parameters`)."""
         for layer in self.layers.values():
             apply_weight_mask(layer)
 
@@ -108,7 +114,8 @@ class MaskedLinears(CompressionPlugin):
     @torch.no_grad()
     def update_masks(self, sparsity: float, input_sq_means: dict[str, torch.Tensor] | None = None) -> float:
         """Recompute every mask for ``sparsity`` (unstructured) or the matching share of N:M groups; zero the
-        pruned weights. ``input_sq_means`` switches to activation-aware scores. Returns the measured sparsity."""
+        pruned weights. ``input_sq_means`` switches to activation-aware scores. Returns the measured sparsity.
+        Under FSDP call it inside :func:`~framework.sharding.full_parameters` with ``writeback``."""
         scores = {name: weight_score(layer.weight, None if input_sq_means is None else input_sq_means[name])
                   for name, layer in self.layers.items()}
         current = self.masks()
@@ -125,15 +132,21 @@ class MaskedLinears(CompressionPlugin):
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
-        for layer in self.layers.values():
-            mask_gradient(layer)
+        with full_parameters(trainer, writeback=True, with_grads=True):
+            for layer in self.layers.values():
+                mask_gradient(layer)
+
+    def needs_remask(self, trainer: pl.Trainer) -> bool:
+        """Whether an optimizer step ran since the weights were last re-masked."""
+        return trainer.global_step != self._masked_step
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         # Runs after the optimizer step: momentum and weight decay may have moved pruned weights; put them back.
-        if trainer.global_step != self._masked_step:
-            self.reapply_masks()
+        if self.needs_remask(trainer):
+            with full_parameters(trainer, writeback=True):
+                self.reapply_masks()
             self._masked_step = trainer.global_step
 
     # ------------------------------------------------------------------ results and export

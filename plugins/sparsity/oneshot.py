@@ -12,6 +12,7 @@ from typing_extensions import override
 
 from framework.module import model_inputs
 from framework.selection import ModuleSelection
+from framework.sharding import full_parameters
 from plugins.sparsity.config import SCOPES, SCORES, check_choice, parse_pattern, resolve_sparsity
 from plugins.sparsity.layer import SQ_MEAN_BUFFER, InputNormStats, fold_stats
 from plugins.sparsity.masking import MaskedLinears
@@ -75,17 +76,21 @@ class OneShotPruning(MaskedLinears):
         """Compute the masks once (no-op when already pruned, e.g. restored from a checkpoint)."""
         if self.pruned:
             return
-        self.reapply_masks()
-        if self.measure() > 0.0:  # masks restored with the model (e.g. `validate --ckpt_path`)
-            self.pruned = True
-            return
-        stats = self.calibrate(trainer, pl_module) if self.method == "activation" else None
-        self.update_masks(self.target, stats)
+        # Calibration runs the model outside the trainer's forward and the masks are scored from the weights:
+        # under FSDP both need the whole parameters.
+        with full_parameters(trainer, writeback=True):
+            self.reapply_masks()
+            if self.measure() > 0.0:  # masks restored with the model (e.g. `validate --ckpt_path`)
+                self.pruned = True
+                return
+            stats = self.calibrate(trainer, pl_module) if self.method == "activation" else None
+            self.update_masks(self.target, stats)
         self.pruned = True
 
     @torch.no_grad()
     def calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
-        """Mean squared inputs of every selected layer over ``calibration_batches`` training batches.
+        """Mean squared inputs of every selected layer over ``calibration_batches`` training batches (under FSDP,
+        inside :func:`~framework.sharding.full_parameters`: it runs the model outside the trainer's forward).
 
         Raises:
             ValueError: no datamodule with training batches is attached to the trainer.

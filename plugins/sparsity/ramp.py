@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from typing import Any
 
 import lightning.pytorch as pl
@@ -11,6 +12,7 @@ import torch.nn as nn
 from typing_extensions import override
 
 from framework.selection import ModuleSelection
+from framework.sharding import full_parameters
 from framework.storage import INDEX_CODINGS
 from plugins.sparsity.config import SCHEDULES, SCOPES, SCORES, check_choice, parse_pattern, resolve_sparsity
 from plugins.sparsity.layer import InputNormStats, fold_stats, scheduled_sparsity
@@ -174,20 +176,25 @@ class SparsityRamp(MaskedLinears):
             return True
         return any(self.is_update_step(step + ahead) for ahead in range(1, self.stats_steps + 1))
 
+    def _update_due(self, step: int) -> bool:
+        return step != self.last_update_step and self.is_update_step(step)
+
     def _maybe_update(self, trainer: pl.Trainer) -> None:
         step = trainer.global_step
-        if step == self.last_update_step or not self.is_update_step(step):
+        if not self._update_due(step):
             return
         stats = self.activation_stats() if self.score == "activation" else None
         # Before any statistics exist (an update at step 0), activation scores fall back to magnitude.
-        self.update_masks(self.target_at(step), stats)
+        with full_parameters(trainer, writeback=True):
+            self.update_masks(self.target_at(step), stats)
         self.last_update_step = step
 
     # ------------------------------------------------------------------ hooks
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start, self._end = self.resolve_steps(trainer.estimated_stepping_batches)
-        self.reapply_masks()  # after a checkpoint restore: the invariant "pruned weights are zero" holds
+        with full_parameters(trainer, writeback=True):
+            self.reapply_masks()  # after a checkpoint restore: the invariant "pruned weights are zero" holds
         self.measure()
         self._masked_step = trainer.global_step
 
@@ -210,12 +217,15 @@ class SparsityRamp(MaskedLinears):
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        for layer in self.layers.values():
-            stats = InputNormStats.of(layer)
-            if stats is not None:
-                stats.enabled = False
-        self._maybe_update(trainer)
+        # Under FSDP, one gather serves both the re-mask after the step and a mask update due now.
+        both = self.needs_remask(trainer) and self._update_due(trainer.global_step)
+        with full_parameters(trainer, writeback=True) if both else nullcontext():
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            for layer in self.layers.values():
+                stats = InputNormStats.of(layer)
+                if stats is not None:
+                    stats.enabled = False
+            self._maybe_update(trainer)
         self.log_metric(pl_module, "target_sparsity", self.target_at(trainer.global_step))
         self.log_metric(pl_module, "sparsity", self.sparsity)
 
