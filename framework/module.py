@@ -177,14 +177,8 @@ class VLMModule(pl.LightningModule):
         groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         groups = [g for g in groups if g["params"]] + [g for g in plugin_groups if g["params"]]
         scheduled = [g.pop("lr_schedule", True) for g in groups]
-        optimizer = torch.optim.AdamW(
-            groups,
-            lr=hp.lr,
-            betas=tuple(hp.betas),
-            # Lightning cannot clip gradients of a fused optimizer under AMP (it unscales internally), and a fused
-            # AdamW takes no per-group `maximize`.
-            fused=self.device.type == "cuda" and not self.trainer.gradient_clip_val and not plugin_groups,
-        )
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas),
+                                      fused=self._fused_optimizer(bool(plugin_groups)))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(total * hp.warmup_fraction)
 
@@ -193,6 +187,31 @@ class VLMModule(pl.LightningModule):
 
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, [schedule_for(f) for f in scheduled])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def _fused_optimizer(self, plugin_groups: bool) -> bool:
+        """Whether AdamW runs as one fused kernel: on CUDA, unless a plugin adds parameter groups (a fused AdamW
+        takes no per-group ``maximize``), fp16 AMP clips (its gradient scaler must unscale first, which a fused
+        step does internally) or FSDP shards the gradients (Lightning clips those through FSDP)."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        trainer = self.trainer
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        return (self.device.type == "cuda" and not plugin_groups and not isinstance(trainer.strategy, FSDPStrategy)
+                and not (trainer.gradient_clip_val and scaler is not None))
+
+    @override
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        # Lightning's mixed-precision plugin refuses to clip for any fused optimizer, although without a gradient
+        # scaler (bf16, fp32) there is nothing to unscale: clip here so the step keeps its fused kernel.
+        if not gradient_clip_val or not optimizer.defaults.get("fused"):
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if (gradient_clip_algorithm or "norm") == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val, foreach=True)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val, foreach=True)
 
     # ------------------------------------------------------------------ evaluation
     def _eval_step(self, batch: dict[str, Any], batch_idx: int, stage: str) -> None:

@@ -120,3 +120,24 @@ def test_compiled_blocks_on_fixed_shape_batches_train_like_eager(tmp_path: Path)
         names = {k for k in model_state(cli.model) if "val_" not in k}
         assert not any("_orig_mod" in k for k in names)  # parameter names unchanged by compilation
     torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-3, atol=1e-3)
+
+
+def test_fused_adamw_keeps_gradient_clipping(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a gradient scaler the module clips gradients itself, so the fused AdamW (CUDA's default) clips as
+    Lightning's path does for a foreach AdamW. Forced on here: CPU has a fused AdamW too."""
+    from framework.module import VLMModule
+
+    final = {}
+    for fused, clip in ((False, 0.05), (True, 0.05), (True, None)):
+        monkeypatch.setattr(VLMModule, "_fused_optimizer", lambda self, groups, fused=fused: fused)
+        folder = tmp_path / f"fused_{fused}_{clip}"
+        folder.mkdir()
+        cli = make_cli(tiny_config(folder, max_steps=4, limit_val_batches=0, val_check_interval=None,
+                                   gradient_clip_val=clip))
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        assert cli.trainer.optimizers[0].defaults["fused"] is fused
+        final[(fused, clip)] = {k: v for k, v in model_state(cli.model).items() if "val_" not in k}
+    for key, value in final[(False, 0.05)].items():
+        torch.testing.assert_close(final[(True, 0.05)][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    unclipped = max(float((final[(True, None)][k] - v).abs().max()) for k, v in final[(True, 0.05)].items())
+    assert unclipped > 1e-3, "clipping at 0.05 changes the training"
