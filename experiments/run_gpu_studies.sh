@@ -9,7 +9,8 @@
 # 1. experiments/sparsity_study.py trains the dense base on GPU 0 (and the same-compute from-scratch baseline of the
 #    50%-pruned shape on GPU 1), then runs its sweep; each run takes the least busy unreserved GPU.
 # 2. With four GPUs or more, the last two are reserved: 10-minute recipes for the GPU base ($RECIPES,
-#    batch:lr[:compile|:cudagraphs] entries), then the throughput table (experiments/run_gpu_results.sh bench) and the training overhead of every
+#    batch:lr[:compile|:cudagraphs[:decay_fraction]] entries; a decay fraction below 1 holds the peak learning rate
+#    until the last part of training), then the throughput table (experiments/run_gpu_results.sh bench) and the training overhead of every
 #    plugin, each with its GPU otherwise idle; then the studies get them too. (The 2:4 kernel table is the sparsity
 #    study's `kernels` stage: `python experiments/sparsity_study.py kernels`.)
 # 3. Once the base is exported, experiments/quantization_study.py starts from it and shares the GPUs with the sweep.
@@ -60,11 +61,12 @@ sparsity=$!
 # of training (start-up, compilation and validation take the rest of the 10 minutes), cut at 600 s like the issue's
 # budget. mode: compile (regional torch.compile) or cudagraphs (compiled, fixed shapes, CUDA graphs).
 recipe() {
-  local name=$1 gpu=$2 batch=$3 lr=$4 mode=${5:-} cfg
+  local name=$1 gpu=$2 batch=$3 lr=$4 mode=${5:-} decay=${6:-} cfg
   # A mode whose benchmark fails falls back: cudagraphs -> compile -> eager (the log says which one trained).
   while :; do
     cfg=(--config experiments/pretrain/gpu_base.yaml --config experiments/csv_logger.yaml
          --data.init_args.batch_size="$batch" --model.init_args.lr="$lr" --data.init_args.num_workers=14)
+    [ -n "$decay" ] && cfg+=(--model.init_args.decay_fraction="$decay")
     case "$mode" in
       compile) cfg+=(--model.init_args.compile=true) ;;
       cudagraphs) cfg+=(--model.init_args.compile=true --model.init_args.compile_mode=reduce-overhead
@@ -97,18 +99,18 @@ base=$WORK/sparsity/exports/dense_base
 if [ "$GPUS" -ge 4 ]; then
   # Batch 512 and 1024 (2026-11-27) did not start reading sooner: reading needs optimizer steps, so the next
   # recipes buy steps per second (CUDA graphs) at the batch that worked and at half of it.
-  read -r -a recipes <<< "${RECIPES:-256:8.0e-4:cudagraphs 128:6.0e-4:cudagraphs}"  # batch:lr[:mode]
+  read -r -a recipes <<< "${RECIPES:-256:8.0e-4:cudagraphs 128:6.0e-4:cudagraphs}"  # batch:lr[:mode[:decay]]
   (
-    IFS=: read -r batch lr mode <<< "${recipes[0]}"
-    recipe "recipe_b${batch}${mode:+_$mode}" "$second_last" "$batch" "$lr" "$mode"
+    IFS=: read -r batch lr mode decay <<< "${recipes[0]}"
+    recipe "recipe_b${batch}${mode:+_$mode}${decay:+_wsd$decay}" "$second_last" "$batch" "$lr" "$mode" "$decay"
     CUDA_VISIBLE_DEVICES=$second_last OUT=$RES/gpu BATCHES="128 256" bash experiments/run_gpu_results.sh bench > "$WORK/logs/throughput.log" 2>&1
     log "throughput rc=$?"
     release "$second_last"
   ) &
   (
     if [ ${#recipes[@]} -gt 1 ]; then
-      IFS=: read -r batch lr mode <<< "${recipes[1]}"
-      recipe "recipe_b${batch}${mode:+_$mode}" "$last" "$batch" "$lr" "$mode"
+      IFS=: read -r batch lr mode decay <<< "${recipes[1]}"
+      recipe "recipe_b${batch}${mode:+_$mode}${decay:+_wsd$decay}" "$last" "$batch" "$lr" "$mode" "$decay"
     fi
     CUDA_VISIBLE_DEVICES=$last $PY experiments/plugin_overhead.py --out "$RES/sparsity/overhead.json" \
       > "$WORK/logs/overhead_sparsity.log" 2>&1

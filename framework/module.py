@@ -45,6 +45,8 @@ class VLMModule(pl.LightningModule):
         betas: AdamW betas.
         warmup_fraction: share of training spent warming the learning rate up linearly.
         min_lr_ratio: final learning rate of the cosine decay, as a fraction of ``lr``.
+        decay_fraction: share of training, at its end, over which the cosine decay runs; until then the learning
+            rate stays at ``lr`` after warm-up (warmup-stable-decay). 1.0: decay from the end of warm-up on.
         max_new_tokens: generation length during validation.
         generate_batches: validation batches per task that are also scored by generation (-1: all).
         max_length: default longest sequence when no datamodule sets it.
@@ -73,6 +75,7 @@ class VLMModule(pl.LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_fraction: float = 0.05,
         min_lr_ratio: float = 0.1,
+        decay_fraction: float = 1.0,
         max_new_tokens: int = 64,
         generate_batches: int = 1,
         max_length: int = 512,
@@ -86,6 +89,8 @@ class VLMModule(pl.LightningModule):
             raise ValueError(f"model.warmup_fraction: must be in [0, 1), got {warmup_fraction}")
         if not 0 <= min_lr_ratio <= 1:
             raise ValueError(f"model.min_lr_ratio: must be in [0, 1], got {min_lr_ratio}")
+        if not 0 < decay_fraction <= 1:
+            raise ValueError(f"model.decay_fraction: must be in (0, 1], got {decay_fraction}")
         if max_new_tokens < 1:
             raise ValueError(f"model.max_new_tokens: must be >= 1, got {max_new_tokens}")
         if compile_mode not in COMPILE_MODES:
@@ -181,9 +186,12 @@ class VLMModule(pl.LightningModule):
                                       fused=self._fused_optimizer(bool(plugin_groups)))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(total * hp.warmup_fraction)
+        # .get: checkpoints saved before the option existed decay over the whole run, as they did.
+        decay_from = max(warmup, total - int(round(total * hp.get("decay_fraction", 1.0))))
 
         def schedule_for(follows: bool) -> Any:
-            return (lambda step: lr_factor(step, total, warmup, hp.min_lr_ratio)) if follows else (lambda step: 1.0)
+            return (lambda step: lr_factor(step, total, warmup, hp.min_lr_ratio, decay_from)) if follows \
+                else (lambda step: 1.0)
 
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, [schedule_for(f) for f in scheduled])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
@@ -276,9 +284,13 @@ class VLMModule(pl.LightningModule):
         return self.processor.decode(output[:, width:])
 
 
-def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    """Linear warm-up then cosine decay to ``min_ratio``."""
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float, decay_from: int | None = None) -> float:
+    """Linear warm-up, then constant until ``decay_from`` (default: the end of warm-up), then cosine decay to
+    ``min_ratio`` at ``total``."""
     if warmup and step < warmup:
         return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    start = warmup if decay_from is None else max(warmup, decay_from)
+    if step < start:
+        return 1.0
+    progress = min(1.0, (step - start) / max(1, total - start))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -141,3 +141,36 @@ def test_fused_adamw_keeps_gradient_clipping(tmp_path: Path, monkeypatch: pytest
         torch.testing.assert_close(final[(True, 0.05)][key], value, rtol=1e-4, atol=1e-5, msg=key)
     unclipped = max(float((final[(True, None)][k] - v).abs().max()) for k, v in final[(True, 0.05)].items())
     assert unclipped > 1e-3, "clipping at 0.05 changes the training"
+
+
+def test_learning_rate_schedule_by_hand() -> None:
+    from framework.module import lr_factor
+
+    # 100 steps, 10 warm-up steps: cosine from step 10 on, or (warmup-stable-decay) held until step 60.
+    assert [lr_factor(s, 100, 10, 0.1) for s in (0, 9)] == [0.1, 1.0]
+    assert lr_factor(55, 100, 10, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the cosine
+    assert lr_factor(100, 100, 10, 0.1) == pytest.approx(0.1)
+    assert [lr_factor(s, 100, 10, 0.1, decay_from=60) for s in (9, 10, 59)] == [1.0, 1.0, 1.0]
+    assert lr_factor(80, 100, 10, 0.1, decay_from=60) == pytest.approx(0.55)
+    assert lr_factor(100, 100, 10, 0.1, decay_from=60) == pytest.approx(0.1)
+
+
+def test_decay_fraction_sets_the_trained_schedule(tmp_path: Path) -> None:
+    from framework.module import VLMModule
+
+    with pytest.raises(ValueError, match=r"model.decay_fraction: must be in \(0, 1\], got 0"):
+        VLMModule(model="experiments/models/llava-test.json", decay_fraction=0.0)
+    rates = []
+    cli = make_cli(tiny_config(tmp_path, max_steps=8, limit_val_batches=0, val_check_interval=None),
+                   "--model.init_args.decay_fraction=0.5")
+
+    class Record(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001
+            rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    cli.trainer.callbacks.append(Record())
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    peak = cli.model.hparams.lr
+    # warm-up 2 steps (0.25 of 8), held at the peak until step 4, then cosine down to 0.1 of it
+    assert rates[:2] == pytest.approx([peak / 2, peak]) and rates[2:5] == pytest.approx([peak] * 3)
+    assert rates[5] < peak and rates[7] < rates[6] < rates[5]
