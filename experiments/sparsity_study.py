@@ -2,7 +2,8 @@
 
 1. ``kernels``: 2:4 kernel speed for the GPU base's linear shapes and large shapes (GPU idle, run first).
 2. ``base``: pretrain the dense GPU base (experiments/pretrain/gpu_base.yaml) and export it as an HF folder.
-   Beside it, from scratch, a model of the 50%-pruned shape trained with the same total compute as base + L0.
+   Beside it, from scratch, a model of the 50%-pruned shape trained with the same total compute as base + L0
+   (and, in the sweep, one with the L0 run's compute alone).
 3. ``sweep``: from the dense base, fine-tunes with the sparsity ramp (50/65/70/75/90% unstructured, 2:4, 4:8) and a
    dense fine-tune of the same length; one-shot magnitude and activation-aware pruning at the same settings
    (validated without retraining); L0 structured pruning to 50% and 90% of the text tower, improved and plain, with
@@ -204,17 +205,26 @@ class Study:
         overrides.append(f"--data.init_args.num_workers={max(self.opts.workers, self.opts.base_workers if not o.smoke else 0)}")
         return Job("dense_base", "fit", overrides=overrides, export_to=self.base_export, gpu=0)
 
-    def scratch_job(self, spec: Path) -> Job:
-        """The pruned shape from scratch with the base's + the L0 run's training compute (6·N·tokens rule)."""
+    def scratch_job(self, spec: Path, *, with_base: bool = True) -> Job:
+        """The pruned shape from scratch with the training compute (6·N·tokens rule) of the base and the L0 run
+        (``l0_scratch50``), or of the L0 run alone (``l0_scratch50_l0compute``: the base taken as given, as
+        Sheared-LLaMA counts)."""
         o = self.opts
         dense, small = non_embedding_params(BASE_SPEC if not o.smoke else None), non_embedding_params(spec)
         batch = 256 if not o.smoke else 4
-        compute = o.base_steps * batch + o.l0_steps * o.ft_batch
-        steps = int(round(compute * dense / small / batch))
+        compute = (o.base_steps * batch if with_base else 0) + o.l0_steps * o.ft_batch
+        steps = max(1, int(round(compute * dense / small / batch)))
+        overrides = [f"--model.init_args.model={spec}", *self.steps(steps)]
+        if not with_base:  # a sweep-sized run, placed like the sweep's
+            return Job("l0_scratch50_l0compute", "fit", overrides=overrides)
         # On the second GPU when there is one; the sweep's first jobs go to the others.
         workers = f"--data.init_args.num_workers={max(o.workers, o.base_workers // 2 if not o.smoke else 0)}"
-        return Job("l0_scratch50", "fit", overrides=[f"--model.init_args.model={spec}", *self.steps(steps), workers],
-                   gpu=1)
+        return Job("l0_scratch50", "fit", overrides=[*overrides, workers], gpu=1)
+
+    @property
+    def scratch_spec(self) -> Path:
+        """The 50%-pruned shape (written by the ``base`` stage)."""
+        return self.work / "llava-base-gpu-l0-50.json"
 
     def sweep_jobs(self) -> list[Job]:
         """The fine-tunes, longest first so the pool's last runs are short ones."""
@@ -402,7 +412,7 @@ def main(argv: list[str] | None = None) -> None:
         if "kernels" in opts.stages:
             codes["kernels"] = study.kernels()
         if "base" in opts.stages:
-            spec = study.work / "llava-base-gpu-l0-50.json"
+            spec = study.scratch_spec
             subprocess.check_call([sys.executable, "-m", "plugins.l0_pruning.spec", "--base",
                                    str(BASE_SPEC if not opts.smoke else ROOT / "experiments/models/llava-test.json"),
                                    "--fraction", "0.5", "--multiple_of", str(study.multiple_of), "--out", str(spec)],
@@ -414,7 +424,10 @@ def main(argv: list[str] | None = None) -> None:
         if "sweep" in opts.stages:
             if not (study.base_export / "config.json").exists():
                 raise SystemExit(f"sweep: no dense base at {study.base_export}; run the `base` stage first")
-            codes.update(study.run_all(study.sweep_jobs() + study.oneshot_jobs(), opts.parallel))
+            jobs = study.sweep_jobs() + study.oneshot_jobs()
+            if study.scratch_spec.exists():
+                jobs.append(study.scratch_job(study.scratch_spec, with_base=False))
+            codes.update(study.run_all(jobs, opts.parallel))
         if scratch is not None:
             codes["l0_scratch50"] = scratch.result()
         if "latency" in opts.stages:

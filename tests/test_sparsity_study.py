@@ -55,6 +55,10 @@ def test_scratch_baseline_gets_the_same_compute(tmp_path: Path) -> None:
     steps = int(next(o for o in job.overrides if o.startswith("--trainer.max_steps=")).split("=")[1])
     # 10 base steps at batch 4 plus 30 L0 steps at batch 8, on a model with fewer parameters: more steps.
     assert steps > 10 + 30 * 8 // 4
+    alone = study.scratch_job(spec, with_base=False)
+    assert alone.name == "l0_scratch50_l0compute" and alone.gpu is None
+    steps_alone = int(next(o for o in alone.overrides if o.startswith("--trainer.max_steps=")).split("=")[1])
+    assert 30 * 8 // 4 < steps_alone < steps  # the L0 run's compute only, on the smaller model
 
 
 def test_runs_take_the_least_busy_unreserved_gpu(tmp_path: Path) -> None:
