@@ -198,14 +198,15 @@ class VLMModule(pl.LightningModule):
 
     def _fused_optimizer(self, plugin_groups: bool) -> bool:
         """Whether AdamW runs as one fused kernel: on CUDA, unless a plugin adds parameter groups (a fused AdamW
-        takes no per-group ``maximize``), fp16 AMP clips (its gradient scaler must unscale first, which a fused
-        step does internally) or FSDP shards the gradients (Lightning clips those through FSDP)."""
+        takes no per-group ``maximize``) or gradients are clipped where only Lightning can clip them: under fp16
+        AMP (its gradient scaler must unscale first, which a fused step does internally) and under FSDP (sharded
+        gradients need FSDP's own norm)."""
         from lightning.pytorch.strategies import FSDPStrategy
 
         trainer = self.trainer
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        return (self.device.type == "cuda" and not plugin_groups and not isinstance(trainer.strategy, FSDPStrategy)
-                and not (trainer.gradient_clip_val and scaler is not None))
+        lightning_clips = (getattr(trainer.precision_plugin, "scaler", None) is not None
+                           or isinstance(trainer.strategy, FSDPStrategy))
+        return self.device.type == "cuda" and not plugin_groups and not (trainer.gradient_clip_val and lightning_clips)
 
     @override
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
