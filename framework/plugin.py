@@ -141,11 +141,13 @@ class CompressionPlugin(Callback):
         self.load_plugin_state(state)
 
     # ----------------------------------------------------------------- logging and results
-    def log_metric(self, pl_module: LightningModule, metric: str, value: float, **kwargs: Any) -> None:
-        """Log under ``compression/<name>/<metric>``."""
+    def log_metric(self, pl_module: LightningModule, metric: str, value: float | torch.Tensor, **kwargs: Any) -> None:
+        """Log under ``compression/<name>/<metric>``. A one-element tensor is logged as it is: Lightning reads it
+        when it writes the logs (every ``log_every_n_steps``), so a per-step log costs no host-device sync."""
         kwargs.setdefault("on_step", True)
         kwargs.setdefault("on_epoch", False)
-        pl_module.log(f"compression/{self.name}/{metric}", float(value), **kwargs)
+        value = value.detach().reshape(()) if isinstance(value, torch.Tensor) else float(value)
+        pl_module.log(f"compression/{self.name}/{metric}", value, **kwargs)
 
     def summary(self, model: nn.Module) -> dict[str, float | int | str]:
         """Final numbers of the run for the machine-readable summary (e.g. sparsity reached)."""

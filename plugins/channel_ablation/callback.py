@@ -88,10 +88,13 @@ class ChannelAblation(CompressionPlugin):
         self.log_metric(pl_module, "active", float(self.active))
         self.log_metric(pl_module, "zeroed_fraction", self.zeroed_fraction() if self.active else 0.0)
 
-    def zeroed_fraction(self) -> float:
-        masks = [channel_mask_of(layer) for layer in self.layers.values()]
-        total = sum(m.numel() for m in masks if m is not None)
-        return float(sum((m == 0).sum().item() for m in masks if m is not None) / max(1, total))
+    def zeroed_fraction(self) -> torch.Tensor:
+        """Share of the selected output channels zeroed (a 0-dim tensor: logging it needs no host-device sync)."""
+        masks = [m for m in (channel_mask_of(layer) for layer in self.layers.values()) if m is not None]
+        total = sum(m.numel() for m in masks)
+        if not masks:
+            return torch.zeros(())
+        return sum((m == 0).sum() for m in masks) / max(1, total)
 
     # ------------------------------------------------------------------ state
     @override
@@ -110,7 +113,7 @@ class ChannelAblation(CompressionPlugin):
     # ------------------------------------------------------------------ results and export
     @override
     def summary(self, model: nn.Module) -> dict[str, float | int | str]:
-        return {"zeroed_fraction": self.zeroed_fraction(), "layers": len(self.layers), "active": int(self.active)}
+        return {"zeroed_fraction": float(self.zeroed_fraction()), "layers": len(self.layers), "active": int(self.active)}
 
     @override
     def prepare_export(self, model: nn.Module) -> None:

@@ -250,21 +250,22 @@ class L0Pruning(CompressionPlugin):
             if self.method == "improved":  # keep each parameter in its range [0, mask_scale]
                 for kind in self.kinds:
                     getattr(masks, kind).clamp_(0.0, self.mask_config.mask_scale)
-            self.log_metric(pl_module, "expected_params", float(masks.expected_params()))
+            # Tensors, not floats: logged every step without waiting for the device (see log_metric).
+            self.log_metric(pl_module, "expected_params", masks.expected_params())
             self.log_metric(pl_module, "target_params", masks.target_params())
-            self.log_metric(pl_module, "lambda1", masks.lambda1.item())
-            self.log_metric(pl_module, "lambda2", masks.lambda2.item())
+            self.log_metric(pl_module, "lambda1", masks.lambda1)
+            self.log_metric(pl_module, "lambda2", masks.lambda2)
             self.log_metric(pl_module, "stage", float(STAGES.index(masks.stage)))
             self.log_metric(pl_module, "tau", masks.tau)
             self.log_metric(pl_module, "fractional_gates", self.fractional_gates())
 
-    def fractional_gates(self) -> float:
+    def fractional_gates(self) -> torch.Tensor:
         """Share of the current gates strictly between 0 and 1 (wasted parameters if deployed as they are)."""
         current = self._require_masks().current
         if not current:
-            return 0.0
+            return torch.zeros(())
         values = torch.cat([m.detach().flatten() for m in current.values()])
-        return float(((values > 0) & (values < 1)).float().mean())
+        return ((values > 0) & (values < 1)).float().mean()
 
     def _require_masks(self) -> L0Masks:
         if self.masks is None:

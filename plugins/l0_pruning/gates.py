@@ -296,10 +296,11 @@ class L0Masks(nn.Module):
         """Expected parameter count of the text tower under ``probs`` (default :meth:`keep_probs`)."""
         return self.param_count(self.keep_probs() if probs is None else probs)
 
-    def target_params(self) -> float:
-        """The Lagrangian's target: the dense count moved linearly to the target shape's over the warm-up."""
-        full = float(self.param_count(self.ones()))
-        final = float(self.param_count(self.hard_masks()))
+    def target_params(self) -> torch.Tensor:
+        """The Lagrangian's target: the dense count moved linearly to the target shape's over the warm-up (a
+        0-dim tensor on the gates' device: computing it needs no host-device sync)."""
+        full = self.param_count(self.ones()).detach()
+        final = self.param_count(self.hard_masks()).detach()
         return full - self.warm * (full - final)
 
     def ones(self) -> dict[str, torch.Tensor]:

@@ -288,7 +288,7 @@ class QALFT(CompressionPlugin):
     def _log(self, metric: str, value: torch.Tensor) -> None:
         module = self._pl_module
         if module is not None and module._trainer is not None and module.training:
-            self.log_metric(module, metric, float(value.detach()))
+            self.log_metric(module, metric, value)
 
     # ------------------------------------------------------------------ hooks
     def _quantizers_on(self, pl_module: pl.LightningModule) -> None:
