@@ -667,3 +667,23 @@ def test_fake_quant_bench_runs_and_composite_matches(tmp_path: Path) -> None:
     torch.testing.assert_close(out.detach(), quantizer(w).detach())
     torch.testing.assert_close(x.grad, fused[0])
     torch.testing.assert_close(quantizer.scale.grad, fused[1], rtol=1e-4, atol=1e-6)
+
+
+def test_initialized_flag_follows_calibration_and_loaded_state() -> None:
+    """`is_initialized` is read from a host copy (no device sync per forward) that tracks the checkpointed buffer."""
+    w = torch.randn(8, 16)
+    fresh = FakeQuantizer(QuantSpec(bits=4, granularity="channel"), shape=w.shape)
+    calibrated = FakeQuantizer(QuantSpec(bits=4, granularity="channel"), shape=w.shape)
+    assert not calibrated.is_initialized  # read once from the buffer
+    calibrated.calibrate(w)
+    assert calibrated.is_initialized and bool(calibrated.initialized)
+    calibrated.initialized.fill_(False)  # behind the host copy's back: the flag is not read again
+    assert calibrated.is_initialized
+    calibrated.initialized.fill_(True)
+    fresh.load_state_dict(calibrated.state_dict())  # a checkpoint of a calibrated quantizer
+    assert fresh.is_initialized
+    torch.testing.assert_close(fresh(w), calibrated(w), atol=0, rtol=0)
+    calibrated.load_state_dict(FakeQuantizer(QuantSpec(bits=4, granularity="channel"), shape=w.shape).state_dict())
+    assert not calibrated.is_initialized  # an uncalibrated state loaded over it
+    with pytest.raises(RuntimeError, match="used before calibration"):
+        calibrated(w)

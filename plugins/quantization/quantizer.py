@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -188,6 +189,9 @@ class FakeQuantizer(nn.Module):
         self.shape = None if shape is None else tuple(int(d) for d in shape)
         self.enabled = True
         self.observing = False
+        # Host copy of the `initialized` buffer (None: not read yet). Reading the buffer is a host-device sync, and
+        # every forward and every training step asks; the buffer stays what checkpoints save.
+        self._initialized: bool | None = None
         pshape = qparam_shape(spec, self.shape)
         if pshape is None and spec.mode == "static":
             raise ValueError(f"FakeQuantizer: static {spec.granularity} quantization needs the tensor's shape")
@@ -211,7 +215,19 @@ class FakeQuantizer(nn.Module):
 
     @property
     def is_initialized(self) -> bool:
-        return self.scale is not None and bool(self.initialized)
+        if self.scale is None:
+            return False
+        if self._initialized is None:
+            self._initialized = bool(self.initialized)
+        return self._initialized
+
+    def _mark_initialized(self) -> None:
+        self.initialized.fill_(True)
+        self._initialized = True
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._initialized = None  # the loaded buffer decides
 
     def extra_repr(self) -> str:
         s = self.spec
@@ -310,7 +326,7 @@ class FakeQuantizer(nn.Module):
         scale, zero_point = qparams_from_range(low, high, *self.quant_range, self.spec.symmetric)
         self.scale.copy_(scale)
         self.zero_point.copy_(zero_point)
-        self.initialized.fill_(True)
+        self._mark_initialized()
         self.observing = False
 
     def calibrate(self, x: torch.Tensor) -> None:
@@ -391,7 +407,7 @@ class FakeQuantizer(nn.Module):
             raise ValueError(f"{scale.numel()} scales given, the quantizer has {self.scale.numel()}")
         self.scale.copy_(scale.reshape(self.scale.shape).float())
         self.zero_point.copy_(zero_point.reshape(self.zero_point.shape).float())
-        self.initialized.fill_(True)
+        self._mark_initialized()
         self.spec = dataclasses.replace(self.spec, mode="static")
         self.scale.requires_grad_(not freeze)
         self.observing = False
