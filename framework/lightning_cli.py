@@ -63,14 +63,16 @@ class VLMCLI(LightningCLI):
         # The table reports the final weights: evaluate once more unless the last validation was at the end.
         if report.eval_step != self.trainer.global_step and self.trainer.limit_val_batches != 0:
             self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
-        report.write(self.trainer, self.model)
-        _finish_wandb(self.trainer)
+        self._finish_run()
 
     def after_validate(self) -> None:
-        self._run_report().write(self.trainer, self.model)
-        _finish_wandb(self.trainer)
+        self._finish_run()
 
     def after_test(self) -> None:
+        self._finish_run()
+
+    def _finish_run(self) -> None:
+        """Write the run summary, then close the W&B run."""
         self._run_report().write(self.trainer, self.model)
         _finish_wandb(self.trainer)
 
