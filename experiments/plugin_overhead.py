@@ -5,11 +5,16 @@ on them) with one plugin configured, so both halves of a ratio share the machine
 
     python experiments/plugin_overhead.py --out experiments/results/sparsity/overhead.json
     python experiments/plugin_overhead.py --smoke      # tiny model on a CPU, checks the wiring
+    python experiments/plugin_overhead.py --plugins qat_w4a8 --out overhead_qat.json
+
+``qat_w4a8`` is the quantization study's QAT W4A8 placement (4-bit per-channel weights, static 8-bit Linear inputs,
+per-token KV cache, projector output) with scales learned throughout the timed steps (its costliest phase).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -34,6 +39,20 @@ PLUGINS: dict[str, dict[str, Any]] = {
     "l0_50_plain": {"class_path": "plugins.l0_pruning.L0Pruning", "init_args": {
         "target_fraction": 0.5, "method": "plain", "multiple_of": 8}},
 }
+
+
+def _quantization_rows() -> dict[str, dict[str, Any]]:
+    """QAT with the quantization study's placement (loaded from its file: experiments/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("vlmc_quantization_study", ROOT / "experiments/quantization_study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    # Four calibration batches end inside the warm-up; scales then learn in every timed step.
+    qat = {"targets": LANGUAGE_MODEL, "weights": study.weight_spec(4, "ch"), **study.activation_args(8),
+           "start_step": 0, "calibration_batches": 4, "freeze_observers_at": None, "scale_lr": 1e-4}
+    return {"qat_w4a8": {"class_path": study.QAT, "init_args": qat}}
+
+
+PLUGINS.update(_quantization_rows())
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:

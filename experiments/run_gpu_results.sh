@@ -2,6 +2,8 @@
 # Reproduces the GPU numbers of README's Results section on one CUDA GPU.
 #   bash experiments/run_gpu_results.sh bench   # throughput + MFU of the GPU base at batch $BATCHES, compiled, SmolLM2 shape
 #   bash experiments/run_gpu_results.sh train   # trains the GPU base (experiments/pretrain/gpu_base.yaml)
+#   bash experiments/run_gpu_results.sh overhead  # each plugin's training overhead + fused vs composite fake quant
+#   bash experiments/run_gpu_results.sh profile   # where the step goes at batch $BATCH, eager and with CUDA graphs
 # Results land in $OUT (default experiments/results/gpu). Uses CSV logging so it runs where wandb is absent.
 set -euo pipefail
 OUT=${OUT:-experiments/results/gpu}
@@ -36,6 +38,23 @@ bench)
     --model.init_args.compile_mode=reduce-overhead --data.init_args.pad_to_max_length=true \
     --data.init_args.batch_size="$big" --data.init_args.num_workers=14 \
     --steps 40 --warmup 60 --plain --out "$OUT/bench_gpu_base_b${big}_cudagraphs.json" 2>&1 | tail -n 20 || true
+  ;;
+overhead)
+  # Step time with each plugin / without it (random weights, batch 128), then one fake quantizer fused vs written
+  # out in elementwise operations. Wants the GPU otherwise idle.
+  $PY experiments/plugin_overhead.py --out "$OUT/overhead.json" 2>&1 | tail -n 12
+  $PY -m plugins.quantization.bench --out "$OUT/bench_fake_quant.json" 2>&1 | tail -n 12
+  ;;
+profile)
+  # The profiler's view of 5 steps (kernel time, busy share, top operators) next to the unprofiled step rate.
+  batch=${BATCH:-256}
+  $PY -m framework.cli bench --config experiments/pretrain/gpu_base.yaml "${LOGGER[@]}" \
+    --data.init_args.batch_size="$batch" --data.init_args.num_workers=14 --steps 40 --warmup 60 --profile 5 \
+    --new_tokens 4 --out "$OUT/profile_gpu_base_b$batch.json" 2>&1 | tail -n 30 || true
+  $PY -m framework.cli bench --config experiments/pretrain/gpu_base.yaml "${LOGGER[@]}" --model.init_args.compile=true \
+    --model.init_args.compile_mode=reduce-overhead --data.init_args.pad_to_max_length=true \
+    --data.init_args.batch_size="$batch" --data.init_args.num_workers=14 --steps 40 --warmup 60 --profile 5 \
+    --new_tokens 4 --out "$OUT/profile_gpu_base_b${batch}_cudagraphs.json" 2>&1 | tail -n 30 || true
   ;;
 train)
   STEPS=${STEPS:-4000}

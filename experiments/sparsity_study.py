@@ -12,6 +12,8 @@
    ``l0_90_improved_hard20``).
 4. ``latency`` of the exported pruned models against the dense base, and ``overhead`` of each plugin in training
    (``vlmc bench --without_plugins``), both with the GPU otherwise idle.
+   ``scratch`` alone runs only the from-scratch model of the 50%-pruned shape with the L0 run's compute (the
+   sweep's ``l0_scratch50_l0compute``), which needs no base.
 5. ``collect``: every run's summary into ``accuracy.csv`` (read by notebooks/sparsity_accuracy.ipynb).
 
     python experiments/sparsity_study.py --out experiments/results/sparsity            # on one CUDA GPU
@@ -223,8 +225,16 @@ class Study:
 
     @property
     def scratch_spec(self) -> Path:
-        """The 50%-pruned shape (written by the ``base`` stage)."""
+        """The 50%-pruned shape (written by the ``base`` and ``scratch`` stages)."""
         return self.work / "llava-base-gpu-l0-50.json"
+
+    def write_scratch_spec(self) -> Path:
+        """The 50%-pruned shape of the base spec, as the L0 runs' exports get it (``plugins.l0_pruning.spec``)."""
+        base = BASE_SPEC if not self.opts.smoke else ROOT / "experiments/models/llava-test.json"
+        self.scratch_spec.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.check_call([sys.executable, "-m", "plugins.l0_pruning.spec", "--base", str(base), "--fraction", "0.5",
+                               "--multiple_of", str(self.multiple_of), "--out", str(self.scratch_spec)], cwd=ROOT)
+        return self.scratch_spec
 
     def sweep_jobs(self) -> list[Job]:
         """The fine-tunes, longest first so the pool's last runs are short ones."""
@@ -412,15 +422,14 @@ def main(argv: list[str] | None = None) -> None:
         if "kernels" in opts.stages:
             codes["kernels"] = study.kernels()
         if "base" in opts.stages:
-            spec = study.scratch_spec
-            subprocess.check_call([sys.executable, "-m", "plugins.l0_pruning.spec", "--base",
-                                   str(BASE_SPEC if not opts.smoke else ROOT / "experiments/models/llava-test.json"),
-                                   "--fraction", "0.5", "--multiple_of", str(study.multiple_of), "--out", str(spec)],
-                                  cwd=ROOT)
+            spec = study.write_scratch_spec()
             # The from-scratch baseline runs beside everything else; it is the longest run.
             pool = ThreadPoolExecutor(max_workers=1)
             scratch = pool.submit(study.run, study.scratch_job(spec))
             codes["dense_base"] = study.run(study.base_job())
+        if "scratch" in opts.stages and "sweep" not in opts.stages:
+            # The L0 run's compute alone, without the base or the sweep (the sweep includes it).
+            codes["l0_scratch50_l0compute"] = study.run(study.scratch_job(study.write_scratch_spec(), with_base=False))
         if "sweep" in opts.stages:
             if not (study.base_export / "config.json").exists():
                 raise SystemExit(f"sweep: no dense base at {study.base_export}; run the `base` stage first")

@@ -139,7 +139,7 @@ def summarise_profile(events: Any, on_device: bool, steps: int, wall_s: float, t
     total = sum(device_time(e) for e in events if is_device_event(e)) if on_device else sum(map(cpu_time, operators))
     rows = sorted(operators, key=op_time, reverse=True)
     matmul = sum(op_time(e) for e in operators if e.key.startswith(MATMUL_OPS))
-    return {
+    summary = {
         "profiled_steps": steps,
         "wall_s": wall_s,
         "time_basis": "device kernel time" if on_device else "self CPU time",
@@ -148,6 +148,16 @@ def summarise_profile(events: Any, on_device: bool, steps: int, wall_s: float, t
         "top_ops": [{"op": e.key, "calls": int(e.count), "self_ms": op_time(e) / 1e3,
                      "share": op_time(e) / total if total else 0.0} for e in rows[:top]],
     }
+    if on_device:
+        # Where the host's time goes (operator dispatch, kernel launches, synchronisations): on a launch-bound
+        # step this, not the kernels, sets the pace. Shares are of the profiled wall time of the main thread.
+        host = sorted(operators, key=cpu_time, reverse=True)
+        host_total = sum(map(cpu_time, operators))
+        summary["host_ops_share"] = host_total / 1e6 / wall_s if wall_s else None
+        summary["host_top_ops"] = [{"op": e.key, "calls": int(e.count), "self_ms": cpu_time(e) / 1e3,
+                                    "share_of_wall": cpu_time(e) / 1e6 / wall_s if wall_s else 0.0}
+                                   for e in host[:top]]
+    return summary
 
 
 def training_flops(module: Any, batch: dict[str, Any]) -> int:
@@ -363,6 +373,10 @@ def format_profile(profile: dict[str, Any]) -> str:
              f"{'-' if profile['matmul_share'] is None else format(profile['matmul_share'], '.0%')}"]
     lines += [f"  {row['share']:6.1%}  {row['self_ms']:10.2f} ms  {row['calls']:7d}x  {row['op']}"
               for row in profile["top_ops"]]
+    if profile.get("host_top_ops"):
+        lines.append(f"host: operators' own CPU time {profile['host_ops_share']:.0%} of the wall time")
+        lines += [f"  {row['share_of_wall']:6.1%}  {row['self_ms']:10.2f} ms  {row['calls']:7d}x  {row['op']}"
+                  for row in profile["host_top_ops"]]
     return "\n".join(lines)
 
 

@@ -151,6 +151,10 @@ def test_device_profile_counts_each_kernel_once() -> None:
     assert profile["device_busy_share"] == pytest.approx(0.4)  # 400 us of kernels in 1 ms
     assert profile["matmul_share"] == pytest.approx(0.75)
     assert [(row["op"], row["share"]) for row in profile["top_ops"]] == [("aten::mm", 0.75), ("aten::mul", 0.25)]
+    # The host's side: operators' own CPU time (5 us each here) against the wall time, kernels not counted.
+    assert profile["host_ops_share"] == pytest.approx(0.01)
+    assert {row["op"] for row in profile["host_top_ops"]} == {"aten::mm", "aten::mul"}
+    assert all(row["share_of_wall"] == pytest.approx(0.005) for row in profile["host_top_ops"])
 
 
 def test_bench_profile_reports_where_the_step_goes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

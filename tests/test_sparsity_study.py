@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import importlib.util
 import sys
 from argparse import Namespace
@@ -85,3 +86,20 @@ def test_runs_take_the_least_busy_unreserved_gpu(tmp_path: Path) -> None:
     study.release_gpu(only)
     study.opts.gpus, study.opts.gpu_ids = 1, None
     assert study.acquire_gpu(job) is None  # one unnamed GPU: the default device
+
+
+def test_scratch_stage_trains_the_pruned_shape_without_a_base(tmp_path: Path) -> None:
+    study = _study(tmp_path)
+    study.opts.base_steps, study.opts.l0_steps, study.opts.ft_batch = 6, 6, 4  # what --smoke sets
+    module = sys.modules["sparsity_study"]
+    out, work = tmp_path / "out", tmp_path / "work"
+    module.main(["scratch", "collect", "--smoke", "--out", str(out), "--work", str(work)])
+    summary = json.loads((out / "summary_l0_scratch50_l0compute.json").read_text())
+    job = study.scratch_job(study.scratch_spec, with_base=False)
+    steps = int(next(o for o in job.overrides if o.startswith("--trainer.max_steps=")).split("=")[1])
+    assert summary["global_step"] == steps > 6 * 4 // 4  # more steps than the L0 run's samples: a smaller model
+    small = json.loads(study.scratch_spec.read_text())["hf_config"]["text_config"]
+    dense = json.loads((ROOT / "experiments/models/llava-test.json").read_text())["hf_config"]["text_config"]
+    assert small["hidden_size"] * small["intermediate_size"] < dense["hidden_size"] * dense["intermediate_size"]
+    assert not (work / "exports" / "dense_base").exists()  # no base was trained
+    assert "l0_scratch50_l0compute" in (out / "accuracy.csv").read_text()

@@ -1,0 +1,32 @@
+"""experiments/plugin_overhead.py: every row's plugin config is accepted and timed beside the run without it."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+from conftest import ROOT
+
+
+def _overhead_module():
+    spec = importlib.util.spec_from_file_location("plugin_overhead", ROOT / "experiments" / "plugin_overhead.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_qat_and_sparsity_rows_time_both_halves(tmp_path: Path) -> None:
+    module = _overhead_module()
+    assert {"qat_w4a8", "ramp_2of4", "l0_50_improved"} <= set(module.PLUGINS)
+    qat = module.PLUGINS["qat_w4a8"]["init_args"]
+    assert qat["weights"]["bits"] == 4 and qat["activations"]["bits"] == 8
+    assert qat["calibration_batches"] < 5  # calibrated inside the warm-up below
+    out = tmp_path / "overhead.json"
+    rows = module.main(["--smoke", "--plugins", "qat_w4a8", "ramp_2of4", "--steps", "2", "--warmup", "5",
+                        "--batch_size", "4", "--out", str(out)])
+    assert [row["plugin"] for row in rows] == ["qat_w4a8", "ramp_2of4"]
+    for row in rows:
+        assert row["step_ms_with"] > 0 and row["step_ms_without"] > 0
+        assert row["overhead"] == row["step_ms_with"] / row["step_ms_without"]
+    assert json.loads(out.read_text())["rows"] == rows
