@@ -5,6 +5,7 @@
 #   bash experiments/run_gpu_studies.sh pack results.tgz   # results, logs and export JSONs so far, one archive
 #   REUSE=experiments/results/sparsity/summaries bash experiments/run_gpu_studies.sh   # only the missing sparsity runs
 #   QUANT_STAGES="mixed qalft runtime collect" bash experiments/run_gpu_studies.sh      # some quantization stages
+#   RECIPES="256:8.0e-4 256:8.0e-4::0.3" bash experiments/run_gpu_studies.sh recipes    # only recipes, one per GPU
 #
 # 1. experiments/sparsity_study.py trains the dense base on GPU 0 (and the same-compute from-scratch baseline of the
 #    50%-pruned shape on GPU 1), then runs its sweep; each run takes the least busy unreserved GPU.
@@ -51,12 +52,6 @@ RESERVED=$WORK/reserved_gpus
 if [ "$GPUS" -ge 4 ]; then echo "$second_last $last" > "$RESERVED"; else rm -f "$RESERVED"; fi
 STUDY_GPUS=(--gpus "$GPUS" --reserved_gpus "$RESERVED")
 
-log "sparsity study: base, sweep, latency"
-$PY experiments/sparsity_study.py base sweep latency collect --out "$RES/sparsity" --work "$WORK/sparsity" \
-  --base_steps 2000 --ft_steps 500 --l0_steps 1200 --parallel "${SPARSITY_PARALLEL:-$GPUS}" "${STUDY_GPUS[@]}" \
-  > "$WORK/logs/sparsity_study.log" 2>&1 &
-sparsity=$!
-
 # name gpu batch lr [mode]: benchmark the recipe's step rate, then train for as many steps as fit $RECIPE_SECONDS
 # of training (start-up, compilation and validation take the rest of the 10 minutes), cut at 600 s like the issue's
 # budget. mode: compile (regional torch.compile) or cudagraphs (compiled, fixed shapes, CUDA graphs).
@@ -91,6 +86,23 @@ recipe() {
   log "$name rc=$? in $(( $(date +%s) - start )) s"
   cp "$WORK"/runs/"$name"/*/version_*/metrics.csv "$RES/gpu/metrics_$name.csv" 2>/dev/null || true
 }
+# RECIPES only, one per GPU (0, 1, ...), side by side: `bash experiments/run_gpu_studies.sh recipes`.
+if [ "${1:-}" = recipes ]; then
+  read -r -a recipes <<< "${RECIPES:-256:8.0e-4 256:8.0e-4::0.3}"
+  for i in "${!recipes[@]}"; do
+    IFS=: read -r batch lr mode decay <<< "${recipes[$i]}"
+    recipe "recipe_b${batch}${mode:+_$mode}${decay:+_wsd$decay}" "$i" "$batch" "$lr" "$mode" "$decay" &
+  done
+  wait
+  log "recipes done"
+  exit
+fi
+log "sparsity study: base, sweep, latency"
+$PY experiments/sparsity_study.py base sweep latency collect --out "$RES/sparsity" --work "$WORK/sparsity" \
+  --base_steps 2000 --ft_steps 500 --l0_steps 1200 --parallel "${SPARSITY_PARALLEL:-$GPUS}" "${STUDY_GPUS[@]}" \
+  > "$WORK/logs/sparsity_study.log" 2>&1 &
+sparsity=$!
+
 release() {  # gpu: the studies may use it again
   [ -f "$RESERVED" ] && echo "$(tr ' ' '\n' < "$RESERVED" | grep -vx "$1" | tr '\n' ' ')" > "$RESERVED.tmp" && mv "$RESERVED.tmp" "$RESERVED"
   log "gpu $1 released"
