@@ -6,6 +6,7 @@ on them) with one plugin configured, so both halves of a ratio share the machine
     python experiments/plugin_overhead.py --out experiments/results/sparsity/overhead.json
     python experiments/plugin_overhead.py --smoke      # tiny model on a CPU, checks the wiring
     python experiments/plugin_overhead.py --plugins qat_w4a8 --out overhead_qat.json
+    python experiments/plugin_overhead.py --plugins qat_w4a8 --compile    # both halves regionally compiled
 
 ``qat_w4a8`` is the quantization study's QAT W4A8 placement (4-bit per-channel weights, static 8-bit Linear inputs,
 per-token KV cache, projector output) with scales learned throughout the timed steps (its costliest phase).
@@ -61,6 +62,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--compile", action="store_true",
+                        help="both halves with regional torch.compile (model.compile: each transformer block, with the "
+                             "plugin's quantizers, masks and hooks inside it)")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", help="write the rows as JSON here")
     opts = parser.parse_args(argv)
@@ -71,6 +75,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
               "--config", str(ROOT / "experiments/csv_logger.yaml"), f"--data.init_args.batch_size={opts.batch_size}",
               "--steps", str(opts.steps), "--warmup", str(opts.warmup), "--new_tokens", "2", "--repeats", "1",
               "--without_plugins"]
+    if opts.compile:
+        common.append("--model.init_args.compile=true")
     if opts.smoke:
         common += ["--model.init_args.model=experiments/models/llava-test.json", "--trainer.accelerator=cpu",
                    "--trainer.precision=32-true", "--data.init_args.image_size=64", "--data.init_args.num_workers=0",
@@ -82,6 +88,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             config.write_text(yaml.safe_dump({"trainer": {"callbacks": [PLUGINS[name]]}}))
             result = bench(common + ["--config", str(config)])
             rows.append({"plugin": name, "device": result["device"], "batch_size": opts.batch_size,
+                         "compiled": opts.compile,
                          "step_ms_without": 1e3 * result["step_s_without_plugins"],
                          "step_ms_with": 1e3 * result["step_s_with_plugins"],
                          "overhead": result["plugin_overhead"], "overhead_median": result["plugin_overhead_median"]})

@@ -1,5 +1,6 @@
-"""Fake-quantization speed: the fused PyTorch kernels :class:`FakeQuantizer` trains with, against LSQ written out
-in elementwise torch operations (what a composite implementation, and this package before, runs).
+"""Fake-quantization speed: :class:`FakeQuantizer` as QAT trains with it (:class:`LSQFakeQuantize`, nothing read
+back to the host), against PyTorch's fused fake-quant kernels (which read their qparams back: a host-device sync
+on a GPU) and LSQ written out in autograd operations.
 
 Times forward + backward of one quantizer on the shapes a QAT run of the GPU base meets (per-channel and g32
 weights, per-tensor activations of a batch, dynamic per-token KV-cache activations)::
@@ -7,21 +8,22 @@ weights, per-tensor activations of a batch, dynamic per-token KV-cache activatio
     python -m plugins.quantization.bench --out fake_quant.json          # CUDA if present, else CPU
     python -m plugins.quantization.bench --device cpu --tokens 4096
 
-Prints one table: median milliseconds per forward + backward and the speed-up. Both produce the same output and
-input gradient (``tests/test_quantization.py`` checks this against a hand-written LSQ).
+Prints one table: milliseconds per forward + backward, the mean of back-to-back calls with one synchronisation at
+the end (as in a training step). All three compute the same output and input gradient (``tests/test_quantization.py``
+checks them against a hand-written LSQ).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from framework.io import atomic_write_json
 from plugins.quantization.config import QuantSpec
 from plugins.quantization.quantizer import FakeQuantizer
 
@@ -38,19 +40,18 @@ def composite_lsq(rows: torch.Tensor, scale: torch.Tensor, zero_point: torch.Ten
 
 
 def _time(fn: Any, device: torch.device, repeats: int, warmup: int) -> float:
-    """Median seconds of ``fn()``."""
+    """Mean seconds of ``fn()`` over ``repeats`` back-to-back calls, synchronised once at the end: as in a training
+    step, the host runs ahead of the GPU unless ``fn`` reads something back, so a read-back's stall is counted."""
     for _ in range(warmup):
         fn()
-    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
 
 
 def cases(hidden: int, intermediate: int, tokens: int) -> list[tuple[str, QuantSpec, tuple[int, ...]]]:
@@ -68,7 +69,8 @@ def cases(hidden: int, intermediate: int, tokens: int) -> list[tuple[str, QuantS
 
 def measure(spec: QuantSpec, shape: tuple[int, ...], device: torch.device, repeats: int,
             warmup: int) -> dict[str, Any]:
-    """Forward + backward time of one quantizer, fused and composite."""
+    """Forward + backward time of one quantizer three ways: as training runs it (:class:`FakeQuantizer`), through
+    PyTorch's fused fake-quant kernels, and as LSQ written out in autograd operations."""
     torch.manual_seed(0)
     x = torch.randn(*shape, device=device)
     static = spec.mode == "static"
@@ -79,20 +81,31 @@ def measure(spec: QuantSpec, shape: tuple[int, ...], device: torch.device, repea
     x.requires_grad_(True)
     grad = torch.randn_like(x)
     qmin, qmax = quantizer.quant_range
+    factor = 1.0 / math.sqrt(quantizer._rows(x).shape[1] * qmax)
 
-    def fused() -> None:
+    def ours() -> None:
         quantizer(x).backward(grad)
+
+    def torch_fused() -> None:
+        scale, zero_point = quantizer.qparams(x)
+        rows = quantizer._rows(x)
+        if static:
+            out = torch._fake_quantize_learnable_per_channel_affine(rows, scale.reshape(-1), zero_point.reshape(-1),
+                                                                    0, qmin, qmax, factor)
+        else:
+            out = torch.fake_quantize_per_channel_affine(rows, scale.reshape(-1), zero_point.reshape(-1).int(), 0,
+                                                         qmin, qmax)
+        out.backward(quantizer._rows(grad))
 
     def composite() -> None:
         scale, zero_point = quantizer.qparams(x)
         rows = quantizer._rows(x)
-        factor = 1.0 / math.sqrt(rows.shape[1] * qmax) if static else 0.0
-        composite_lsq(rows, scale if static else scale.detach(), zero_point, qmin, qmax, factor).backward(
-            quantizer._rows(grad))
+        composite_lsq(rows, scale if static else scale.detach(), zero_point, qmin, qmax,
+                      factor if static else 0.0).backward(quantizer._rows(grad))
 
-    fused_s = _time(fused, device, repeats, warmup)
-    composite_s = _time(composite, device, repeats, warmup)
-    return {"fused_ms": fused_s * 1e3, "composite_ms": composite_s * 1e3, "speedup": composite_s / fused_s}
+    times = {name: _time(fn, device, repeats, warmup) for name, fn in
+             (("ours", ours), ("torch_fused", torch_fused), ("composite", composite))}
+    return {f"{name}_ms": seconds * 1e3 for name, seconds in times.items()}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -111,16 +124,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows.append({"quantizer": name, "shape": list(shape),
                      **measure(spec, shape, device, opts.repeats, opts.warmup)})
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    result = {"device": name, "torch": torch.__version__, "rows": rows}
-    print(f"fake quantization, forward + backward, median ms on {name}")
-    print(f"{'quantizer':40s} {'shape':>14s} {'fused':>9s} {'composite':>10s} {'speed-up':>9s}")
+    result = {"device": name, "torch": torch.__version__, "timing": "mean of back-to-back calls, one sync at the end",
+              "rows": rows}
+    print(f"fake quantization, forward + backward, ms per call ({result['timing']}) on {name}")
+    print(f"{'quantizer':40s} {'shape':>14s} {'vlmc':>8s} {'torch fused':>12s} {'composite':>10s}")
     for row in rows:
         shape = "x".join(map(str, row["shape"]))
-        print(f"{row['quantizer']:40s} {shape:>14s} {row['fused_ms']:9.3f} {row['composite_ms']:10.3f} "
-              f"{row['speedup']:8.2f}x")
+        print(f"{row['quantizer']:40s} {shape:>14s} {row['ours_ms']:8.3f} {row['torch_fused_ms']:12.3f} "
+              f"{row['composite_ms']:10.3f}")
     if opts.out:
-        with open(opts.out, "w") as f:
-            json.dump(result, f, indent=2)
+        atomic_write_json(Path(opts.out), result)
     return result
 
 

@@ -14,9 +14,11 @@ round(min / scale)``; ranges always include 0 and scales are at least float32 ep
 The backward pass is LSQ (Esser et al. 2020): the gradient passes straight through ``round`` inside the grid and
 is zero outside it; the scale gets ``round(x/s) - x/s`` inside and ``quant_min - zero_point`` /
 ``quant_max - zero_point`` where clipped, multiplied by LSQ's gradient scale ``1 / sqrt(N * quant_max)`` (N:
-elements sharing one scale), so a scale learns at the pace of the weights whatever the tensor size. Training runs
-PyTorch's fused kernels for exactly this (``torch._fake_quantize_learnable_per_channel_affine``, over the rows that
-share a scale; ``torch.fake_quantize_per_channel_affine`` where the scale is fixed or dynamic).
+elements sharing one scale), so a scale learns at the pace of the weights whatever the tensor size.
+:class:`LSQFakeQuantize` computes both passes with no host-device synchronisation. PyTorch's fused kernels
+(``torch._fake_quantize_learnable_per_channel_affine``, ``torch.fake_quantize_per_channel_affine``) give the same
+values (tested) but read their zero points and scales back to the host to check them, several synchronisations
+per quantizer and step: on a GPU that stalled the whole QAT step (2.3x a plain step).
 """
 
 from __future__ import annotations
@@ -58,6 +60,52 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     :meth:`FakeQuantizer.fake_quant`)."""
     q = torch.clamp(torch.round(x * (1.0 / scale)) + zero_point, quant_min, quant_max)
     return (q - zero_point) * scale
+
+
+_ENABLED: dict[torch.device, torch.Tensor] = {}
+
+
+def _enabled_flag(device: torch.device) -> torch.Tensor:
+    """The ``fake_quant_enabled`` argument of PyTorch's tensor-qparams kernel, one per device (made once)."""
+    if device not in _ENABLED:
+        _ENABLED[device] = torch.ones(1, dtype=torch.long, device=device)
+    return _ENABLED[device]
+
+
+class LSQFakeQuantize(torch.autograd.Function):
+    """:func:`fake_quantize` over rows ``[rows, n]`` with LSQ's gradients for ``x`` and ``scale`` (``[rows, 1]``).
+
+    One scale (per tensor) on a GPU runs PyTorch's tensor-qparams kernel, which returns the output and the in-grid
+    mask in one pass and reads nothing back; otherwise the same arithmetic runs as a few elementwise operations. Backward
+    needs no re-quantization: with ``inside`` the mask, LSQ's local scale gradient ``round(x/s) - x/s`` (inside)
+    or ``clamped code - zero_point`` (outside) is ``(x_hat - x * inside) / s`` in both cases. Nothing is read back
+    to the host, so a step of many quantizers stays asynchronous on a GPU, and ``torch.compile`` traces it.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int,
+                quant_max: int, grad_factor: float) -> torch.Tensor:
+        # PyTorch's CPU kernel reads its qparams back (harmless there); the CUDA one reads them on the device.
+        if scale.numel() == 1 and x.is_cuda and not torch.compiler.is_compiling():
+            out, inside = torch._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
+                x, scale.reshape(1), zero_point.reshape(1).to(torch.int32), _enabled_flag(x.device), quant_min,
+                quant_max)
+        else:
+            shifted = torch.round(x * (1.0 / scale)) + zero_point
+            clamped = shifted.clamp(quant_min, quant_max)
+            out, inside = (clamped - zero_point) * scale, shifted == clamped
+        ctx.save_for_backward(x, scale, out, inside)
+        ctx.grad_factor = grad_factor
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, scale, out, inside = ctx.saved_tensors
+        grad_x = grad * inside if ctx.needs_input_grad[0] else None
+        grad_scale = None
+        if ctx.needs_input_grad[1]:
+            grad_scale = (grad * (out - x * inside)).sum(dim=1, keepdim=True) * (ctx.grad_factor / scale)
+        return grad_x, grad_scale, None, None, None, None
 
 
 def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int,
@@ -362,13 +410,9 @@ class FakeQuantizer(nn.Module):
         scale, zero_point = self.qparams(x)
         rows = self._rows(x.float())
         qmin, qmax = self.quant_range
-        # PyTorch's fused kernels: one pass forward and one backward instead of about ten elementwise ones each.
-        if self.static and self.scale.requires_grad:
-            out = torch._fake_quantize_learnable_per_channel_affine(
-                rows, scale.reshape(-1), zero_point.reshape(-1), 0, qmin, qmax, 1.0 / math.sqrt(rows.shape[1] * qmax))
-        else:
-            out = torch.fake_quantize_per_channel_affine(rows, scale.detach().reshape(-1),
-                                                         zero_point.reshape(-1).to(torch.int32), 0, qmin, qmax)
+        if not (self.static and self.scale.requires_grad):
+            scale = scale.detach()  # fixed or per-input (dynamic): only the input's gradient passes
+        out = LSQFakeQuantize.apply(rows, scale, zero_point, qmin, qmax, 1.0 / math.sqrt(rows.shape[1] * qmax))
         return out.reshape(x.shape).to(x.dtype)
 
     @torch.no_grad()
