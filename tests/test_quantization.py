@@ -221,11 +221,12 @@ def test_cuda_fake_quant_is_exact_and_never_synchronises(granularity: str) -> No
     quantizer.cuda()
     cuda_x = x.cuda().requires_grad_(True)
     quantizer(cuda_x)  # the host copy of `initialized` is read once, before the checked pass
+    cuda_grad = grad_out.cuda()  # a copy from pageable host memory synchronises: made before the check
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         out = quantizer(cuda_x)
-        out.backward(grad_out.cuda())
+        out.backward(cuda_grad)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.testing.assert_close(out.detach().cpu(), quantizer.cpu()(x).detach(), atol=0, rtol=0)

@@ -86,7 +86,8 @@ class LSQFakeQuantize(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int,
                 quant_max: int, grad_factor: float) -> torch.Tensor:
         # PyTorch's CPU kernel reads its qparams back (harmless there); the CUDA one reads them on the device.
-        if scale.numel() == 1 and x.is_cuda and not torch.compiler.is_compiling():
+        if (scale.numel() == 1 and x.is_cuda and x.dtype == scale.dtype == torch.float32
+                and not torch.compiler.is_compiling()):
             out, inside = torch._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
                 x, scale.reshape(1), zero_point.reshape(1).to(torch.int32), _enabled_flag(x.device), quant_min,
                 quant_max)
