@@ -201,12 +201,23 @@ def plain_loop_step_time(module: Any, loader: Any, steps: int, warmup: int, prec
     return statistics.median(times)
 
 
+#: Dense peak FLOP/s of GPUs Lightning's table lacks: the H200 has the H100 SXM's tensor cores (more memory only).
+EXTRA_PEAK_FLOPS = {"h200": {torch.bfloat16: 989.4e12, torch.float16: 989.4e12, "tf32": 494.7e12,
+                             torch.float32: 66.9e12}}
+
+
 def peak_flops(device: torch.device, precision: str) -> float | None:
     if device.type != "cuda":
         return None
     from lightning.fabric.utilities.throughput import get_available_flops
 
     dtype = torch.bfloat16 if "bf16" in precision else torch.float16 if "16" in precision else torch.float32
+    name = torch.cuda.get_device_name(device).lower()
+    for chip, peaks in EXTRA_PEAK_FLOPS.items():
+        if chip in name:
+            # float32 counts TF32 tensor cores where matmul precision allows them, as Lightning's table does.
+            tf32 = dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
+            return peaks["tf32" if tf32 else dtype]
     return get_available_flops(device, dtype)
 
 

@@ -201,3 +201,12 @@ def test_several_devices_get_ddp_that_tolerates_unused_parameters(tmp_path: Path
                                                                    expected: dict | None) -> None:
     cli = build(["--config", str(tiny_config(tmp_path, accelerator="cpu", logger=False, **trainer))], run=False)
     assert getattr(cli.trainer.strategy, "_ddp_kwargs", None) == expected
+
+
+def test_peak_flops_knows_the_h200(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lightning's table has no H200 (the H100 SXM's tensor cores): MFU would be missing on it."""
+    from framework.bench import peak_flops
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert peak_flops(torch.device("cuda", 0), "bf16-mixed") == pytest.approx(989.4e12)
+    assert peak_flops(torch.device("cpu"), "bf16-mixed") is None
