@@ -151,7 +151,9 @@ class VLMModule(pl.LightningModule):
     @override
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         out = self.model(**model_inputs(batch))
-        self.log("train/loss", out.loss, prog_bar=True, batch_size=batch["num_answer_tokens"])
+        # A progress-bar metric is read back to the host every step (a sync on a GPU): only when a bar shows it.
+        shown = self._trainer is not None and self._trainer.progress_bar_callback is not None
+        self.log("train/loss", out.loss, prog_bar=shown, batch_size=batch["num_answer_tokens"])
         loss = out.loss
         for plugin in find_plugins(self._trainer):
             for term, value in plugin.loss_terms(self.model, batch, out).items():
