@@ -2,7 +2,7 @@
 # Reproduces the GPU numbers of README's Results section on one CUDA GPU.
 #   bash experiments/run_gpu_results.sh bench   # throughput + MFU of the GPU base at batch $BATCHES, compiled, SmolLM2 shape
 #   bash experiments/run_gpu_results.sh train   # trains the GPU base (experiments/pretrain/gpu_base.yaml)
-#   bash experiments/run_gpu_results.sh overhead  # each plugin's training overhead + fused vs composite fake quant
+#   bash experiments/run_gpu_results.sh overhead  # each plugin's training overhead (eager, then compiled) + fake-quant bench
 #   bash experiments/run_gpu_results.sh profile   # where the step goes at batch $BATCH, eager and with CUDA graphs
 # Results land in $OUT (default experiments/results/gpu). Uses CSV logging so it runs where wandb is absent.
 set -euo pipefail
@@ -43,6 +43,9 @@ overhead)
   # Step time with each plugin / without it (random weights, batch 128), then one fake quantizer fused vs written
   # out in elementwise operations. Wants the GPU otherwise idle.
   $PY experiments/plugin_overhead.py --out "$OUT/overhead.json" 2>&1 | tail -n 12
+  # Eager, QAT's 193 quantizers and L0's mask hooks cost host time per small kernel; compiled blocks fuse them.
+  $PY experiments/plugin_overhead.py --plugins qat_w4a8 l0_50_improved ramp75_activation --compile \
+    --out "$OUT/overhead_compiled.json" 2>&1 | tail -n 6
   $PY -m plugins.quantization.bench --out "$OUT/bench_fake_quant.json" 2>&1 | tail -n 12
   ;;
 profile)
