@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import importlib
-import json
 import importlib.util
+import json
 import sys
 from argparse import Namespace
 from pathlib import Path
