@@ -157,6 +157,7 @@ class L0Pruning(CompressionPlugin):
         self.name = name
         self.step, self.stage = 0, STAGES[0]
         self.masks: L0Masks | None = None
+        self._step_sizes: tuple[torch.Tensor, torch.Tensor] | None = None
         self.full: MaskShape | None = None
         self.goal: MaskShape | None = None
         self._claims: set[str] = set()
@@ -230,8 +231,9 @@ class L0Pruning(CompressionPlugin):
         masks = self._require_masks()
         if masks.stage == "hard":
             return {}
-        expected = masks.expected_params()
-        return {"lagrangian": masks.lagrangian(expected, masks.target_params(), float(self._counts["prunable_params"]))}
+        expected, target = masks.expected_params(), masks.target_params()
+        self._step_sizes = (expected.detach(), target)  # logged after the step, not computed twice
+        return {"lagrangian": masks.lagrangian(expected, target, float(self._counts["prunable_params"]))}
 
     # ------------------------------------------------------------------ training hooks
     @override
@@ -240,6 +242,7 @@ class L0Pruning(CompressionPlugin):
         masks = self._require_masks()
         masks.step, masks.total_steps = trainer.global_step, max(1, int(trainer.estimated_stepping_batches))
         self.step, self.stage = masks.step, masks.stage
+        self._step_sizes = None
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
@@ -251,8 +254,10 @@ class L0Pruning(CompressionPlugin):
                 for kind in self.kinds:
                     getattr(masks, kind).clamp_(0.0, self.mask_config.mask_scale)
             # Tensors, not floats: logged every step without waiting for the device (see log_metric).
-            self.log_metric(pl_module, "expected_params", masks.expected_params())
-            self.log_metric(pl_module, "target_params", masks.target_params())
+            # The sizes the step's Lagrangian used; on exact masks (no Lagrangian) both are the target shape's.
+            expected, target = self._step_sizes or (masks.shape_params()[1],) * 2
+            self.log_metric(pl_module, "expected_params", expected)
+            self.log_metric(pl_module, "target_params", target)
             self.log_metric(pl_module, "lambda1", masks.lambda1)
             self.log_metric(pl_module, "lambda2", masks.lambda2)
             self.log_metric(pl_module, "stage", float(STAGES.index(masks.stage)))

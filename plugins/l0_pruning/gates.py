@@ -174,6 +174,7 @@ class L0Masks(nn.Module):
         self.lambda2 = nn.Parameter(torch.zeros(1))
         self.step, self.total_steps = 0, 1
         self.current: dict[str, torch.Tensor] = {}
+        self._shape_params: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ schedule
     @property
@@ -296,11 +297,19 @@ class L0Masks(nn.Module):
         """Expected parameter count of the text tower under ``probs`` (default :meth:`keep_probs`)."""
         return self.param_count(self.keep_probs() if probs is None else probs)
 
+    def shape_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The dense and the target shape's parameter counts (0-dim tensors on the gates' device). Exact masks of
+        the target shape count the same whichever units they keep, so both are computed once, not every step."""
+        device = self.lambda1.device
+        if self._shape_params is None or self._shape_params[0].device != device:
+            with torch.no_grad():
+                self._shape_params = (self.param_count(self.ones()), self.param_count(self.hard_masks()))
+        return self._shape_params
+
     def target_params(self) -> torch.Tensor:
         """The Lagrangian's target: the dense count moved linearly to the target shape's over the warm-up (a
         0-dim tensor on the gates' device: computing it needs no host-device sync)."""
-        full = self.param_count(self.ones()).detach()
-        final = self.param_count(self.hard_masks()).detach()
+        full, final = self.shape_params()
         return full - self.warm * (full - final)
 
     def ones(self) -> dict[str, torch.Tensor]:
