@@ -72,40 +72,51 @@ def _enabled_flag(device: torch.device) -> torch.Tensor:
     return _ENABLED[device]
 
 
+def fake_quantize_with_mask(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int,
+                            quant_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`fake_quantize` of float32 ``x`` and the mask of the values inside the grid (before clamping).
+
+    One scale on a GPU runs PyTorch's tensor-qparams kernel: both results in one pass, qparams read on the device
+    (its CPU kernel reads them back, harmless there, and compiled code takes the elementwise form).
+    """
+    if (scale.numel() == 1 and x.is_cuda and x.dtype == scale.dtype == torch.float32
+            and not torch.compiler.is_compiling()):
+        return torch._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
+            x, scale.reshape(1), zero_point.reshape(1).to(torch.int32), _enabled_flag(x.device), quant_min, quant_max)
+    shifted = torch.round(x * (1.0 / scale)) + zero_point
+    clamped = shifted.clamp(quant_min, quant_max)
+    return (clamped - zero_point) * scale, shifted == clamped
+
+
 class LSQFakeQuantize(torch.autograd.Function):
     """:func:`fake_quantize` over rows ``[rows, n]`` with LSQ's gradients for ``x`` and ``scale`` (``[rows, 1]``).
 
-    One scale (per tensor) on a GPU runs PyTorch's tensor-qparams kernel, which returns the output and the in-grid
-    mask in one pass and reads nothing back; otherwise the same arithmetic runs as a few elementwise operations. Backward
-    needs no re-quantization: with ``inside`` the mask, LSQ's local scale gradient ``round(x/s) - x/s`` (inside)
-    or ``clamped code - zero_point`` (outside) is ``(x_hat - x * inside) / s`` in both cases. Nothing is read back
-    to the host, so a step of many quantizers stays asynchronous on a GPU, and ``torch.compile`` traces it.
+    Arithmetic in float32 whatever ``x``'s dtype; the output and ``x``'s gradient come back in ``x``'s dtype. Only
+    ``x`` (as given: a bf16 activation stays bf16), ``scale`` and ``zero_point`` are kept for backward, which
+    recomputes the quantization (one kernel for one scale on a GPU). With ``inside`` the in-grid mask, LSQ's local
+    scale gradient ``round(x/s) - x/s`` (inside) or ``clamped code - zero_point`` (outside) is
+    ``(x_hat - x * inside) / s`` in both cases. Nothing is read back to the host, so a step of many quantizers
+    stays asynchronous on a GPU, and ``torch.compile`` traces it.
     """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int,
                 quant_max: int, grad_factor: float) -> torch.Tensor:
-        # PyTorch's CPU kernel reads its qparams back (harmless there); the CUDA one reads them on the device.
-        if (scale.numel() == 1 and x.is_cuda and x.dtype == scale.dtype == torch.float32
-                and not torch.compiler.is_compiling()):
-            out, inside = torch._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
-                x, scale.reshape(1), zero_point.reshape(1).to(torch.int32), _enabled_flag(x.device), quant_min,
-                quant_max)
-        else:
-            shifted = torch.round(x * (1.0 / scale)) + zero_point
-            clamped = shifted.clamp(quant_min, quant_max)
-            out, inside = (clamped - zero_point) * scale, shifted == clamped
-        ctx.save_for_backward(x, scale, out, inside)
-        ctx.grad_factor = grad_factor
-        return out
+        ctx.save_for_backward(x, scale, zero_point)
+        ctx.quant_range, ctx.grad_factor = (quant_min, quant_max), grad_factor
+        out, _ = fake_quantize_with_mask(x.float(), scale, zero_point, quant_min, quant_max)
+        return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, scale, out, inside = ctx.saved_tensors
-        grad_x = grad * inside if ctx.needs_input_grad[0] else None
+        x, scale, zero_point = ctx.saved_tensors
+        xf = x.float()
+        out, inside = fake_quantize_with_mask(xf, scale, zero_point, *ctx.quant_range)
+        grad = grad.float()
+        grad_x = (grad * inside).to(x.dtype) if ctx.needs_input_grad[0] else None
         grad_scale = None
         if ctx.needs_input_grad[1]:
-            grad_scale = (grad * (out - x * inside)).sum(dim=1, keepdim=True) * (ctx.grad_factor / scale)
+            grad_scale = (grad * (out - xf * inside)).sum(dim=1, keepdim=True) * (ctx.grad_factor / scale)
         return grad_x, grad_scale, None, None, None, None
 
 
@@ -409,12 +420,12 @@ class FakeQuantizer(nn.Module):
         """Quantize-dequantize ``x`` (float32 arithmetic, result in ``x``'s dtype) with LSQ gradients."""
         self._check_shape(x)
         scale, zero_point = self.qparams(x)
-        rows = self._rows(x.float())
+        rows = self._rows(x)
         qmin, qmax = self.quant_range
         if not (self.static and self.scale.requires_grad):
             scale = scale.detach()  # fixed or per-input (dynamic): only the input's gradient passes
         out = LSQFakeQuantize.apply(rows, scale, zero_point, qmin, qmax, 1.0 / math.sqrt(rows.shape[1] * qmax))
-        return out.reshape(x.shape).to(x.dtype)
+        return out.reshape(x.shape)
 
     @torch.no_grad()
     def codes(self, x: torch.Tensor) -> torch.Tensor:
