@@ -202,6 +202,24 @@ def test_fused_fake_quant_gradients_are_lsq(granularity: str, bits: int, symmetr
     torch.testing.assert_close(fused_scale.grad, quantizer.scale.grad.reshape(-1), rtol=1e-4, atol=1e-5)
 
 
+def test_observer_reads_its_count_back_once() -> None:
+    """Calibration folds batches in without reading the count from the device each time; a loaded count wins."""
+    x = torch.randn(16, 32)
+    quantizer = FakeQuantizer(QuantSpec(bits=8, granularity="tensor", symmetric=False))
+    quantizer.observe(x)
+    with torch.profiler.profile() as profile:
+        quantizer.observe(x * 2)
+        quantizer.observe(x * 3)
+    assert not {e.key for e in profile.key_averages()} & {"aten::item", "aten::_local_scalar_dense"}
+    assert quantizer.observed_batches == int(quantizer.obs_count) == 3
+    state = {k: v.clone() for k, v in quantizer.state_dict().items()}
+    state["obs_count"].fill_(7)
+    quantizer.load_state_dict(state)
+    assert quantizer.observed_batches == 7
+    quantizer.calibrate(x)
+    assert quantizer.observed_batches == int(quantizer.obs_count) == 1
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("granularity", ["tensor", "channel"])

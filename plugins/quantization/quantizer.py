@@ -252,6 +252,7 @@ class FakeQuantizer(nn.Module):
         # Host copy of the `initialized` buffer (None: not read yet). Reading the buffer is a host-device sync, and
         # every forward and every training step asks; the buffer stays what checkpoints save.
         self._initialized: bool | None = None
+        self._observed: int | None = None  # host copy of `obs_count`, for the same reason
         pshape = qparam_shape(spec, self.shape)
         if pshape is None and spec.mode == "static":
             raise ValueError(f"FakeQuantizer: static {spec.granularity} quantization needs the tensor's shape")
@@ -285,9 +286,18 @@ class FakeQuantizer(nn.Module):
         self.initialized.fill_(True)
         self._initialized = True
 
+    @property
+    def observed_batches(self) -> int:
+        """Batches the observer has folded in (``obs_count``, read from the device once)."""
+        if self.scale is None:
+            return 0
+        if self._observed is None:
+            self._observed = int(self.obs_count)
+        return self._observed
+
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
-        self._initialized = None  # the loaded buffer decides
+        self._initialized = self._observed = None  # the loaded buffers decide
 
     def extra_repr(self) -> str:
         s = self.spec
@@ -349,7 +359,7 @@ class FakeQuantizer(nn.Module):
             return
         low, high = self.row_ranges(self._rows(x))
         low, high = low.reshape(self.obs_min.shape), high.reshape(self.obs_max.shape)
-        count = int(self.obs_count)
+        count = self.observed_batches
         if count == 0:
             self.obs_min.copy_(low)
             self.obs_max.copy_(high)
@@ -360,6 +370,7 @@ class FakeQuantizer(nn.Module):
             self.obs_min.mul_(count / (count + 1)).add_(low / (count + 1))
             self.obs_max.mul_(count / (count + 1)).add_(high / (count + 1))
         self.obs_count += 1
+        self._observed = count + 1
 
     @torch.no_grad()
     def freeze_observer(self, reduce_max: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -376,7 +387,7 @@ class FakeQuantizer(nn.Module):
         if self.scale is None:
             self.observing = False
             return
-        if int(self.obs_count) == 0:
+        if self.observed_batches == 0:
             raise RuntimeError("FakeQuantizer.freeze_observer: nothing was observed; run calibration batches first")
         low, high = self.obs_min, self.obs_max
         if self.spec.observer == "minmax" and reduce_max is not None:
@@ -394,6 +405,7 @@ class FakeQuantizer(nn.Module):
         if self.scale is None:
             return
         self.obs_count.zero_()
+        self._observed = 0
         self.observe(x)
         self.freeze_observer()
 
