@@ -202,6 +202,30 @@ def test_fused_fake_quant_gradients_are_lsq(granularity: str, bits: int, symmetr
     torch.testing.assert_close(fused_scale.grad, quantizer.scale.grad.reshape(-1), rtol=1e-4, atol=1e-5)
 
 
+def test_activation_quantizer_recomputes_what_a_weight_quantizer_keeps() -> None:
+    """Activation quantizers (no fixed shape) keep only their input for backward and recompute the rest; weight
+    quantizers keep output and mask. Both give the same values and LSQ gradients, in the input's dtype."""
+    torch.manual_seed(0)
+    x = torch.randn(32, 40) * 2
+    spec = QuantSpec(bits=8, granularity="tensor", symmetric=False)
+    kept, recomputed = FakeQuantizer(spec, shape=x.shape), FakeQuantizer(spec)
+    grad_out = torch.randn_like(x)
+    results = []
+    for quantizer in (kept, recomputed):
+        quantizer.calibrate(x * 0.6)
+        quantizer.scale.requires_grad_(True)
+        for dtype in (torch.float32, torch.bfloat16):
+            inp = x.to(dtype).clone().requires_grad_(True)
+            out = quantizer(inp)
+            out.backward(grad_out.to(dtype))
+            assert out.dtype == inp.grad.dtype == dtype
+            results.append((out.detach(), inp.grad, quantizer.scale.grad.clone()))
+            quantizer.scale.grad = None
+    for a, b in zip(results[:2], results[2:]):
+        for left, right in zip(a, b):
+            torch.testing.assert_close(left, right, atol=0, rtol=0)
+
+
 def test_observer_reads_its_count_back_once() -> None:
     """Calibration folds batches in without reading the count from the device each time; a loaded count wins."""
     x = torch.randn(16, 32)

@@ -73,11 +73,12 @@ def _enabled_flag(device: torch.device) -> torch.Tensor:
 
 
 def fake_quantize_with_mask(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int,
-                            quant_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+                            quant_max: int, *, mask: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`fake_quantize` of float32 ``x`` and the mask of the values inside the grid (before clamping).
 
     One scale on a GPU runs PyTorch's tensor-qparams kernel: both results in one pass, qparams read on the device
-    (its CPU kernel reads them back, harmless there, and compiled code takes the elementwise form).
+    (its CPU kernel reads them back, harmless there, and compiled code takes the elementwise form). Elsewhere the
+    mask costs one more operation, skipped with ``mask=False`` (then ``None``).
     """
     if (scale.numel() == 1 and x.is_cuda and x.dtype == scale.dtype == torch.float32
             and not torch.compiler.is_compiling()):
@@ -85,39 +86,39 @@ def fake_quantize_with_mask(x: torch.Tensor, scale: torch.Tensor, zero_point: to
             x, scale.reshape(1), zero_point.reshape(1).to(torch.int32), _enabled_flag(x.device), quant_min, quant_max)
     shifted = torch.round(x * (1.0 / scale)) + zero_point
     clamped = shifted.clamp(quant_min, quant_max)
-    return (clamped - zero_point) * scale, shifted == clamped
+    return (clamped - zero_point) * scale, (shifted == clamped) if mask else None
 
 
 class LSQFakeQuantize(torch.autograd.Function):
     """:func:`fake_quantize` over rows ``[rows, n]`` with LSQ's gradients for ``x`` and ``scale`` (``[rows, 1]``).
 
-    Arithmetic in float32 whatever ``x``'s dtype; the output and ``x``'s gradient come back in ``x``'s dtype. Only
-    ``x`` (as given: a bf16 activation stays bf16), ``scale`` and ``zero_point`` are kept for backward, which
-    recomputes the quantization (one kernel for one scale on a GPU). With ``inside`` the in-grid mask, LSQ's local
-    scale gradient ``round(x/s) - x/s`` (inside) or ``clamped code - zero_point`` (outside) is
-    ``(x_hat - x * inside) / s`` in both cases. Nothing is read back to the host, so a step of many quantizers
-    stays asynchronous on a GPU, and ``torch.compile`` traces it.
+    Arithmetic in float32 whatever ``x``'s dtype; the output and ``x``'s gradient come back in ``x``'s dtype. With
+    ``inside`` the in-grid mask, LSQ's local scale gradient ``round(x/s) - x/s`` (inside) or ``clamped code -
+    zero_point`` (outside) is ``(x_hat - x * inside) / s`` in both cases. With ``keep_outputs`` (weights: as large
+    as the weight) the float output and the mask are kept for backward; otherwise (activations, whose copies would
+    cost memory per token) only ``x`` as given (a bf16 activation stays bf16), ``scale`` and ``zero_point`` are,
+    and backward recomputes the quantization (one kernel for one scale on a GPU). Nothing is read back to the
+    host, so a step of many quantizers stays asynchronous on a GPU, and ``torch.compile`` traces it.
     """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int,
-                quant_max: int, grad_factor: float) -> torch.Tensor:
-        ctx.save_for_backward(x, scale, zero_point)
-        ctx.quant_range, ctx.grad_factor = (quant_min, quant_max), grad_factor
-        out, _ = fake_quantize_with_mask(x.float(), scale, zero_point, quant_min, quant_max)
+                quant_max: int, grad_factor: float, keep_outputs: bool = False) -> torch.Tensor:
+        ctx.quant_range, ctx.grad_factor, ctx.kept = (quant_min, quant_max), grad_factor, keep_outputs
+        out, inside = fake_quantize_with_mask(x.float(), scale, zero_point, quant_min, quant_max, mask=keep_outputs)
+        ctx.save_for_backward(x, scale, zero_point, *((out, inside) if keep_outputs else ()))
         return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, scale, zero_point = ctx.saved_tensors
-        xf = x.float()
-        out, inside = fake_quantize_with_mask(xf, scale, zero_point, *ctx.quant_range)
+        x, scale, zero_point, *kept = ctx.saved_tensors
+        out, inside = kept if ctx.kept else fake_quantize_with_mask(x.float(), scale, zero_point, *ctx.quant_range)
         grad = grad.float()
         grad_x = (grad * inside).to(x.dtype) if ctx.needs_input_grad[0] else None
         grad_scale = None
         if ctx.needs_input_grad[1]:
-            grad_scale = (grad * (out - xf * inside)).sum(dim=1, keepdim=True) * (ctx.grad_factor / scale)
-        return grad_x, grad_scale, None, None, None, None
+            grad_scale = (grad * (out - x.float() * inside)).sum(dim=1, keepdim=True) * (ctx.grad_factor / scale)
+        return grad_x, grad_scale, None, None, None, None, None
 
 
 def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int,
@@ -436,7 +437,8 @@ class FakeQuantizer(nn.Module):
         qmin, qmax = self.quant_range
         if not (self.static and self.scale.requires_grad):
             scale = scale.detach()  # fixed or per-input (dynamic): only the input's gradient passes
-        out = LSQFakeQuantize.apply(rows, scale, zero_point, qmin, qmax, 1.0 / math.sqrt(rows.shape[1] * qmax))
+        out = LSQFakeQuantize.apply(rows, scale, zero_point, qmin, qmax, 1.0 / math.sqrt(rows.shape[1] * qmax),
+                                    self.shape is not None)
         return out.reshape(x.shape)
 
     @torch.no_grad()
