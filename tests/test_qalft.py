@@ -145,6 +145,78 @@ def test_bitsandbytes_base(monkeypatch: pytest.MonkeyPatch) -> None:
     assert all(p.grad is None for n, p in loaded.model.named_parameters() if ".lora_" not in n)
 
 
+def _bnb_spec(tmp_path: Path) -> Path:
+    """llava-test with a 64-wide text tower: bitsandbytes' CPU kernels need layer widths in multiples of 64."""
+    spec = json.loads((Path(FAMILY_SPECS["llava"])).read_text())
+    spec["hf_config"]["text_config"].update(hidden_size=64, intermediate_size=128, num_attention_heads=2,
+                                            num_key_value_heads=2)
+    path = tmp_path / "llava-bnb.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["bnb_nf4", "bnb_int8"])
+def test_bitsandbytes_base_fit_and_export(kind: str, tmp_path: Path) -> None:
+    """QLoRA-style: the text tower's Linears become bitsandbytes layers (on the CPU where bitsandbytes runs there),
+    only the adapters train, and the export (dequantized base + adapter) gives the trained model's outputs."""
+    bnb = pytest.importorskip("bitsandbytes")
+    spec = _bnb_spec(tmp_path)
+    cli = make_cli(tiny_config(tmp_path, spec=str(spec), max_steps=3, callbacks=[_qalft(None, base=kind, r=4,
+                                                                                          alpha=8.0)], **NO_VAL),
+                   "--model.init_args.lr=0.03")
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    model = cli.model.model
+    layer_type = bnb.nn.Linear4bit if kind == "bnb_nf4" else bnb.nn.Linear8bitLt
+    base_layers = [m for m in model.modules() if isinstance(m, layer_type)]
+    assert len(base_layers) == 2 * 7  # every Linear of both decoder layers
+    assert all(not p.requires_grad for m in base_layers for p in m.parameters())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n for n in trainable)
+    lora_b = [p for n, p in model.named_parameters() if ".lora_B." in n]
+    assert any(float(p.abs().max()) > 0 for p in lora_b), "LoRA B starts at zero: the adapters trained"
+    batch = _batch(load_vlm(str(spec)))
+    trained = _logits(model, batch)
+    main(["export", "--config", str(tmp_path / "config.yaml"), "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt"),
+          "--out", str(tmp_path / "export"), "--model.init_args.lr=0.03"])
+    exported = load_quantized_base(tmp_path / "export", encodings=None)
+    assert not any(isinstance(m, layer_type) for m in exported.model.modules())  # a plain float base on disk
+    # The base's weights are the dequantized bitsandbytes ones; bitsandbytes' own CPU matmul differs by rounding
+    # (int8 casts inputs to float16).
+    reloaded = _logits(exported.model, batch)
+    torch.testing.assert_close(reloaded, trained, atol=0.05 if kind == "bnb_int8" else 2e-3, rtol=0)
+    assert (reloaded.argmax(-1) == trained.argmax(-1)).float().mean() > 0.99
+
+
+def test_bitsandbytes_base_resumes(tmp_path: Path) -> None:
+    """A checkpoint holds the NF4 layers' quantization state; resuming checks it against the base quantized at
+    start-up and ends where the uninterrupted run ends."""
+    pytest.importorskip("bitsandbytes")
+    spec = _bnb_spec(tmp_path)
+    callbacks = [_qalft(None, base="bnb_nf4", r=4, alpha=8.0)]
+    runs = {}
+    for name in ("straight", "resumed"):
+        folder = tmp_path / name
+        folder.mkdir()
+        config = tiny_config(folder, spec=str(spec), max_steps=8, callbacks=callbacks, **NO_VAL)
+        if name == "resumed":
+            first = make_cli(config, "--model.init_args.lr=0.03")
+            first.trainer.callbacks.append(StopAt(4))
+            first.trainer.fit(first.model, datamodule=first.datamodule)
+        cli = make_cli(config, "--model.init_args.lr=0.03")
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule,
+                        ckpt_path=str(folder / "ckpt" / "epoch=0-step=4.ckpt") if name == "resumed" else None)
+        runs[name] = {k: v for k, v in model_state(cli.model).items() if ".lora_" in k}
+    assert runs["straight"] and runs["straight"].keys() == runs["resumed"].keys()
+    for key, value in runs["straight"].items():
+        torch.testing.assert_close(runs["resumed"][key], value, rtol=0, atol=1e-6, msg=key)
+    # A checkpoint of another base is refused, naming the layer.
+    other = make_cli(tiny_config(tmp_path / "straight", spec=str(spec), max_steps=8, callbacks=callbacks,
+                                 name="other.yaml", **NO_VAL), "--seed_everything=1")
+    with pytest.raises(ValueError, match=r"q_proj.*bitsandbytes NF4 state .* another base"):
+        other.trainer.fit(other.model, datamodule=other.datamodule,
+                          ckpt_path=str(tmp_path / "straight" / "ckpt" / "epoch=0-step=4.ckpt"))
+
+
 # ---------------------------------------------------------------------------------------------- layers
 def test_kv_cache_quantized_after_the_lora_sum(base_export: Path) -> None:
     loaded = load_vlm(str(base_export))

@@ -20,6 +20,7 @@ switch between them::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -227,12 +228,29 @@ def quantize_base_bnb(model: nn.Module, kind: str, targets: ModuleSelection, *, 
         if module.bias is not None:
             layer.bias = nn.Parameter(module.bias.data.clone(), requires_grad=False)
         layer = layer.to(device)  # quantizes the weight
+        if kind == "bnb_nf4":
+            layer._register_load_state_dict_pre_hook(functools.partial(_check_nf4_state, name=name), with_module=True)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
         replaced.append(name)
     if not replaced:
         raise ValueError(f"{key}_targets: no plain Linear layer among the {len(chosen)} selected modules")
     return replaced
+
+
+def _check_nf4_state(module: nn.Module, state_dict: dict, prefix: str, *args: Any, name: str) -> None:
+    """Load-time hook of a bitsandbytes NF4 layer: a checkpoint carries its quantization state (absmax, code map,
+    ...) beside the packed weight, which ``load_state_dict`` cannot put back. The layer was quantized from the same
+    float base by :func:`quantize_base_bnb`, so those entries must equal its own: then they are dropped, and a
+    checkpoint of another base fails here, naming the layer."""
+    own = module.weight.quant_state.as_dict(packed=True)
+    for key in [k for k in state_dict if k.startswith(prefix + "weight.")]:
+        field = key[len(prefix + "weight."):]
+        theirs = state_dict.pop(key)
+        mine = own.get(field)
+        if mine is None or not torch.equal(theirs.to(mine.device), mine):
+            raise ValueError(f"{name}: the checkpoint's bitsandbytes NF4 state ({field}) differs from the base "
+                             "quantized here; it was trained on another base model")
 
 
 @torch.no_grad()
