@@ -177,7 +177,7 @@ def training_flops(module: Any, batch: dict[str, Any]) -> int:
 def plain_loop_step_time(module: Any, loader: Any, steps: int, warmup: int, precision: str) -> float:
     """Median step time of a bare PyTorch loop (autocast, fused AdamW) on the same model and data: the floor a
     framework run is compared with."""
-    from framework.module import model_inputs
+    from framework.module import training_inputs
 
     device = module.device
     autocast_dtype = torch.bfloat16 if "bf16" in precision else torch.float16 if precision.startswith("16") else None
@@ -187,7 +187,7 @@ def plain_loop_step_time(module: Any, loader: Any, steps: int, warmup: int, prec
     batches = iter(loader)
     for i in range(warmup + steps):
         batch = next(batches)
-        inputs = {k: v.to(device, non_blocking=True) for k, v in model_inputs(batch).items()}
+        inputs = {k: v.to(device, non_blocking=True) for k, v in training_inputs(batch).items()}
         _sync(device)
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):

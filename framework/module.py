@@ -30,6 +30,21 @@ def model_inputs(batch: dict[str, Any], *, labels: bool = True) -> dict[str, Any
     return {k: batch[k] for k in keys if k in batch}
 
 
+def training_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """:func:`model_inputs` of a teacher-forced batch, without its attention mask.
+
+    Such batches are right-padded (:meth:`framework.processing.VLMProcessor.encode`): every real token precedes
+    the padding, so causal attention alone keeps them from seeing it, and padded positions carry no labels. Position
+    ids do not change either (LLaVA counts from 0; Qwen-VL's 3D positions run over the real tokens first). Without
+    the mask the attention layers take their causal fast path, and transformers skips the per-step check of the
+    mask, a read-back to the host (a sync on a GPU). Generation batches are left-padded and keep their mask.
+    """
+    inputs = model_inputs(batch)
+    if "labels" in inputs:
+        inputs.pop("attention_mask", None)
+    return inputs
+
+
 class VLMModule(pl.LightningModule):
     """A VLM trained on answer tokens, evaluated by generation.
 
@@ -150,7 +165,7 @@ class VLMModule(pl.LightningModule):
 
     @override
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        out = self.model(**model_inputs(batch))
+        out = self.model(**training_inputs(batch))
         # A progress-bar metric is read back to the host every step (a sync on a GPU): only when a bar shows it.
         shown = self._trainer is not None and self._trainer.progress_bar_callback is not None
         self.log("train/loss", out.loss, prog_bar=shown, batch_size=batch["num_answer_tokens"])

@@ -174,3 +174,30 @@ def test_decay_fraction_sets_the_trained_schedule(tmp_path: Path) -> None:
     # warm-up 2 steps (0.25 of 8), held at the peak until step 4, then cosine down to 0.1 of it
     assert rates[:2] == pytest.approx([peak / 2, peak]) and rates[2:5] == pytest.approx([peak] * 3)
     assert rates[5] < peak and rates[7] < rates[6] < rates[5]
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_training_batches_drop_the_padding_mask_without_changing_the_loss(family: str) -> None:
+    """Right-padded teacher-forced batches: causal attention alone hides the padding, so the loss and the logits
+    of every real token are what the masked forward gives."""
+    from conftest import FAMILY_SPECS
+
+    from framework.data.tasks import make_task
+    from framework.models import load_vlm
+    from framework.module import model_inputs, training_inputs
+    from framework.processing import VLMProcessor, family_for
+
+    loaded = load_vlm(str(FAMILY_SPECS[family]))
+    model = loaded.model.eval()
+    processor = VLMProcessor(family_for(model.config, loaded.tokenizer, loaded.image_processor), 512)
+    # A short caption beside a long card: the caption's row is mostly padding.
+    batch = processor.encode([make_task("caption", image_size=64)[0], make_task("autofill", image_size=64)[1]])
+    assert (batch["attention_mask"] == 0).any()
+    inputs = training_inputs(batch)
+    assert "attention_mask" not in inputs and "labels" in inputs
+    with torch.no_grad():
+        masked, causal = model(**model_inputs(batch)), model(**inputs)
+    torch.testing.assert_close(causal.loss, masked.loss, atol=1e-5, rtol=0)
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(causal.logits[real], masked.logits[real], atol=1e-4, rtol=0)
+    assert "attention_mask" in model_inputs(processor.encode([make_task("caption")[0]], with_answer=False))
