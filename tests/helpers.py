@@ -56,3 +56,30 @@ def make_cli(config: Path, *extra: str) -> Any:
 
 def model_state(module: Any) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.model.state_dict().items()}
+
+
+def fit_straight_and_resumed(tmp_path: Path, write_config: Any, *extra: str, stop: int = 4) -> dict[str, Any]:
+    """Fit one config twice: straight through, and stopped after ``stop`` steps then resumed from that step's
+    checkpoint (``write_config(folder)`` writes the config of a run folder). Returns the two finished CLIs."""
+    import lightning.pytorch as pl
+
+    class Stop(pl.Callback):
+        def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
+            if trainer.global_step >= stop:
+                trainer.should_stop = True
+
+    runs = {}
+    for name in ("straight", "resumed"):
+        folder = tmp_path / name
+        folder.mkdir()
+        config = write_config(folder)
+        ckpt = None
+        if name == "resumed":
+            first = make_cli(config, *extra)
+            first.trainer.callbacks.append(Stop())
+            first.trainer.fit(first.model, datamodule=first.datamodule)
+            ckpt = str(folder / "ckpt" / f"epoch=0-step={stop}.ckpt")
+        cli = make_cli(config, *extra)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
+        runs[name] = cli
+    return runs

@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from conftest import FAMILY_SPECS
-from helpers import TINY_DATA, make_cli, model_state, tiny_config
+from helpers import TINY_DATA, fit_straight_and_resumed, make_cli, model_state, tiny_config
 from test_training import StopAt
 
 from framework.cli import main
@@ -193,19 +193,10 @@ def test_bitsandbytes_base_resumes(tmp_path: Path) -> None:
     pytest.importorskip("bitsandbytes")
     spec = _bnb_spec(tmp_path)
     callbacks = [_qalft(None, base="bnb_nf4", r=4, alpha=8.0)]
-    runs = {}
-    for name in ("straight", "resumed"):
-        folder = tmp_path / name
-        folder.mkdir()
-        config = tiny_config(folder, spec=str(spec), max_steps=8, callbacks=callbacks, **NO_VAL)
-        if name == "resumed":
-            first = make_cli(config, "--model.init_args.lr=0.03")
-            first.trainer.callbacks.append(StopAt(4))
-            first.trainer.fit(first.model, datamodule=first.datamodule)
-        cli = make_cli(config, "--model.init_args.lr=0.03")
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule,
-                        ckpt_path=str(folder / "ckpt" / "epoch=0-step=4.ckpt") if name == "resumed" else None)
-        runs[name] = {k: v for k, v in model_state(cli.model).items() if ".lora_" in k}
+    finished = fit_straight_and_resumed(
+        tmp_path, lambda folder: tiny_config(folder, spec=str(spec), max_steps=8, callbacks=callbacks, **NO_VAL),
+        "--model.init_args.lr=0.03")
+    runs = {name: {k: v for k, v in model_state(cli.model).items() if ".lora_" in k} for name, cli in finished.items()}
     assert runs["straight"] and runs["straight"].keys() == runs["resumed"].keys()
     for key, value in runs["straight"].items():
         torch.testing.assert_close(runs["resumed"][key], value, rtol=0, atol=1e-6, msg=key)

@@ -31,7 +31,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from framework.io import atomic_directory, atomic_write_json
 from framework.selection import ModuleSelection
@@ -653,15 +652,3 @@ def load_quantized_base(folder: str | Path, adapters: list[str] | None = None, *
 
 
 # ---------------------------------------------------------------------------------------------- distillation
-def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None = None,
-                    temperature: float = 1.0) -> torch.Tensor:
-    """Mean over masked positions of ``KL(teacher || student)`` on temperature-softened distributions, times
-    ``temperature**2`` (Hinton et al. 2015), so its gradient keeps the scale of the task loss."""
-    t = float(temperature)
-    log_student = F.log_softmax(student_logits.float() / t, dim=-1)
-    log_teacher = F.log_softmax(teacher_logits.float() / t, dim=-1)
-    per_position = (log_teacher.exp() * (log_teacher - log_student)).sum(-1)
-    if mask is not None:
-        mask = mask.to(per_position.dtype)
-        return (per_position * mask).sum() / mask.sum().clamp(min=1.0) * t * t
-    return per_position.mean() * t * t

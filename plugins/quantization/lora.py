@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 from typing_extensions import override
 
+from framework.losses import answer_distillation_kl
 from framework.module import model_inputs
 from framework.plugin import CompressionPlugin, PluginConflictError
 from framework.selection import ModuleSelection
@@ -41,7 +42,6 @@ from plugins.quantization.adapters import (
     attach_from_encodings,
     check_adapter_name,
     dequantize_bnb,
-    distillation_kl,
     lora_config,
     quantize_base_bnb,
     read_encodings,
@@ -267,15 +267,7 @@ class QALFT(CompressionPlugin):
         task = getattr(outputs, "loss", None)
         if self.mode == "distill":
             teacher = self._teacher_logits(model, batch)
-            student = outputs.logits
-            labels = batch.get("labels")
-            if labels is not None and labels.shape == student.shape[:-1]:
-                # logits at t predict token t+1: score the positions whose next token is an answer token
-                mask = labels[:, 1:] != -100
-                kl = distillation_kl(student[:, :-1], teacher[:, :-1], mask, self.temperature)
-            else:
-                mask = batch.get("attention_mask")
-                kl = distillation_kl(student, teacher, mask, self.temperature)
+            kl = answer_distillation_kl(outputs.logits, teacher, batch, self.temperature)
             terms["distill"] = self.distill_weight * kl
             self._log("kl", kl)
         if task is not None:
