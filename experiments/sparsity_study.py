@@ -9,7 +9,8 @@
    (validated without retraining); L0 structured pruning to 50% and 90% of the text tower, improved and plain, with
    a dense fine-tune as long as the L0 runs (``dense_finetune_l0``) as their reference, and improved L0 with 20% or
    half of the run on exact masks instead of the default 80% (``l0_50_improved_hard20``, ``_hard50``,
-   ``l0_90_improved_hard20``).
+   ``l0_90_improved_hard20``); the 75% and 2:4 ramps again with distillation from the dense base
+   (``ramp75_distill``, ``ramp2of4_distill``).
 4. ``latency`` of the exported pruned models against the dense base, and ``overhead`` of each plugin in training
    (``vlmc bench --without_plugins``), both with the GPU otherwise idle.
    ``scratch`` alone runs only the from-scratch model of the 50%-pruned shape with the L0 run's compute (the
@@ -260,6 +261,13 @@ class Study:
         for name, args in RAMPS.items():
             jobs.append(Job(name, "fit", [callback("plugins.sparsity.SparsityRamp", **ramp, **args)],
                             self.from_base(o.ft_steps, o.ft_lr), export_to=self.work / "exports" / name))
+        # The ramps where captions lag most, recovering toward the dense base too (distillation on the answers).
+        teacher = callback("plugins.distillation.Distillation", teacher=str(self.base_export), weight=1.0,
+                           temperature=2.0)
+        for name in ("ramp75", "ramp2of4"):
+            jobs.append(Job(f"{name}_distill", "fit",
+                            [callback("plugins.sparsity.SparsityRamp", **ramp, **RAMPS[name]), teacher],
+                            self.from_base(o.ft_steps, o.ft_lr), export_to=self.work / "exports" / f"{name}_distill"))
         return jobs
 
     def oneshot_jobs(self) -> list[Job]:
