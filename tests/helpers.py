@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 import yaml
 
@@ -58,16 +59,20 @@ def model_state(module: Any) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.model.state_dict().items()}
 
 
+class StopAt(pl.Callback):
+    """Simulates an interruption after ``step`` optimizer steps."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
 def fit_straight_and_resumed(tmp_path: Path, write_config: Any, *extra: str, stop: int = 4) -> dict[str, Any]:
     """Fit one config twice: straight through, and stopped after ``stop`` steps then resumed from that step's
     checkpoint (``write_config(folder)`` writes the config of a run folder). Returns the two finished CLIs."""
-    import lightning.pytorch as pl
-
-    class Stop(pl.Callback):
-        def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
-            if trainer.global_step >= stop:
-                trainer.should_stop = True
-
     runs = {}
     for name in ("straight", "resumed"):
         folder = tmp_path / name
@@ -76,7 +81,7 @@ def fit_straight_and_resumed(tmp_path: Path, write_config: Any, *extra: str, sto
         ckpt = None
         if name == "resumed":
             first = make_cli(config, *extra)
-            first.trainer.callbacks.append(Stop())
+            first.trainer.callbacks.append(StopAt(stop))
             first.trainer.fit(first.model, datamodule=first.datamodule)
             ckpt = str(folder / "ckpt" / f"epoch=0-step={stop}.ckpt")
         cli = make_cli(config, *extra)

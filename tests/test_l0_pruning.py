@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FAMILY_SPECS, ROOT
-from helpers import make_cli, model_state, tiny_config
+from helpers import StopAt, make_cli, model_state, tiny_config
 
 from framework.data.tasks import make_task
 from framework.export import export_model
@@ -217,18 +217,6 @@ def test_plain_lagrangian_moves_the_expected_size_to_the_target(tmp_path: Path) 
     assert cli.trainer.callback_metrics["compression/l0_pruning/lambda1"] != 0
 
 
-class _StopAt:
-    def __init__(self, step: int) -> None:
-        import lightning.pytorch as pl
-
-        class Stop(pl.Callback):
-            def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
-                if trainer.global_step >= step:
-                    trainer.should_stop = True
-
-        self.callback = Stop()
-
-
 def test_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     callbacks = [_l0(target_fraction=0.5, alternate_every=2, hard_from=0.25, target_warmup=0.5, seed=1)]
     straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
@@ -239,7 +227,7 @@ def test_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     straight.trainer.fit(straight.model, datamodule=straight.datamodule)
 
     interrupted = make_cli(tiny_config(resumed_dir, **kwargs))
-    interrupted.trainer.callbacks.append(_StopAt(4).callback)
+    interrupted.trainer.callbacks.append(StopAt(4))
     interrupted.trainer.fit(interrupted.model, datamodule=interrupted.datamodule)
     checkpoint = resumed_dir / "ckpt" / "epoch=0-step=4.ckpt"
     state = torch.load(checkpoint, weights_only=True)["callbacks"]["L0Pruning[l0_pruning]"]

@@ -12,8 +12,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from conftest import FAMILY_SPECS
-from helpers import TINY_DATA, fit_straight_and_resumed, make_cli, model_state, tiny_config
-from test_training import StopAt
+from helpers import TINY_DATA, StopAt, fit_straight_and_resumed, make_cli, model_state, tiny_config
 
 from framework.cli import main
 from framework.data.tasks import make_task

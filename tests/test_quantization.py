@@ -9,8 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 from conftest import FAMILY_SPECS
-from helpers import make_cli, model_state, tiny_config
-from test_training import StopAt
+from helpers import StopAt, make_cli, model_state, tiny_config
 
 from framework.cli import main
 from framework.data.tasks import make_task

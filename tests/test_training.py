@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import make_cli, model_state, tiny_config
+from helpers import StopAt, make_cli, model_state, tiny_config
 
 from framework.cli import main
 
@@ -29,17 +29,6 @@ def test_fit_writes_summary_checkpoint_and_learns(tmp_path: Path, spec: str, cap
     # Loss fell from its untrained value (ln(vocab) ~ 7.6) within twelve steps.
     assert summary["metrics"]["val/loss"] < 7.35
     assert not list(tmp_path.rglob("*.tmp")), "no temporary files left behind"
-
-
-class StopAt(pl.Callback):
-    """Simulates an interruption after ``step`` optimizer steps."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
-        if trainer.global_step >= self.step:
-            trainer.should_stop = True
 
 
 ABLATION = {"class_path": "plugins.channel_ablation.ChannelAblation",
