@@ -54,11 +54,18 @@ def qparams_from_range(min_val: torch.Tensor, max_val: torch.Tensor, quant_min: 
     return scale, zero_point
 
 
+def _grid_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int,
+                quant_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``round(x * (1 / scale)) + zero_point`` before and after clamping to the grid (float, integer-valued)."""
+    shifted = torch.round(x * (1.0 / scale)) + zero_point
+    return shifted, shifted.clamp(quant_min, quant_max)
+
+
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int,
                   quant_max: int) -> torch.Tensor:
     """``(clamp(round(x / scale) + zero_point) - zero_point) * scale`` (no gradient rules; see
     :meth:`FakeQuantizer.fake_quant`)."""
-    q = torch.clamp(torch.round(x * (1.0 / scale)) + zero_point, quant_min, quant_max)
+    _, q = _grid_codes(x, scale, zero_point, quant_min, quant_max)
     return (q - zero_point) * scale
 
 
@@ -84,8 +91,7 @@ def fake_quantize_with_mask(x: torch.Tensor, scale: torch.Tensor, zero_point: to
             and not torch.compiler.is_compiling()):
         return torch._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
             x, scale.reshape(1), zero_point.reshape(1).to(torch.int32), _enabled_flag(x.device), quant_min, quant_max)
-    shifted = torch.round(x * (1.0 / scale)) + zero_point
-    clamped = shifted.clamp(quant_min, quant_max)
+    shifted, clamped = _grid_codes(x, scale, zero_point, quant_min, quant_max)
     return (clamped - zero_point) * scale, (shifted == clamped) if mask else None
 
 
@@ -124,7 +130,7 @@ class LSQFakeQuantize(torch.autograd.Function):
 def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int,
                    quant_max: int) -> torch.Tensor:
     """The integer codes ``q`` (int64) of :func:`fake_quantize`."""
-    return torch.clamp(torch.round(x.float() * (1.0 / scale)) + zero_point, quant_min, quant_max).to(torch.int64)
+    return _grid_codes(x.float(), scale, zero_point, quant_min, quant_max)[1].to(torch.int64)
 
 
 @dataclasses.dataclass(frozen=True)
