@@ -24,7 +24,9 @@ NO_VAL = {"limit_val_batches": 0}
 
 @pytest.fixture(scope="module")
 def dense(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny LLaVA exported once: the student starts from it and the teacher is it."""
+    """A tiny LLaVA exported once: the student starts from it and the teacher is it (seeded: the same model
+    whichever test runs first)."""
+    torch.manual_seed(0)
     loaded = load_vlm(str(FAMILY_SPECS["llava"]))
     return export_model(loaded.model, loaded.tokenizer, loaded.image_processor,
                         tmp_path_factory.mktemp("distill") / "dense", [])
@@ -57,17 +59,22 @@ def test_misconfiguration_fails_in_init(kwargs: dict, message: str) -> None:
 def test_teacher_problems_fail_at_start_up(tmp_path: Path) -> None:
     student = load_vlm(str(FAMILY_SPECS["llava"])).model
     with pytest.raises(FileNotFoundError, match=r"distillation.teacher: .*missing"):
-        Distillation(teacher=str(tmp_path / "missing")).transform(student)
+        Distillation(teacher=str(tmp_path / "missing")).teacher(student)
     with pytest.raises(ValueError, match=r"distillation.teacher: .* is a Qwen2VLForConditionalGeneration, the "
                                          r"student a LlavaForConditionalGeneration"):
-        Distillation(teacher=str(FAMILY_SPECS["qwen2_vl"])).transform(student)
+        Distillation(teacher=str(FAMILY_SPECS["qwen2_vl"])).teacher(student)
+    # In a run: before the first step.
+    cli = make_cli(tiny_config(tmp_path, max_steps=4, callbacks=[_distill(tmp_path / "missing")], **NO_VAL))
+    with pytest.raises(FileNotFoundError, match=r"distillation.teacher: .*missing"):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 0
 
 
 def test_term_is_zero_for_the_teacher_itself_and_positive_once_it_differs(dense: Path) -> None:
     loaded = load_vlm(str(dense))
     student = loaded.model.train()
     plugin = Distillation(teacher=str(dense), temperature=2.0)
-    plugin.transform(student)
+    plugin.teacher(student)
     parameters_before = {n for n, _ in student.named_parameters()}
     batch = _batch(loaded)
     outputs = student(**training_inputs(batch))
@@ -131,6 +138,12 @@ def test_export_holds_the_student_only(dense: Path, tmp_path: Path) -> None:
           "--out", str(tmp_path / "export")])
     manifest = json.loads((tmp_path / "export" / "vlmc_export.json").read_text())
     assert not manifest["plugins"].get("distillation", {}).get("files")  # nothing of the teacher is written
+    # Exporting needs the student only: the same run exports with its teacher gone.
+    moved = tmp_path / "config_without_teacher.yaml"
+    moved.write_text(config.read_text().replace(f"teacher: {dense}", f"teacher: {tmp_path / 'gone'}"))
+    assert str(tmp_path / "gone") in moved.read_text()
+    main(["export", "--config", str(moved), "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt"),
+          "--out", str(tmp_path / "export_again")])
     exported = load_vlm(str(tmp_path / "export")).model.state_dict()
     trained = cli.model.model.state_dict()
     assert exported.keys() == trained.keys()

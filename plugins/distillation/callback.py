@@ -19,16 +19,16 @@ class Distillation(CompressionPlugin):
 
     Args:
         teacher: the teacher model: an exported HF folder, a hub id or a tiny spec JSON (``framework.models``);
-            typically the dense model the compressed student started from. Loaded at start-up, frozen, in eval
-            mode, on the student's device; it must be the student's model class with the same vocabulary.
+            typically the dense model the compressed student started from. Loaded when training starts (export
+            and validation do not need it), frozen, in eval mode, on the student's device; it must be the student's model class with the same vocabulary.
         weight: factor of the KL term (> 0); the task loss on the labels keeps weight 1.
         temperature: softens both distributions (> 0); the term is multiplied by ``temperature**2`` so its
             gradient keeps the task loss's scale.
         name: log namespace and checkpoint key.
 
     Raises:
-        ValueError: ``weight`` or ``temperature`` not > 0, an empty ``teacher``; at start-up, a teacher that does
-            not load (naming ``teacher``), of another model class or vocabulary size.
+        ValueError: ``weight`` or ``temperature`` not > 0, an empty ``teacher``; when training starts, a teacher
+            that does not load (naming ``teacher``), of another model class or vocabulary size.
 
     Example::
 
@@ -54,12 +54,7 @@ class Distillation(CompressionPlugin):
         self._teacher: nn.Module | None = None
         self._pl_module: pl.LightningModule | None = None
 
-    # ------------------------------------------------------------------ structure
-    @override
-    def transform(self, model: nn.Module) -> None:
-        """Load the teacher now, so a wrong path or model fails at start-up (the student is not changed)."""
-        self.teacher(model)
-
+    # ------------------------------------------------------------------ the teacher
     def teacher(self, like: nn.Module) -> nn.Module:
         """The frozen teacher, loaded once and kept on ``like``'s device (not a submodule: never trained,
         checkpointed or exported with the student)."""
@@ -88,7 +83,10 @@ class Distillation(CompressionPlugin):
     # ------------------------------------------------------------------ training objective
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Loaded when training starts, so a wrong teacher fails before the first step; exporting or validating
+        # the student never needs it.
         self._pl_module = pl_module
+        self.teacher(pl_module.model)
 
     @override
     def loss_terms(self, model: nn.Module, batch: dict[str, Any], outputs: Any) -> dict[str, torch.Tensor]:
@@ -109,4 +107,4 @@ class Distillation(CompressionPlugin):
 
     @override
     def summary(self, model: nn.Module) -> dict[str, float | int | str]:
-        return {"teacher": self.teacher_source, "weight": self.weight, "temperature": self.temperature}
+        return self.config_echo()
