@@ -6,12 +6,13 @@
 #   REUSE=experiments/results/sparsity/summaries bash experiments/run_gpu_studies.sh   # only the missing sparsity runs
 #   QUANT_STAGES="mixed qalft runtime collect" bash experiments/run_gpu_studies.sh      # some quantization stages
 #   RECIPES="256:8.0e-4 256:8.0e-4::0.3" bash experiments/run_gpu_studies.sh recipes    # only recipes, one per GPU
+#   RECIPES="256:8.0e-4:::digits" ...  # with the digit-splitting tokenizer (framework/assets/tokenizer_digits.json)
 #
 # 1. experiments/sparsity_study.py trains the dense base on GPU 0 (and the same-compute from-scratch baseline of the
 #    50%-pruned shape on GPU 1), then runs its sweep; each run takes the least busy unreserved GPU.
 # 2. With four GPUs or more, the last two are reserved: 10-minute recipes for the GPU base ($RECIPES,
-#    batch:lr[:compile|:cudagraphs[:decay_fraction]] entries; a decay fraction below 1 holds the peak learning rate
-#    until the last part of training), then the throughput table (experiments/run_gpu_results.sh bench) and the training overhead of every
+#    batch:lr[:compile|:cudagraphs[:decay_fraction[:tokenizer]]] entries; a decay fraction below 1 holds the peak
+#    learning rate until the last part of training; tokenizer "digits" picks framework/assets/tokenizer_digits.json), then the throughput table (experiments/run_gpu_results.sh bench) and the training overhead of every
 #    plugin, each with its GPU otherwise idle; then the studies get them too. (The 2:4 kernel table is the sparsity
 #    study's `kernels` stage: `python experiments/sparsity_study.py kernels`.)
 # 3. Once the base is exported, experiments/quantization_study.py starts from it and shares the GPUs with the sweep.
@@ -58,12 +59,14 @@ STUDY_GPUS=(--gpus "$GPUS" --reserved_gpus "$RESERVED")
 # of training (start-up, compilation and validation take the rest of the 10 minutes), cut at 600 s like the issue's
 # budget. mode: compile (regional torch.compile) or cudagraphs (compiled, fixed shapes, CUDA graphs).
 recipe() {
-  local name=$1 gpu=$2 batch=$3 lr=$4 mode=${5:-} decay=${6:-} cfg
+  local name=$1 gpu=$2 batch=$3 lr=$4 mode=${5:-} decay=${6:-} tokenizer=${7:-} cfg
   # A mode whose benchmark fails falls back: cudagraphs -> compile -> eager (the log says which one trained).
   while :; do
     cfg=(--config experiments/pretrain/gpu_base.yaml --config experiments/csv_logger.yaml
          --data.init_args.batch_size="$batch" --model.init_args.lr="$lr" --data.init_args.num_workers=14)
     [ -n "$decay" ] && cfg+=(--model.init_args.decay_fraction="$decay")
+    # tokenizer "digits": framework/assets/tokenizer_digits.json (one token per digit)
+    [ -n "$tokenizer" ] && cfg+=(--model.init_args.tokenizer="framework/assets/tokenizer_$tokenizer.json")
     case "$mode" in
       compile) cfg+=(--model.init_args.compile=true) ;;
       cudagraphs) cfg+=(--model.init_args.compile=true --model.init_args.compile_mode=reduce-overhead
@@ -88,12 +91,18 @@ recipe() {
   log "$name rc=$? in $(( $(date +%s) - start )) s"
   cp "$WORK"/runs/"$name"/*/version_*/metrics.csv "$RES/gpu/metrics_$name.csv" 2>/dev/null || true
 }
+# entry gpu: one $RECIPES entry, batch:lr[:mode[:decay[:tokenizer]]], run on that GPU.
+recipe_entry() {
+  local batch lr mode decay tokenizer
+  IFS=: read -r batch lr mode decay tokenizer <<< "$1"
+  recipe "recipe_b${batch}${mode:+_$mode}${decay:+_wsd$decay}${tokenizer:+_$tokenizer}" "$2" "$batch" "$lr" "$mode" \
+    "$decay" "$tokenizer"
+}
 # RECIPES only, one per GPU (0, 1, ...), side by side: `bash experiments/run_gpu_studies.sh recipes`.
 if [ "${1:-}" = recipes ]; then
   read -r -a recipes <<< "${RECIPES:-256:8.0e-4 256:8.0e-4::0.3}"
   for i in "${!recipes[@]}"; do
-    IFS=: read -r batch lr mode decay <<< "${recipes[$i]}"
-    recipe "recipe_b${batch}${mode:+_$mode}${decay:+_wsd$decay}" "$i" "$batch" "$lr" "$mode" "$decay" &
+    recipe_entry "${recipes[$i]}" "$i" &
   done
   wait
   log "recipes done"
@@ -113,18 +122,16 @@ base=$WORK/sparsity/exports/dense_base
 if [ "$GPUS" -ge 4 ]; then
   # Batch 512 and 1024 (2026-11-27) did not start reading sooner: reading needs optimizer steps, so the next
   # recipes buy steps per second (CUDA graphs) at the batch that worked and at half of it.
-  read -r -a recipes <<< "${RECIPES:-256:8.0e-4:cudagraphs 128:6.0e-4:cudagraphs}"  # batch:lr[:mode[:decay]]
+  read -r -a recipes <<< "${RECIPES:-256:8.0e-4:cudagraphs 128:6.0e-4:cudagraphs}"  # batch:lr[:mode[:decay[:tokenizer]]]
   (
-    IFS=: read -r batch lr mode decay <<< "${recipes[0]}"
-    recipe "recipe_b${batch}${mode:+_$mode}${decay:+_wsd$decay}" "$second_last" "$batch" "$lr" "$mode" "$decay"
+    recipe_entry "${recipes[0]}" "$second_last"
     CUDA_VISIBLE_DEVICES=$second_last OUT=$RES/gpu BATCHES="128 256" bash experiments/run_gpu_results.sh bench > "$WORK/logs/throughput.log" 2>&1
     log "throughput rc=$?"
     release "$second_last"
   ) &
   (
     if [ ${#recipes[@]} -gt 1 ]; then
-      IFS=: read -r batch lr mode decay <<< "${recipes[1]}"
-      recipe "recipe_b${batch}${mode:+_$mode}${decay:+_wsd$decay}" "$last" "$batch" "$lr" "$mode" "$decay"
+      recipe_entry "${recipes[1]}" "$last"
     fi
     CUDA_VISIBLE_DEVICES=$last $PY experiments/plugin_overhead.py --out "$RES/sparsity/overhead.json" \
       > "$WORK/logs/overhead_sparsity.log" 2>&1
