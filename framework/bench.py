@@ -174,9 +174,10 @@ def training_flops(module: Any, batch: dict[str, Any]) -> int:
     return counter.get_total_flops()
 
 
-def plain_loop_step_time(module: Any, loader: Any, steps: int, warmup: int, precision: str) -> float:
-    """Median step time of a bare PyTorch loop (autocast, fused AdamW) on the same model and data: the floor a
-    framework run is compared with."""
+def plain_loop_step_time(module: Any, loader: Any, steps: int, warmup: int, precision: str,
+                         clip: float | None = None) -> float:
+    """Median step time of a bare PyTorch loop (autocast, fused AdamW, gradient-norm clipping at ``clip`` when
+    given, as the run's trainer does) on the same model and data: the floor a framework run is compared with."""
     from framework.module import training_inputs
 
     device = module.device
@@ -187,12 +188,15 @@ def plain_loop_step_time(module: Any, loader: Any, steps: int, warmup: int, prec
     batches = iter(loader)
     for i in range(warmup + steps):
         batch = next(batches)
-        inputs = {k: v.to(device, non_blocking=True) for k, v in training_inputs(batch).items()}
+        inputs = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+                  for k, v in training_inputs(batch).items()}
         _sync(device)
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             loss = module.model(**inputs).loss
         loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], clip, foreach=True)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         _sync(device)
@@ -330,7 +334,8 @@ def main(argv: list[str]) -> dict[str, Any]:
     achieved = flops_per_padded_token * padded_per_step / step_time
     if opts.plain:
         datamodule._next_position = 0
-        plain = plain_loop_step_time(module, datamodule.train_dataloader(), opts.steps, opts.warmup, precision)
+        plain = plain_loop_step_time(module, datamodule.train_dataloader(), opts.steps, opts.warmup, precision,
+                                     clip=cli.trainer.gradient_clip_val)
         # Both sides without data loading: the plain loop times forward, backward and optimizer only.
         results_plain = {"plain_loop_steps_per_s": 1 / plain, "framework_vs_plain_step_time": compute_time / plain}
     else:

@@ -38,10 +38,14 @@ def training_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     ids do not change either (LLaVA counts from 0; Qwen-VL's 3D positions run over the real tokens first). Without
     the mask the attention layers take their causal fast path, and transformers skips the per-step check of the
     mask, a read-back to the host (a sync on a GPU). Generation batches are left-padded and keep their mask.
+
+    ``use_cache`` is off: a teacher-forced forward is never continued, and with it on transformers fills a KV cache
+    on every step, whose per-layer index makes a compiled block recompile for each layer.
     """
     inputs = model_inputs(batch)
     if "labels" in inputs:
         inputs.pop("attention_mask", None)
+    inputs["use_cache"] = False
     return inputs
 
 
@@ -242,7 +246,7 @@ class VLMModule(pl.LightningModule):
     # ------------------------------------------------------------------ evaluation
     def _eval_step(self, batch: dict[str, Any], batch_idx: int, stage: str) -> None:
         task = batch["task"]
-        out = self.model(**model_inputs(batch))
+        out = self.model(**model_inputs(batch), use_cache=False)
         self.val_losses[task].update(out.logits, batch["labels"])
         limit = self.hparams.generate_batches
         if limit == -1 or batch_idx < limit:

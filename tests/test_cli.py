@@ -210,3 +210,24 @@ def test_peak_flops_knows_the_h200(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
     assert peak_flops(torch.device("cuda", 0), "bf16-mixed") == pytest.approx(989.4e12)
     assert peak_flops(torch.device("cpu"), "bf16-mixed") is None
+
+
+def test_plain_loop_clips_like_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bare loop `vlmc bench --plain` compares with does what the run's trainer does: it clips when told to."""
+    from helpers import make_cli
+
+    from framework.bench import plain_loop_step_time
+
+    cli = make_cli(tiny_config(tmp_path, max_steps=1, gradient_clip_val=0.5, limit_val_batches=0,
+                               val_check_interval=None))
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)  # wires the data module to the model's processor
+    calls = []
+    original = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
+                        lambda params, max_norm, **kw: calls.append(max_norm) or original(params, max_norm, **kw))
+    assert plain_loop_step_time(cli.model, cli.datamodule.train_dataloader(), 2, 1, "32-true",
+                                clip=cli.trainer.gradient_clip_val) > 0
+    assert calls == [0.5] * 3
+    calls.clear()
+    plain_loop_step_time(cli.model, cli.datamodule.train_dataloader(), 1, 0, "32-true")
+    assert not calls

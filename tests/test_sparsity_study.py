@@ -103,3 +103,34 @@ def test_scratch_stage_trains_the_pruned_shape_without_a_base(tmp_path: Path) ->
     assert small["hidden_size"] * small["intermediate_size"] < dense["hidden_size"] * dense["intermediate_size"]
     assert not (work / "exports" / "dense_base").exists()  # no base was trained
     assert "l0_scratch50_l0compute" in (out / "accuracy.csv").read_text()
+
+
+def test_distillation_from_the_dense_finetune_runs_after_it(tmp_path: Path) -> None:
+    study = _study(tmp_path)
+    jobs = {job.name: job for job in study.sweep_jobs()}
+    reference = jobs["dense_finetune"].export_to
+    for name in ("ramp75_distill_ft", "ramp2of4_distill_ft"):
+        teacher = next(c for c in jobs[name].callbacks if c["class_path"].endswith("Distillation"))
+        assert teacher["init_args"]["teacher"] == str(reference) and jobs[name].after == "dense_finetune"
+    assert jobs["ramp75_distill"].after is None  # the base is there before the sweep starts
+
+    order = []
+
+    def run(job):
+        order.append(job.name)
+        if job.name == "dense_finetune" and exports:
+            (reference / "config.json").parent.mkdir(parents=True, exist_ok=True)
+            (reference / "config.json").write_text("{}")
+        return 0
+
+    study.run = run
+    exports = True
+    codes = study.run_all(list(jobs.values()), parallel=3)
+    assert all(order.index(n) > order.index("dense_finetune") for n in ("ramp75_distill_ft", "ramp2of4_distill_ft"))
+    assert codes["ramp75_distill_ft"] == 0
+    # Without the reference's export the runs that need it are reported failed, not run.
+    (reference / "config.json").unlink()
+    order.clear()
+    exports = False
+    codes = study.run_all(list(jobs.values()), parallel=3)
+    assert "ramp75_distill_ft" not in order and codes["ramp75_distill_ft"] == 1 and codes["ramp75"] == 0

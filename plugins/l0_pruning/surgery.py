@@ -98,6 +98,15 @@ class _Hook:
 
     def __init__(self, masks: L0Masks, kind: str, index: int | None = None) -> None:
         self.masks, self.kind, self.index = masks, kind, index
+        # The layer's row of a stacked mask is picked with a tensor index: a Python int would be a constant of a
+        # compiled block's graph, so each layer would compile its own (and past eight, run eagerly).
+        self._index = None if index is None else torch.tensor(index)
+
+    def row(self, mask: torch.Tensor) -> torch.Tensor:
+        """This hook's layer's row of a stacked ``[layers, ...]`` mask."""
+        if self._index.device != mask.device:
+            self._index = self._index.to(mask.device)
+        return mask.index_select(0, self._index.reshape(1)).squeeze(0)
 
     def current(self, kind: str) -> torch.Tensor:
         # A submodule can run before the model's own pre-hook (e.g. generate embedding the prompt itself, or a
@@ -108,7 +117,7 @@ class _Hook:
 
     def mask(self) -> torch.Tensor | None:
         mask = self.current(self.kind) if self.kind in self.masks.config.kinds else None
-        return None if mask is None or self.index is None else mask[self.index]
+        return None if mask is None or self._index is None else self.row(mask)
 
 
 class _Refresh(_Hook):

@@ -256,10 +256,13 @@ class FakeQuantizer(nn.Module):
         self.shape = None if shape is None else tuple(int(d) for d in shape)
         self.enabled = True
         self.observing = False
-        # Host copy of the `initialized` buffer (None: not read yet). Reading the buffer is a host-device sync, and
-        # every forward and every training step asks; the buffer stays what checkpoints save.
-        self._initialized: bool | None = None
-        self._observed: int | None = None  # host copy of `obs_count`, for the same reason
+        # Host copy of the `initialized` buffer, which starts False and is re-read when a state dict is loaded.
+        # Reading the buffer is a host-device sync, and every forward and every training step asks; inside a
+        # compiled block it would also break the graph. The buffer stays what checkpoints save.
+        self._initialized: bool | None = False
+        # Host copy of `obs_count` (None: read it when asked). The forward never reads it: `observe` counts on the
+        # device, so a compiled block traces the observer once, not once per calibration batch.
+        self._observed: int | None = 0
         pshape = qparam_shape(spec, self.shape)
         if pshape is None and spec.mode == "static":
             raise ValueError(f"FakeQuantizer: static {spec.granularity} quantization needs the tensor's shape")
@@ -304,7 +307,11 @@ class FakeQuantizer(nn.Module):
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
-        self._initialized = self._observed = None  # the loaded buffers decide
+        # The loaded buffers decide; read them now, outside any forward (a meta tensor has no value yet).
+        initialized = getattr(self, "initialized", None)
+        self._initialized = None if initialized is not None and initialized.is_meta else (
+            initialized is not None and bool(initialized))
+        self._observed = None
 
     def extra_repr(self) -> str:
         s = self.spec
@@ -366,18 +373,18 @@ class FakeQuantizer(nn.Module):
             return
         low, high = self.row_ranges(self._rows(x))
         low, high = low.reshape(self.obs_min.shape), high.reshape(self.obs_max.shape)
-        count = self.observed_batches
-        if count == 0:
-            self.obs_min.copy_(low)
-            self.obs_max.copy_(high)
-        elif self.spec.observer == "minmax":
-            torch.minimum(self.obs_min, low, out=self.obs_min)
-            torch.maximum(self.obs_max, high, out=self.obs_max)
-        else:
-            self.obs_min.mul_(count / (count + 1)).add_(low / (count + 1))
-            self.obs_max.mul_(count / (count + 1)).add_(high / (count + 1))
+        # Counted on the device: no read-back, and one traced graph for every calibration batch.
+        count = self.obs_count.to(low.dtype)
+        first = self.obs_count == 0
+        if self.spec.observer == "minmax":
+            new_low, new_high = torch.minimum(self.obs_min, low), torch.maximum(self.obs_max, high)
+        else:  # running mean of the per-batch estimates
+            new_low = self.obs_min * (count / (count + 1)) + low / (count + 1)
+            new_high = self.obs_max * (count / (count + 1)) + high / (count + 1)
+        self.obs_min.copy_(torch.where(first, low, new_low))
+        self.obs_max.copy_(torch.where(first, high, new_high))
         self.obs_count += 1
-        self._observed = count + 1
+        self._observed = None
 
     @torch.no_grad()
     def freeze_observer(self, reduce_max: Callable[[torch.Tensor], torch.Tensor] | None = None,
