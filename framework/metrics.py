@@ -31,6 +31,7 @@ from torchmetrics import Metric
 from torchmetrics.text import CHRFScore, Perplexity, ROUGEScore
 
 __all__ = [
+    "FieldAccuracy",
     "IGNORE_INDEX",
     "OTHER_TASK_METRICS",
     "OTHER_TASK_OPTIONAL_METRICS",
@@ -255,6 +256,72 @@ class FieldExactMatch(Metric):
         if self.samples == 0:
             return torch.tensor(0.0, device=self.matches.device)
         return self.matches.float() / self.samples.float()
+
+
+class FieldAccuracy(Metric):
+    """Per-key recall of ``(key, value)`` fields, for autofill: which fields a model gets wrong.
+
+    For each key of ``keys``, the share of the target fields with that key whose value the prediction has under
+    the same key (parsing and normalisation as :class:`FieldF1`). Keys outside ``keys`` are not counted; a key no
+    target had is reported as NaN. :meth:`compute` returns ``{key: value}``.
+
+    Example:
+        >>> metric = FieldAccuracy(["name", "id"])
+        >>> metric.update(["name: ada\\nid: 123", "name: bob\\nid: 99"], [{"name": "ada", "id": "124"},
+        ...                                                                {"name": "bob", "id": "99"}])
+        >>> {k: round(v, 2) for k, v in metric.compute().items()}
+        {'name': 1.0, 'id': 0.5}
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    correct: Tensor
+    total: Tensor
+
+    def __init__(self, keys: Sequence[str] | None = None, **kwargs: Any) -> None:
+        """Creates the metric.
+
+        Args:
+            keys: Field keys to report (normalised like the fields); default: the built-in autofill task's keys,
+                ``type`` first.
+            **kwargs: Passed to :class:`torchmetrics.Metric`.
+
+        Raises:
+            ValueError: If ``keys`` is empty or has duplicates after normalisation.
+        """
+        super().__init__(**kwargs)
+        if keys is None:
+            from framework.data.tasks import CARD_TYPES
+
+            keys = ["type", *dict.fromkeys(key for fields, _ in CARD_TYPES.values() for key in fields)]
+        self.keys = [_collapse(str(key)) for key in keys]
+        if not self.keys or len(set(self.keys)) != len(self.keys):
+            raise ValueError(f"FieldAccuracy keys must be non-empty and distinct, got {list(keys)!r}")
+        self._index = {key: i for i, key in enumerate(self.keys)}
+        for name in ("correct", "total"):
+            self.add_state(name, default=torch.zeros(len(self.keys), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, preds: Sequence[str], targets: Sequence[Mapping[str, str] | str]) -> None:
+        """Accumulates one batch (see :meth:`FieldF1.update`)."""
+        _check_same_length(preds, targets, "targets")
+        correct = [0] * len(self.keys)
+        total = [0] * len(self.keys)
+        for pred, target in zip(preds, targets):
+            pred_fields = parse_fields(pred)
+            for key, value in _as_fields(target).items():
+                index = self._index.get(key)
+                if index is not None:
+                    total[index] += 1
+                    correct[index] += pred_fields.get(key) == value
+        self.correct += torch.tensor(correct, device=self.correct.device)
+        self.total += torch.tensor(total, device=self.total.device)
+
+    def compute(self) -> dict[str, float]:  # type: ignore[override]
+        """Returns ``{key: recall}`` (NaN for a key no target had)."""
+        values = self.correct.float() / self.total.float()  # 0/0 -> NaN
+        return dict(zip(self.keys, values.tolist()))
 
 
 class FactRecall(Metric):
@@ -523,12 +590,13 @@ _METRICS: dict[str, tuple[type[Metric], tuple[str, ...]]] = {
     "field_f1": (FieldF1, ("fields", "answer")),
     "exact_match": (FieldExactMatch, ("fields", "answer")),
     "fact_recall": (FactRecall, ("facts",)),
+    "fields": (FieldAccuracy, ("fields", "answer")),
     "rouge_l": (RougeL, ("answer",)),
     "chrf": (CHRFScore, ("answer",)),
 }
 
 TASK_METRICS: dict[str, tuple[str, ...]] = {
-    "autofill": ("field_f1", "exact_match"),
+    "autofill": ("field_f1", "exact_match", "fields"),
     "caption": ("fact_recall", "rouge_l"),
     "longcall": ("fact_recall", "rouge_l"),
 }
@@ -549,7 +617,8 @@ class TaskMetrics(nn.Module):
     ========== ========================================================================================
     task       metrics (names of :meth:`compute`'s keys)
     ========== ========================================================================================
-    autofill   ``field_f1``, ``exact_match`` (reference: ``fields``, else ``answer`` parsed as fields)
+    autofill   ``field_f1``, ``exact_match``, ``fields/<key>`` (:class:`FieldAccuracy`, one per field key;
+               reference: ``fields``, else ``answer`` parsed as fields)
     caption    ``fact_recall`` (``facts``), ``rouge_l`` (``answer``)
     longcall   ``fact_recall`` (``facts``), ``rouge_l`` (``answer``)
     other      ``rouge_l``, ``chrf`` (``answer``); plus ``field_f1`` / ``fact_recall`` on the samples that
@@ -563,8 +632,9 @@ class TaskMetrics(nn.Module):
     Example:
         >>> metrics = TaskMetrics("autofill")
         >>> metrics.update(["name: Ada\\ncity: Paris"], [{"fields": {"name": "Ada", "city": "Paris"}}])
-        >>> metrics.compute()
-        {'field_f1': 1.0, 'exact_match': 1.0}
+        >>> values = metrics.compute()
+        >>> values["field_f1"], values["exact_match"], values["fields/name"], values["fields/city"]
+        (1.0, 1.0, 1.0, 1.0)
     """
 
     def __init__(self, task: str) -> None:
@@ -594,7 +664,8 @@ class TaskMetrics(nn.Module):
 
     @property
     def names(self) -> tuple[str, ...]:
-        """Names :meth:`compute` always returns (optional ones come after them when present)."""
+        """The task's metrics (optional ones come after them when present); a per-key metric (``fields``)
+        reports one value per key, as ``fields/<key>``."""
         return tuple(name for name in self.metrics if name not in self._optional)
 
     def update(self, preds: Sequence[str], samples_meta: Sequence[Mapping[str, Any]]) -> None:
@@ -635,7 +706,10 @@ class TaskMetrics(nn.Module):
         """Returns ``{metric name: value}`` over everything seen since the last reset (synced across ranks)."""
         results: dict[str, float] = {}
         for name, metric in self.metrics.items():
-            if name not in self._optional:
+            if isinstance(metric, FieldAccuracy):  # one value per key; keys no sample had stay out
+                results.update((f"{name}/{key}", value) for key, value in metric.compute().items()
+                               if value == value)
+            elif name not in self._optional:
                 results[name] = float(metric.compute())
             elif _global_sample_count(metric) > 0:
                 with warnings.catch_warnings():  # this rank may have seen none of the samples

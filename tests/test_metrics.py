@@ -339,7 +339,7 @@ def test_task_metrics_sync_over_two_ranks() -> None:
 
 def test_task_metrics_autofill() -> None:
     metrics = TaskMetrics("autofill")
-    assert metrics.names == ("field_f1", "exact_match") and not metrics.update_called
+    assert metrics.names == ("field_f1", "exact_match", "fields") and not metrics.update_called
     metrics.update(
         ["type: id card\nname: anna lee", "type: bank card\nnumber: 1234"],
         [
@@ -349,7 +349,28 @@ def test_task_metrics_autofill() -> None:
     )
     # TP = 1 + 2 = 3, predicted = 2 + 2 = 4, target = 2 + 2 = 4 -> F1 = 2 * 3 / 8 = 3/4. Exact: 1 of 2.
     assert metrics.update_called
-    assert metrics.compute() == pytest.approx({"field_f1": 3 / 4, "exact_match": 1 / 2})
+    # Per key: type 2 of 2, name 0 of 1 (anna lee vs ann), number 1 of 1; keys no target had are left out.
+    assert metrics.compute() == pytest.approx({"field_f1": 3 / 4, "exact_match": 1 / 2, "fields/type": 1.0,
+                                               "fields/name": 0.0, "fields/number": 1.0})
+
+
+def test_field_accuracy_by_hand() -> None:
+    from framework.metrics import FieldAccuracy
+
+    metric = FieldAccuracy()
+    assert metric.keys == ["type", "name", "id", "birth", "city", "number", "expiry", "company", "phone"]
+    metric.update(["type: id card\nname: Anna  Lee\nid: 12345678\nbirth: 1990-01-02\ncity: oslo",
+                   "type: bank card\nname: bo wu\nnumber: 1234 5678"],
+                  [{"type": "id card", "name": "anna lee", "id": "12345679", "birth": "1990-01-02", "city": "rome"},
+                   "type: bank card\nname: bo wu\nnumber: 1234 5678\nexpiry: 2030-01\nextra: x"])
+    values = metric.compute()
+    # type 2/2, name 2/2 (whitespace and case normalised), id 0/1, birth 1/1, city 0/1, number 1/1, expiry 0/1
+    # (not predicted); company and phone: no target had them; "extra" is not a reported key.
+    expected = {"type": 1.0, "name": 1.0, "id": 0.0, "birth": 1.0, "city": 0.0, "number": 1.0, "expiry": 0.0}
+    assert {k: v for k, v in values.items() if v == v} == expected
+    assert math.isnan(values["company"]) and math.isnan(values["phone"])
+    with pytest.raises(ValueError, match="non-empty and distinct"):
+        FieldAccuracy(["a", "A "])
 
 
 @pytest.mark.parametrize("task", ["caption", "longcall"])
@@ -426,3 +447,11 @@ def test_task_metrics_live_in_a_module_dict() -> None:
     assert not any(metrics.update_called for metrics in holder.values())
     holder.to(torch.float64)  # moving the holder moves (and keeps) every metric
     assert isinstance(holder["caption"].metrics["fact_recall"], FactRecall)
+
+
+def test_docstring_examples() -> None:
+    import doctest
+
+    import framework.metrics
+
+    assert doctest.testmod(framework.metrics).failed == 0

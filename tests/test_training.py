@@ -23,8 +23,9 @@ def test_fit_writes_summary_checkpoint_and_learns(tmp_path: Path, spec: str, cap
     summary = json.loads(summary_path.read_text())
     assert summary["global_step"] == 12 and summary["eval_step"] == 12
     for key in ("val/autofill/field_f1", "val/autofill/exact_match", "val/caption/fact_recall",
-                "val/caption/rouge_l", "val/caption/loss", "val/caption/ppl"):
+                "val/caption/rouge_l", "val/caption/loss", "val/caption/ppl", "val/autofill/fields/type"):
         assert key in summary["metrics"]
+    assert "fields/type" not in out  # per-field values go to the summary and logs, not the printed table
     assert (tmp_path / "ckpt" / "last.ckpt").is_file()
     # Loss fell from its untrained value (ln(vocab) ~ 7.6) within twelve steps.
     assert summary["metrics"]["val/loss"] < 7.35
