@@ -4,6 +4,7 @@
 #   WORK=/tmp/vlmc_studies bash experiments/run_gpu_studies.sh
 #   bash experiments/run_gpu_studies.sh pack results.tgz   # results, logs and export JSONs so far, one archive
 #   REUSE=experiments/results/sparsity/summaries bash experiments/run_gpu_studies.sh   # only the missing sparsity runs
+#   REUSE=... RERUN="dense_finetune ramp75 ramp2of4" bash experiments/run_gpu_studies.sh   # and these again
 #   QUANT_STAGES="mixed qalft runtime collect" bash experiments/run_gpu_studies.sh      # some quantization stages
 #   RECIPES="256:8.0e-4 256:8.0e-4::0.3" bash experiments/run_gpu_studies.sh recipes    # only recipes, one per GPU
 #   RECIPES="256:8.0e-4:::digits" ...  # with the digit-splitting tokenizer (framework/assets/tokenizer_digits.json)
@@ -40,9 +41,12 @@ log() { echo "[$(date +%T)] $*" | tee -a "$WORK/driver.log"; }
 
 # REUSE=experiments/results/sparsity/summaries: runs with a committed summary are not run again (the base always is:
 # the sweep needs its export). Studies are deterministic on one GPU type: a re-run reproduced every metric.
+# RERUN="dense_finetune ramp75 ...": runs whose committed summaries are not reused (e.g. the references of new runs,
+# which must start from the same, re-trained base).
 if [ -n "${REUSE:-}" ]; then
   for f in "$REUSE"/summary_*.json; do
-    case "$(basename "$f")" in summary_dense_base.json) ;; *) cp "$f" "$RES/sparsity/" ;; esac
+    run=$(basename "$f" .json); run=${run#summary_}
+    case " dense_base ${RERUN:-} " in *" $run "*) ;; *) cp "$f" "$RES/sparsity/" ;; esac
   done
 fi
 # The last two GPUs (of four or more) first serve the framework's own measurements: each 10-minute base recipe
