@@ -8,13 +8,16 @@
 #   QUANT_STAGES="mixed qalft runtime collect" bash experiments/run_gpu_studies.sh      # some quantization stages
 #   RECIPES="256:8.0e-4 256:8.0e-4::0.3" bash experiments/run_gpu_studies.sh recipes    # only recipes, one per GPU
 #   RECIPES="256:8.0e-4:::digits" ...  # with the digit-splitting tokenizer (framework/assets/tokenizer_digits.json)
+#   RECIPES="256:8.0e-4::::vision_tower=3" ...  # model.lr_multipliers: the vision tower at 3x the learning rate
 #
 # 1. experiments/sparsity_study.py trains the dense base on GPU 0 (and the same-compute from-scratch baseline of the
 #    50%-pruned shape on GPU 1), then runs its sweep; each run takes the least busy unreserved GPU.
 # 2. With four GPUs or more, the last two are reserved: 10-minute recipes for the GPU base ($RECIPES,
-#    batch:lr[:compile|:cudagraphs[:decay_fraction[:tokenizer]]] entries; a decay fraction below 1 holds the peak
-#    learning rate until the last part of training; tokenizer "digits" picks framework/assets/tokenizer_digits.json), then the throughput table (experiments/run_gpu_results.sh bench) and the training overhead of every
-#    plugin, each with its GPU otherwise idle; then the studies get them too. (The 2:4 kernel table is the sparsity
+#    batch:lr[:compile|:cudagraphs[:decay_fraction[:tokenizer[:multipliers]]]] entries; a decay fraction below 1
+#    holds the peak learning rate until the last part of training; tokenizer "digits" picks
+#    framework/assets/tokenizer_digits.json; multipliers "regex=factor,..." set model.lr_multipliers), then the
+#    throughput table (experiments/run_gpu_results.sh bench) and the training overhead of every plugin, each with
+#    its GPU otherwise idle; then the studies get them too. (The 2:4 kernel table is the sparsity
 #    study's `kernels` stage: `python experiments/sparsity_study.py kernels`.)
 # 3. Once the base is exported, experiments/quantization_study.py starts from it and shares the GPUs with the sweep.
 # With fewer GPUs the overheads come last, after both studies.
@@ -63,7 +66,7 @@ STUDY_GPUS=(--gpus "$GPUS" --reserved_gpus "$RESERVED")
 # of training (start-up, compilation and validation take the rest of the 10 minutes), cut at 600 s like the issue's
 # budget. mode: compile (regional torch.compile) or cudagraphs (compiled, fixed shapes, CUDA graphs).
 recipe() {
-  local name=$1 gpu=$2 batch=$3 lr=$4 mode=${5:-} decay=${6:-} tokenizer=${7:-} cfg
+  local name=$1 gpu=$2 batch=$3 lr=$4 mode=${5:-} decay=${6:-} tokenizer=${7:-} multipliers=${8:-} cfg
   # A mode whose benchmark fails falls back: cudagraphs -> compile -> eager (the log says which one trained).
   while :; do
     cfg=(--config experiments/pretrain/gpu_base.yaml --config experiments/csv_logger.yaml
@@ -71,6 +74,8 @@ recipe() {
     [ -n "$decay" ] && cfg+=(--model.init_args.decay_fraction="$decay")
     # tokenizer "digits": framework/assets/tokenizer_digits.json (one token per digit)
     [ -n "$tokenizer" ] && cfg+=(--model.init_args.tokenizer="framework/assets/tokenizer_$tokenizer.json")
+    # multipliers "vision_tower=3,multi_modal_projector=2": model.lr_multipliers
+    [ -n "$multipliers" ] && cfg+=(--model.init_args.lr_multipliers="$($PY -c "import json,sys; print(json.dumps({k: float(v) for k, v in (p.split('=') for p in sys.argv[1].split(','))}))" "$multipliers")")
     case "$mode" in
       compile) cfg+=(--model.init_args.compile=true) ;;
       cudagraphs) cfg+=(--model.init_args.compile=true --model.init_args.compile_mode=reduce-overhead
@@ -95,12 +100,12 @@ recipe() {
   log "$name rc=$? in $(( $(date +%s) - start )) s"
   cp "$WORK"/runs/"$name"/*/version_*/metrics.csv "$RES/gpu/metrics_$name.csv" 2>/dev/null || true
 }
-# entry gpu: one $RECIPES entry, batch:lr[:mode[:decay[:tokenizer]]], run on that GPU.
+# entry gpu: one $RECIPES entry, batch:lr[:mode[:decay[:tokenizer[:multipliers]]]], run on that GPU.
 recipe_entry() {
-  local batch lr mode decay tokenizer
-  IFS=: read -r batch lr mode decay tokenizer <<< "$1"
-  recipe "recipe_b${batch}${mode:+_$mode}${decay:+_wsd$decay}${tokenizer:+_$tokenizer}" "$2" "$batch" "$lr" "$mode" \
-    "$decay" "$tokenizer"
+  local batch lr mode decay tokenizer multipliers
+  IFS=: read -r batch lr mode decay tokenizer multipliers <<< "$1"
+  recipe "recipe_b${batch}${mode:+_$mode}${decay:+_wsd$decay}${tokenizer:+_$tokenizer}${multipliers:+_lr${multipliers//[=,]/_}}" \
+    "$2" "$batch" "$lr" "$mode" "$decay" "$tokenizer" "$multipliers"
 }
 # RECIPES only, one per GPU (0, 1, ...), side by side: `bash experiments/run_gpu_studies.sh recipes`.
 if [ "${1:-}" = recipes ]; then

@@ -8,6 +8,7 @@ task metrics, and hands the model to every compression plugin in ``configure_mod
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import lightning.pytorch as pl
@@ -66,6 +67,9 @@ class VLMModule(pl.LightningModule):
         min_lr_ratio: final learning rate of the cosine decay, as a fraction of ``lr``.
         decay_fraction: share of training, at its end, over which the cosine decay runs; until then the learning
             rate stays at ``lr`` after warm-up (warmup-stable-decay). 1.0: decay from the end of warm-up on.
+        lr_multipliers: ``{regex: factor}``: parameters whose qualified name matches a regex (``re.search``, the
+            first match in order wins) train at ``factor * lr`` on the same schedule, e.g. ``{vision_tower: 3.0}``.
+            Plugins' own parameter groups keep their rates.
         max_new_tokens: generation length during validation.
         generate_batches: validation batches per task that are also scored by generation (-1: all).
         max_length: default longest sequence when no datamodule sets it.
@@ -95,6 +99,7 @@ class VLMModule(pl.LightningModule):
         warmup_fraction: float = 0.05,
         min_lr_ratio: float = 0.1,
         decay_fraction: float = 1.0,
+        lr_multipliers: dict[str, float] | None = None,
         max_new_tokens: int = 64,
         generate_batches: int = 1,
         max_length: int = 512,
@@ -110,6 +115,17 @@ class VLMModule(pl.LightningModule):
             raise ValueError(f"model.min_lr_ratio: must be in [0, 1], got {min_lr_ratio}")
         if not 0 < decay_fraction <= 1:
             raise ValueError(f"model.decay_fraction: must be in (0, 1], got {decay_fraction}")
+        self._lr_multipliers = []
+        for pattern, factor in (lr_multipliers or {}).items():
+            try:
+                compiled = re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"model.lr_multipliers: {pattern!r} is not a valid regex ({err})") from err
+            if isinstance(factor, bool) or not isinstance(factor, (int, float)) \
+                    or not (factor > 0 and math.isfinite(factor)):
+                raise ValueError(f"model.lr_multipliers: the factor of {pattern!r} must be a positive number, "
+                                 f"got {factor!r}")
+            self._lr_multipliers.append((pattern, compiled, float(factor)))
         if max_new_tokens < 1:
             raise ValueError(f"model.max_new_tokens: must be >= 1, got {max_new_tokens}")
         if compile_mode not in COMPILE_MODES:
@@ -192,16 +208,29 @@ class VLMModule(pl.LightningModule):
                     raise ValueError(f"{plugin.name}: param_groups() lists parameters another plugin already owns")
                 owned.update(id(p) for p in params)
                 plugin_groups.append({"weight_decay": 0.0, **group, "params": params})
-        decay, no_decay = [], []
+        # (decayed?, lr factor) -> parameters. Norms, biases and embeddings are not decayed (the usual recipe).
+        buckets: dict[tuple[bool, float], list[torch.nn.Parameter]] = {}
+        matched = {pattern: 0 for pattern, _, _ in self._lr_multipliers}
         for name, param in self.model.named_parameters():
             if not param.requires_grad or id(param) in owned:
                 continue
-            # Norms, biases and embeddings are not decayed (the usual transformer recipe).
-            (no_decay if param.ndim < 2 or "embed" in name or "norm" in name else decay).append(param)
-        if not decay and not no_decay and not plugin_groups:
+            factor = 1.0
+            for pattern, regex, pattern_factor in self._lr_multipliers:
+                if regex.search(name):
+                    factor, matched[pattern] = pattern_factor, matched[pattern] + 1
+                    break
+            decayed = not (param.ndim < 2 or "embed" in name or "norm" in name)
+            buckets.setdefault((decayed, factor), []).append(param)
+        unmatched = [pattern for pattern, count in matched.items() if count == 0]
+        if unmatched:
+            raise ValueError(f"model.lr_multipliers: {unmatched} match no trainable parameter of the model "
+                             "(patterns are searched in qualified names such as 'model.vision_tower.…')")
+        if not buckets and not plugin_groups:
             raise ValueError("no trainable parameters: every parameter is frozen by the configured plugins")
-        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        groups = [g for g in groups if g["params"]] + [g for g in plugin_groups if g["params"]]
+        groups = [{"params": params, "weight_decay": hp.weight_decay if decayed else 0.0,
+                   **({"lr": hp.lr * factor} if factor != 1.0 else {})}
+                  for (decayed, factor), params in sorted(buckets.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
+        groups += [g for g in plugin_groups if g["params"]]
         scheduled = [g.pop("lr_schedule", True) for g in groups]
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas),
                                       fused=self._fused_optimizer(bool(plugin_groups)))

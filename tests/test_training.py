@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import StopAt, make_cli, model_state, tiny_config
+from helpers import StopAt, fit_straight_and_resumed, make_cli, model_state, tiny_config
 
 from framework.cli import main
 
@@ -191,3 +191,45 @@ def test_training_batches_drop_the_padding_mask_without_changing_the_loss(family
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(causal.logits[real], masked.logits[real], atol=1e-4, rtol=0)
     assert "attention_mask" in model_inputs(processor.encode([make_task("caption")[0]], with_answer=False))
+
+
+def test_lr_multipliers_scale_matching_parameters(tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, max_steps=3, limit_val_batches=0, val_check_interval=None)
+    cli = make_cli(config, '--model.init_args.lr_multipliers={"vision_tower": 3.0, "lm_head|embed": 0.5}')
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    optimizer = cli.trainer.optimizers[0]
+    owner = {id(p): name for name, p in cli.model.model.named_parameters()}
+    base = cli.model.hparams.lr * optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["initial_lr"]
+    seen = set()
+    for group in optimizer.param_groups:
+        names = [owner[id(p)] for p in group["params"]]
+        factor = 3.0 if "vision_tower" in names[0] else 0.5 if ("lm_head" in names[0] or "embed" in names[0]) else 1.0
+        assert all((3.0 if "vision_tower" in n else 0.5 if ("lm_head" in n or "embed" in n) else 1.0) == factor
+                   for n in names)
+        assert group["initial_lr"] == pytest.approx(cli.model.hparams.lr * factor)
+        assert group["lr"] == pytest.approx(base * factor)  # the same schedule for every group
+        seen.add(factor)
+        assert group["weight_decay"] in (0.0, cli.model.hparams.weight_decay)
+    assert seen == {0.5, 1.0, 3.0}
+
+
+def test_lr_multipliers_are_checked(tmp_path: Path) -> None:
+    from framework.module import VLMModule
+
+    with pytest.raises(ValueError, match=r"model.lr_multipliers: '\(' is not a valid regex"):
+        VLMModule(model="experiments/models/llava-test.json", lr_multipliers={"(": 2.0})
+    with pytest.raises(ValueError, match=r"the factor of 'vision' must be a positive number, got 0"):
+        VLMModule(model="experiments/models/llava-test.json", lr_multipliers={"vision": 0})
+    cli = make_cli(tiny_config(tmp_path, max_steps=1, limit_val_batches=0, val_check_interval=None),
+                   '--model.init_args.lr_multipliers={"no_such_module": 2.0}')
+    with pytest.raises(ValueError, match=r"\['no_such_module'\] match no trainable parameter"):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+
+
+def test_lr_multipliers_resume_like_an_uninterrupted_run(tmp_path: Path) -> None:
+    runs = fit_straight_and_resumed(
+        tmp_path, lambda folder: tiny_config(folder, max_steps=8, limit_val_batches=0, val_check_interval=None),
+        '--model.init_args.lr_multipliers={"vision_tower": 3.0}')
+    straight, resumed = (model_state(runs[name].model) for name in ("straight", "resumed"))
+    for key, value in straight.items():
+        torch.testing.assert_close(resumed[key], value, rtol=0, atol=0, msg=key)
