@@ -293,7 +293,7 @@ class QuantizedModules(CompressionPlugin):
         off, or the ``float_reference`` model (for QAT, whose weights moved away from the float model's)."""
         if not any(q.enabled for q in self.quantizers.values()) or "labels" not in batch:
             return
-        model, inputs = pl_module.model, model_inputs(batch, labels=False)
+        model, inputs = pl_module.model, {**model_inputs(batch, labels=False), "use_cache": False}
         # The model runs outside the trainer's forward: under FSDP it needs its whole parameters.
         with full_parameters(trainer), trainer.precision_plugin.forward_context():
             quantized = model(**inputs).logits

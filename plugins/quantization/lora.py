@@ -256,7 +256,7 @@ class QALFT(CompressionPlugin):
         model.eval()
         try:
             with torch.no_grad(), quantization_disabled(model), adapters_disabled(model):
-                return model(**model_inputs(batch, labels=False)).logits
+                return model(**model_inputs(batch, labels=False), use_cache=False).logits
         finally:
             for module, training in modes:
                 module.training = training

@@ -133,7 +133,7 @@ class PostTrainingQuantization(QuantizedModules):
                 for index, batch in enumerate(datamodule.train_dataloader()):
                     if index >= self.calibration_batches:
                         break
-                    model(**model_inputs(move_data_to_device(batch, pl_module.device), labels=False))
+                    model(**model_inputs(move_data_to_device(batch, pl_module.device), labels=False), use_cache=False)
             freeze_observers(pending)
         finally:
             for module, mode in modes.items():

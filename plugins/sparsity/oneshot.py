@@ -112,7 +112,7 @@ class OneShotPruning(MaskedLinears):
                     if index >= self.calibration_batches:
                         break
                     batch = move_data_to_device(batch, pl_module.device)
-                    model(**model_inputs(batch, labels=False))
+                    model(**model_inputs(batch, labels=False), use_cache=False)
             fold_stats(layers, lambda t: trainer.strategy.reduce(t, reduce_op="sum"))
             result = {name: getattr(layer, SQ_MEAN_BUFFER).clone() for name, layer in self.layers.items()}
         finally:
