@@ -4,8 +4,9 @@ Trained in about a second on text from the built-in tasks plus the printable ASC
 tokenize (byte-level BPE never produces unknown tokens). Rebuild with ``python -m framework.tokenizer``.
 
 A second variant splits every digit into a token of its own (as LLaMA's and Qwen's tokenizers do), so a number is
-written digit by digit instead of in BPE chunks whose boundaries depend on the digits ("2661" -> "2", "66", "1").
-Models that must read numbers off images learn that faster. Rebuild it with
+written digit by digit instead of in BPE chunks whose boundaries depend on the digits ("2661" -> "2", "66", "1"),
+which aligns reading a digit off an image with emitting its token. On the GPU base it did not speed up reading (one
+seed each, experiments/results/README.md), so the default stays. Rebuild it with
 ``python -m framework.tokenizer --split_digits``; a config selects it with ``model.tokenizer``.
 """
 
@@ -68,7 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description="Rebuild the shipped tokenizer.")
-    parser.add_argument("--split_digits", action="store_true", help=f"build the digit-splitting variant ({DIGITS_TOKENIZER.name})")
+    parser.add_argument("--split_digits", action="store_true",
+                        help=f"build the digit-splitting variant ({DIGITS_TOKENIZER.name})")
     parser.add_argument("--out", type=Path, default=None, help="output file (default: the shipped asset)")
     args = parser.parse_args(argv)
     path = args.out or (DIGITS_TOKENIZER if args.split_digits else SHIPPED_TOKENIZER)
