@@ -299,3 +299,40 @@ def test_fraction_shapes_keep_hidden_a_multiple_of_heads(tmp_path: Path) -> None
     text = json.loads(out.read_text())["hf_config"]["text_config"]
     assert text["hidden_size"] % text["num_attention_heads"] == 0
     assert load_vlm(str(out)).model.config.text_config.hidden_size == text["hidden_size"]  # builds
+
+
+def test_model_pre_hook_places_every_layer_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The per-layer hooks pick their mask row with a tensor index, which the model's (eager) pre-hook keeps on the
+    masks' device, so a compiled block never creates one; a deep copy keeps the wiring to its own hooks."""
+    from plugins.l0_pruning.surgery import _Refresh
+
+    loaded = load_vlm(str(FAMILY_SPECS["llava"]))
+    model = loaded.model.eval()
+    L0Pruning(target_shape=ALL_KINDS_SHAPE, seed=3).transform(model)
+
+    def wiring(m: torch.nn.Module) -> tuple[_Refresh, set[int]]:
+        refresh = next(h for h in m._forward_pre_hooks.values() if isinstance(h, _Refresh))
+        indexed = {id(h) for module in m.modules()
+                   for h in (*module._forward_hooks.values(), *module._forward_pre_hooks.values())
+                   if getattr(h, "_index", None) is not None}
+        return refresh, indexed
+
+    refresh, indexed = wiring(model)
+    assert indexed and {id(h) for h in refresh.layer_hooks} == indexed
+    layers = model.model.language_model.layers
+    assert [int(h._index) for h in refresh.layer_hooks if h.kind == "heads"] == list(range(len(layers)))
+    copied = copy.deepcopy(model)
+    copied_refresh, copied_indexed = wiring(copied)
+    assert {id(h) for h in copied_refresh.layer_hooks} == copied_indexed and not copied_indexed & indexed
+    # Every layer hook is placed by the model's pre-hook before the first block reads a mask row.
+    from plugins.l0_pruning import surgery
+
+    events = []
+    place, row = surgery._Hook.place, surgery._Hook.row
+    monkeypatch.setattr(surgery._Hook, "place", lambda self, device: events.append(("place", id(self))) or place(
+        self, device))
+    monkeypatch.setattr(surgery._Hook, "row", lambda self, mask: events.append(("row", id(self))) or row(self, mask))
+    with torch.no_grad():
+        model(**_batch(loaded))
+    first_row = next(i for i, (what, _) in enumerate(events) if what == "row")
+    assert {hook for what, hook in events[:first_row] if what == "place"} == indexed

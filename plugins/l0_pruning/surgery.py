@@ -102,10 +102,15 @@ class _Hook:
         # compiled block's graph, so each layer would compile its own (and past eight, run eagerly).
         self._index = None if index is None else torch.tensor(index)
 
+    def place(self, device: torch.device) -> None:
+        """Keep the layer index on the masks' device (done eagerly by the model's pre-hook, so a compiled block
+        never creates it: a tensor made inside a CUDA graph and kept would live in the graph's memory pool)."""
+        if self._index is not None and self._index.device != device:
+            self._index = self._index.to(device)
+
     def row(self, mask: torch.Tensor) -> torch.Tensor:
         """This hook's layer's row of a stacked ``[layers, ...]`` mask."""
-        if self._index.device != mask.device:
-            self._index = self._index.to(mask.device)
+        self.place(mask.device)  # a no-op once the model's pre-hook has placed it
         return mask.index_select(0, self._index.reshape(1)).squeeze(0)
 
     def current(self, kind: str) -> torch.Tensor:
@@ -121,8 +126,18 @@ class _Hook:
 
 
 class _Refresh(_Hook):
+    """The model's pre-hook: computes this forward's masks and places the layer hooks' indices beside them."""
+
+    def __init__(self, masks: L0Masks, kind: str) -> None:
+        super().__init__(masks, kind)
+        self.layer_hooks: list[_Hook] = []
+
     def __call__(self, module: nn.Module, args: tuple) -> None:
-        self.masks.refresh()
+        current = self.masks.refresh()
+        if current:
+            device = next(iter(current.values())).device
+            for hook in self.layer_hooks:
+                hook.place(device)
 
 
 class _HeadInput(_Hook):
@@ -193,7 +208,8 @@ def install_mask_hooks(model: nn.Module, masks: L0Masks, text: nn.Module, layers
     if has_mask_hooks(model):
         return
     kinds = masks.config.kinds
-    model.register_forward_pre_hook(_Refresh(masks, "all"))
+    refresh = _Refresh(masks, "all")
+    model.register_forward_pre_hook(refresh)
     if "hidden" in kinds:
         text.register_forward_pre_hook(_EmbedMask(masks, "hidden"), with_kwargs=True)
         text.norm.register_forward_hook(_MaskedRMSNorm(masks, "hidden"))
@@ -203,17 +219,20 @@ def install_mask_hooks(model: nn.Module, masks: L0Masks, text: nn.Module, layers
     for i, layer in enumerate(layers):
         attn, mlp = layer.self_attn, layer.mlp
         if "heads" in kinds:
-            attn.o_proj.register_forward_pre_hook(_HeadInput(masks, "heads", i))
+            refresh.layer_hooks.append(_HeadInput(masks, "heads", i))
+            attn.o_proj.register_forward_pre_hook(refresh.layer_hooks[-1])
         if "mlp" in kinds:
-            mlp.down_proj.register_forward_pre_hook(_ChannelInput(masks, "mlp", i))
+            refresh.layer_hooks.append(_ChannelInput(masks, "mlp", i))
+            mlp.down_proj.register_forward_pre_hook(refresh.layer_hooks[-1])
         if "hidden" in kinds:
             attn.o_proj.register_forward_hook(_HiddenOutput(masks, "hidden"))
             mlp.down_proj.register_forward_hook(_HiddenOutput(masks, "hidden"))
             layer.input_layernorm.register_forward_hook(_MaskedRMSNorm(masks, "hidden"))
             layer.post_attention_layernorm.register_forward_hook(_MaskedRMSNorm(masks, "hidden"))
         if "layers" in kinds:
-            attn.register_forward_hook(_BlockGate(masks, i, 0))
-            mlp.register_forward_hook(_BlockGate(masks, i, 1))
+            refresh.layer_hooks += [_BlockGate(masks, i, 0), _BlockGate(masks, i, 1)]
+            attn.register_forward_hook(refresh.layer_hooks[-2])
+            mlp.register_forward_hook(refresh.layer_hooks[-1])
 
 
 def remove_mask_hooks(model: nn.Module) -> None:
