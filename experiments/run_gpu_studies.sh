@@ -131,7 +131,7 @@ base=$WORK/sparsity/exports/dense_base
 if [ "$GPUS" -ge 4 ]; then
   # Batch 512 and 1024 (2026-11-27) did not start reading sooner: reading needs optimizer steps, so the next
   # recipes buy steps per second (CUDA graphs) at the batch that worked and at half of it.
-  read -r -a recipes <<< "${RECIPES:-256:8.0e-4:cudagraphs 128:6.0e-4:cudagraphs}"  # batch:lr[:mode[:decay[:tokenizer]]]
+  read -r -a recipes <<< "${RECIPES:-256:8.0e-4:cudagraphs 128:6.0e-4:cudagraphs}"  # batch:lr[:mode[:decay[:tokenizer[:multipliers]]]]
   (
     recipe_entry "${recipes[0]}" "$second_last"
     CUDA_VISIBLE_DEVICES=$second_last OUT=$RES/gpu BATCHES="128 256" bash experiments/run_gpu_results.sh bench > "$WORK/logs/throughput.log" 2>&1

@@ -137,9 +137,13 @@ class Study:
                      "--model.init_args.max_new_tokens=8"]
         return args
 
+    def summarised(self, name: str) -> bool:
+        """Whether run ``name`` already has its summary (and is therefore skipped, unless ``--rerun``)."""
+        return (self.out / f"summary_{name}.json").exists() and not self.opts.rerun
+
     def run(self, job: Job) -> int:
         log = self.work / "logs" / f"{job.name}.log"
-        if (self.out / f"summary_{job.name}.json").exists() and not self.opts.rerun:
+        if self.summarised(job.name):
             print(f"[skip] {job.name}: summary exists", flush=True)
             return 0
         config = self.work / "configs" / f"{job.name}.yaml"
@@ -186,10 +190,10 @@ class Study:
             if job.after is None:
                 continue
             needed = next((j for j in jobs if j.name == job.after), None)
-            done = (self.out / f"summary_{job.name}.json").exists() and not self.opts.rerun
-            if not done and needed is not None and needed.export_to is not None \
-                    and not (needed.export_to / "config.json").exists():
-                print(f"[skip] {job.name}: needs {job.after}'s export, which is missing", flush=True)
+            missing = needed is not None and (codes.get(needed.name, 0) != 0 or (
+                needed.export_to is not None and not (needed.export_to / "config.json").exists()))
+            if missing and not self.summarised(job.name):
+                print(f"[skip] {job.name}: {job.after} failed or left no export", flush=True)
                 codes[job.name] = 1
             else:
                 second.append(job)

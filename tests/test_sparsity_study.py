@@ -134,3 +134,9 @@ def test_distillation_from_the_dense_finetune_runs_after_it(tmp_path: Path) -> N
     exports = False
     codes = study.run_all(list(jobs.values()), parallel=3)
     assert "ramp75_distill_ft" not in order and codes["ramp75_distill_ft"] == 1 and codes["ramp75"] == 0
+    # Nor after a failed reference, even with an export left from an earlier run.
+    (reference / "config.json").write_text("{}")
+    study.run = lambda job: order.append(job.name) or int(job.name == "dense_finetune")
+    order.clear()
+    codes = study.run_all(list(jobs.values()), parallel=3)
+    assert "ramp2of4_distill_ft" not in order and codes["ramp2of4_distill_ft"] == 1

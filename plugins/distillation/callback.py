@@ -20,7 +20,8 @@ class Distillation(CompressionPlugin):
     Args:
         teacher: the teacher model: an exported HF folder, a hub id or a tiny spec JSON (``framework.models``);
             typically the dense model the compressed student started from. Loaded when training starts (export
-            and validation do not need it), frozen, in eval mode, on the student's device; it must be the student's model class with the same vocabulary.
+            and validation do not need it), frozen, in eval mode, on the student's device; it must be the student's
+            model class with the same vocabulary.
         weight: factor of the KL term (> 0); the task loss on the labels keeps weight 1.
         temperature: softens both distributions (> 0); the term is multiplied by ``temperature**2`` so its
             gradient keeps the task loss's scale.
