@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -92,14 +93,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                          "step_ms_without": 1e3 * result["step_s_without_plugins"],
                          "step_ms_with": 1e3 * result["step_s_with_plugins"],
                          "overhead": result["plugin_overhead"], "overhead_median": result["plugin_overhead_median"]})
+            if opts.out:  # after every row: a run cut short keeps what it measured
+                from framework.io import atomic_write_json
+
+                atomic_write_json(Path(opts.out), {"rows": rows, "argv": sys.argv[1:] if argv is None else argv})
     columns = list(rows[0])
     print("  ".join(columns))
     for row in rows:
         print("  ".join(f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in columns))
-    if opts.out:
-        from framework.io import atomic_write_json
-
-        atomic_write_json(Path(opts.out), {"rows": rows, "argv": argv})
     return rows
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 from typing_extensions import override
 
+from framework.compiling import compile_blocks
 from framework.metrics import MeanTokenLoss, TaskMetrics
 from framework.models import load_vlm
 from framework.plugin import check_plugins, find_plugins
@@ -74,9 +75,11 @@ class VLMModule(pl.LightningModule):
         generate_batches: validation batches per task that are also scored by generation (-1: all).
         max_length: default longest sequence when no datamodule sets it.
         compile: compile each transformer block with ``torch.compile`` (regional compilation: one graph reused by
-            every layer; parameter names are unchanged, so checkpoints and exports are the same).
+            every layer; parameter names are unchanged, so checkpoints and exports are the same; see
+            :mod:`framework.compiling`).
         compile_mode: ``torch.compile`` mode of those blocks: ``default``, ``reduce-overhead`` (CUDA graphs: fewer
-            kernel launches; pair it with ``data.init_args.pad_to_max_length`` so shapes stay fixed),
+            kernel launches, for training steps only; pair it with ``data.init_args.pad_to_max_length`` so shapes
+            stay fixed),
             ``max-autotune`` or ``max-autotune-no-cudagraphs``.
 
     Example::
@@ -156,11 +159,7 @@ class VLMModule(pl.LightningModule):
         check_plugins(plugins, self.model)
         if self.hparams.compile and not self._compiled:
             # After the plugins: their masks and hooks are part of what gets compiled.
-            for module in self.model.modules():
-                if type(module).__name__.endswith(("DecoderLayer", "EncoderLayer", "VisionBlock")):
-                    # Dynamic: generation changes the sequence length every step; padded training batches keep
-                    # one shape, so CUDA graphs (reduce-overhead) are recorded once for them.
-                    module.compile(dynamic=True, mode=self.hparams.compile_mode)
+            compile_blocks(self.model, self.hparams.compile_mode)
             self._compiled = True
 
     @override

@@ -8,6 +8,7 @@ dynamo's `eager` here: what is checked is what dynamo traces, not the generated 
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,8 @@ import pytest
 import torch
 import torch._dynamo
 from helpers import make_cli, tiny_config
+
+from framework.module import VLMModule, training_inputs
 
 DATA = {"class_path": "framework.VLMDataModule",
         "init_args": {"tasks": {"caption": 1.0, "autofill": 1.0}, "image_size": 64, "batch_size": 4,
@@ -43,15 +46,20 @@ PLUGINS: dict[str, list[dict[str, Any]]] = {
 PLUGINS["qat+ramp"] = PLUGINS["qat"] + PLUGINS["ramp_2of4"]
 
 
+def _eager_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``torch.compile`` traces with dynamo but runs the captured graphs as they are (no code generation)."""
+    original = torch.compile
+
+    def compile_eager(fn: Any, **kwargs: Any) -> Any:
+        kwargs.pop("mode", None)
+        return original(fn, **{**kwargs, "backend": "eager"})
+
+    monkeypatch.setattr(torch, "compile", compile_eager)
+
+
 def _compiled_fit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, callbacks: list[dict[str, Any]],
                   spec: str = "experiments/models/llava-test.json") -> dict[str, int]:
-    original = torch.nn.Module.compile
-
-    def compile_eager(module: torch.nn.Module, *args: Any, **kwargs: Any) -> None:
-        kwargs.pop("mode", None)
-        original(module, *args, **{**kwargs, "backend": "eager"})
-
-    monkeypatch.setattr(torch.nn.Module, "compile", compile_eager)
+    _eager_backend(monkeypatch)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     config = tiny_config(tmp_path, spec=spec, max_steps=8, callbacks=callbacks,
@@ -72,6 +80,81 @@ def test_text_layers_share_one_graph(baseline: dict[str, int]) -> None:
     # The vision tower's and the text model's block, in training and in their first call: with a KV cache built
     # during training (use_cache on), each text layer compiled its own graph.
     assert baseline["graphs"] <= 4, baseline
+
+
+def test_llava_blocks_compile_without_graph_breaks(baseline: dict[str, int]) -> None:
+    # transformers' output-recording hooks read a ContextVar, which broke every vision block (LLaVA records the
+    # vision tower's hidden states on every forward); they now run outside the compiled call.
+    assert baseline["breaks"] == 0, baseline
+
+
+def _tiny_batch(module: Any, n: int = 2) -> dict[str, Any]:
+    from framework.data.tasks import make_task
+
+    task = make_task("autofill", seed=0, image_size=64)
+    module.processor.max_length = 256
+    return training_inputs(module.processor.encode([task[i] for i in range(n)]))
+
+
+def test_compiled_blocks_keep_outputs_and_recording(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same loss and gradients as the eager model, and recorded hidden states (LLaVA's image features) unchanged."""
+    _eager_backend(monkeypatch)
+    torch._dynamo.reset()
+    eager = VLMModule(model="experiments/models/llava-test.json")
+    compiled = VLMModule(model="experiments/models/llava-test.json", compile=True)
+    compiled.model.load_state_dict(eager.model.state_dict())
+    compiled.configure_model()
+    inputs = _tiny_batch(eager)
+    losses = []
+    for module in (eager, compiled):
+        out = module.model(**inputs)
+        out.loss.backward()
+        losses.append(out.loss.detach())
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
+    for (name, p), q in zip(eager.model.named_parameters(), compiled.model.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=name)
+    # A deep copy (a teacher, an export) drops the compiled call and must still record, eagerly.
+    towers = [eager.model.model.vision_tower, compiled.model.model.vision_tower,
+              copy.deepcopy(compiled.model).model.vision_tower]
+    with torch.no_grad():
+        states = [tower(inputs["pixel_values"], output_hidden_states=True).hidden_states for tower in towers]
+    # When dynamo runs a block's frame eagerly instead (seen on a GPU under `vlmc bench`'s FLOP counter), the hooks
+    # run inside the call and must not run again after it.
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+        states.append(towers[1](inputs["pixel_values"], output_hidden_states=True).hidden_states)
+    assert {len(s) for s in states} == {eager.model.config.vision_config.num_hidden_layers + 1}
+    for other in states[1:]:
+        for a, b in zip(states[0], other, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_cuda_graph_modes_compile_training_steps_only(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under CUDA graphs, forwards without gradients (validation, generation, calibration) run eagerly."""
+    _eager_backend(monkeypatch)
+    torch._dynamo.reset()
+    module = VLMModule(model="experiments/models/llava-test.json", compile=True, compile_mode=mode)
+    module.configure_model()
+    inputs = _tiny_batch(module)
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    module.model.eval()
+    with torch.no_grad():
+        module.model(**inputs)
+    assert bool(counters["stats"]["calls_captured"]) == (mode == "default")
+    module.model.train()
+    module.model(**inputs).loss.backward()
+    assert counters["stats"]["calls_captured"] > 0
+    # Generation (validation, `vlmc bench`) on the compiled model and on a deep copy of it.
+    from framework.data.tasks import make_task
+
+    prompt = module.processor.encode([make_task("caption", seed=0, image_size=64)[0]], with_answer=False)
+    module.model.eval()
+    for model in (module.model, copy.deepcopy(module.model)):
+        with torch.no_grad():
+            out = model.generate(**prompt, max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                                 pad_token_id=module.processor.pad_id)
+        assert out.shape[1] == prompt["input_ids"].shape[1] + 3
 
 
 @pytest.mark.parametrize("plugin", ["qat", "l0", "ramp", "ramp_2of4", "ablation", "qat+ramp"])
