@@ -32,6 +32,8 @@ from plugins.quantization.placement import (
     remove_quantizers,
     set_integer_exact,
     set_quantizers,
+    share_quantizers,
+    shared_input_map,
 )
 from plugins.quantization.lora import QALFT
 from plugins.quantization.ptq import PostTrainingQuantization
@@ -70,6 +72,8 @@ __all__ = [
     "set_adapter",
     "set_integer_exact",
     "set_quantizers",
+    "share_quantizers",
+    "shared_input_map",
     "weight_codes",
     "write_plan",
 ]

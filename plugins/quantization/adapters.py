@@ -44,6 +44,7 @@ from plugins.quantization.placement import (
     attach_quantizers,
     attributes_set,
     quantizers_of,
+    share_quantizers,
 )
 from plugins.quantization.quantizer import FakeQuantizer
 
@@ -189,6 +190,7 @@ def attach_from_encodings(model: nn.Module, encodings: dict[str, Any] | str | Pa
             attach_quantizers(model, spec, None, selection, key=key)
         else:
             attach_quantizers(model, None, spec, selection, [point], key=key)
+    share_quantizers(model, encodings.get("vlmc", {}).get("shared_activations", {}))
     load_encodings(model, encodings, freeze=True)
     return quantizers_of(model)
 

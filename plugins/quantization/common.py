@@ -46,10 +46,13 @@ from plugins.quantization.encodings import export_encodings, weight_codes, write
 from plugins.quantization.placement import (
     QuantLinear,
     attach_quantizers,
+    distinct,
     quantization_disabled,
     quantized_module,
     quantizers_of,
     remove_quantizers,
+    share_quantizers,
+    shared_input_map,
 )
 from plugins.quantization.quantizer import FakeQuantizer
 from plugins.quantization.sensitivity import load_plan, plan_specs
@@ -87,7 +90,7 @@ def freeze_observers(quantizers: list[FakeQuantizer]) -> None:
     """:meth:`FakeQuantizer.freeze_observer` on each, with ranges combined across data-parallel ranks."""
     reduce_max = _reduce(dist.ReduceOp.MAX) if dist.is_available() else None
     reduce_mean = _reduce(dist.ReduceOp.SUM) if dist.is_available() else None
-    for quantizer in quantizers:
+    for quantizer in distinct(quantizers):  # a shared quantizer freezes once
         quantizer.freeze_observer(reduce_max, reduce_mean)
 
 
@@ -108,8 +111,21 @@ class QuantizedModules(CompressionPlugin):
         plan: str | None = None,
         float_reference: str | None = None,
         integer_eval: bool = False,
+        shared_inputs: list[list[str]] | None = None,
     ) -> None:
         key = type(self).__name__
+        if shared_inputs is not None:
+            if not isinstance(shared_inputs, (list, tuple)):
+                raise ValueError(f"{key}.shared_inputs: a list of sibling-name groups or null, got {shared_inputs!r}")
+            for index, group in enumerate(shared_inputs):
+                if not isinstance(group, (list, tuple)) or len(group) < 2 or \
+                        not all(isinstance(n, str) and n for n in group):
+                    raise ValueError(f"{key}.shared_inputs[{index}]: a group is a list of two or more sibling module "
+                                     f"names (e.g. [q_proj, k_proj, v_proj]), got {group!r}")
+            if activations is None or "input" not in activation_points:
+                raise ValueError(f"{key}.shared_inputs: shares input quantizers, so it needs activations with "
+                                 "'input' in activation_points")
+        self.shared_inputs = None if shared_inputs is None else [list(g) for g in shared_inputs]
         if not isinstance(integer_eval, bool):
             raise ValueError(f"{key}.integer_eval: must be true or false, got {integer_eval!r}")
         self.integer_eval = integer_eval
@@ -170,6 +186,10 @@ class QuantizedModules(CompressionPlugin):
         for index, site in enumerate(self.activation_sites):
             found.update(attach_quantizers(model, None, site.spec or self.activations, site.targets, site.points,
                                            key=f"{key}.activation_sites[{index}]"))
+        if self.shared_inputs:
+            share_quantizers(model, shared_input_map(model, self.shared_inputs, found, key=f"{key}.shared_inputs"))
+            shared = quantizers_of(model)
+            found = {name: shared[name] for name in found}
         for quantizer in found.values():
             quantizer.enabled = quantizer.observing = False  # the callback switches them on
         self.quantizers = found
@@ -210,7 +230,7 @@ class QuantizedModules(CompressionPlugin):
                 if q.static and (n.endswith(".weight") == (kind == "weight"))}
 
     def scales(self) -> list[nn.Parameter]:
-        return [q.scale for q in self.quantizers.values() if q.scale is not None and q.scale.requires_grad]
+        return [q.scale for q in distinct(self.quantizers.values()) if q.scale is not None and q.scale.requires_grad]
 
     def uncalibrated_weights(self, model: nn.Module) -> list[str]:
         """This plugin's static weight quantizers of ``model`` that are not yet initialized (reads flags only)."""
@@ -235,7 +255,8 @@ class QuantizedModules(CompressionPlugin):
     def config_echo(self) -> dict[str, Any]:
         return {"weights": None if self.weights is None else self.weights.to_dict(),
                 "activations": None if self.activations is None else self.activations.to_dict(),
-                "activation_points": self.activation_points, "runtime": self.runtime, "plan": self.planned_bits}
+                "activation_points": self.activation_points, "runtime": self.runtime, "plan": self.planned_bits,
+                "shared_inputs": self.shared_inputs}
 
     def weight_bits(self) -> float:
         """Average bits per quantized weight (weighted by size)."""
@@ -247,7 +268,7 @@ class QuantizedModules(CompressionPlugin):
     @override
     def summary(self, model: nn.Module) -> dict[str, float | int | str]:
         weights = [n for n in self.quantizers if n.endswith(".weight")]
-        activations = [q for n, q in self.quantizers.items() if not n.endswith(".weight")]
+        activations = distinct(q for n, q in self.quantizers.items() if not n.endswith(".weight"))
         return {
             "quantizers": len(self.quantizers),
             "weight_quantizers": len(weights),

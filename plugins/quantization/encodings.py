@@ -7,7 +7,7 @@ Layout (AIMET 1.x, ``"version": "0.6.1"``)::
      "param_encodings":      {"<module>.weight": [ENC, ENC, ...], ...},
      "excluded_layers": [],
      "quantizer_args": {...},
-     "vlmc": {"layouts": {...}, "dynamic_activations": {...}}}
+     "vlmc": {"layouts": {...}, "dynamic_activations": {...}, "shared_activations": {...}}}
 
     ENC = {"bitwidth": 4, "dtype": "int", "is_symmetric": "True", "scale": s, "offset": o, "min": m, "max": M}
 
@@ -18,7 +18,9 @@ ENC per output channel; a per-group (block) weight of shape ``[out, in]`` with `
 ``out * in / g`` ENCs in row-major order (output channel major, then block along the input dimension), and
 ``vlmc.layouts[name]`` records ``{"granularity", "group_size", "shape"}`` so the blocks can be placed. Dynamic
 activation quantizers have no fixed encoding; they are listed in ``vlmc.dynamic_activations`` (bits, symmetry,
-granularity) so the runtime computes them per token or group as training did. Weight quantizers that were
+granularity) so the runtime computes them per token or group as training did. ``vlmc.shared_activations`` maps a
+tensor to the one whose quantizer it shares (``shared_inputs``: one activation read by several siblings, such as
+q/k/v); their entries are identical, and a device quantizes the tensor once. Weight quantizers that were
 dynamic during training are exported as fixed encodings computed from the final weights.
 
 The integer weight codes go to ``<name>_int_weights.safetensors`` (:func:`framework.storage.save_packed`,
@@ -38,7 +40,7 @@ import torch.nn as nn
 
 from framework.io import atomic_write_json
 from framework.storage import bpv_row, bpv_summary, pack, save_packed
-from plugins.quantization.placement import quantized_module, quantizers_of
+from plugins.quantization.placement import quantized_module, quantizers_of, sharing_of
 from plugins.quantization.quantizer import FakeQuantizer
 
 VERSION = "0.6.1"
@@ -67,9 +69,8 @@ def export_encodings(model: nn.Module, names: set[str] | None = None) -> dict[st
         ValueError: a static activation quantizer that was never calibrated (naming it).
     """
     params, activations, layouts, dynamic = {}, {}, {}, {}
-    for name, quantizer in quantizers_of(model).items():
-        if names is not None and name not in names:
-            continue
+    quantizers = {n: q for n, q in quantizers_of(model).items() if names is None or n in names}
+    for name, quantizer in quantizers.items():
         module, point = quantized_module(model, name)
         if point == "weight":
             weight = module.weight.detach()
@@ -95,7 +96,7 @@ def export_encodings(model: nn.Module, names: set[str] | None = None) -> dict[st
         "excluded_layers": [],
         "quantizer_args": {"dtype": "int", "per_channel_quantization": any(
             v["granularity"] != "tensor" for k, v in layouts.items() if k in params)},
-        "vlmc": {"layouts": layouts, "dynamic_activations": dynamic},
+        "vlmc": {"layouts": layouts, "dynamic_activations": dynamic, "shared_activations": sharing_of(quantizers)},
     }
 
 
@@ -181,7 +182,9 @@ def load_encodings(model: nn.Module, encodings: dict[str, Any] | str | Path, *, 
     Raises:
         ValueError: naming the tensor: a quantizer without an encoding, an encoding without a quantizer, a
             number of entries or a layout shape that does not match, another bitwidth or symmetry, a static
-            encoding for a dynamic activation quantizer or the reverse.
+            encoding for a dynamic activation quantizer or the reverse, a tensor shared in the encodings
+            (``vlmc.shared_activations``) but not in the model or the reverse, different encodings for one
+            shared quantizer.
     """
     if not isinstance(encodings, dict):
         import json
@@ -232,8 +235,21 @@ def load_encodings(model: nn.Module, encodings: dict[str, Any] | str | Path, *, 
                 raise ValueError(f"encodings: {name} is {layout.get('granularity')} (group_size "
                                  f"{layout.get('group_size')}) but its quantizer is {quantizer.spec.granularity} "
                                  f"(group_size {quantizer.spec.group_size})")
-        plan.append((quantizer, scale.to(quantizer.scale.device), zero_point.to(quantizer.scale.device)))
-    for quantizer, scale, zero_point in plan:  # all checked before anything changes
+        plan.append((name, quantizer, scale.to(quantizer.scale.device), zero_point.to(quantizer.scale.device)))
+    declared = vlmc.get("shared_activations", {})
+    actual = sharing_of(quantizers)
+    for name in sorted(set(declared) ^ set(actual)):
+        if name in declared:
+            raise ValueError(f"encodings: {name} shares {declared[name]}'s quantizer in the encodings but has its own "
+                             "in the model; set shared_inputs as in the run that made them")
+        raise ValueError(f"encodings: {name} shares {actual[name]}'s quantizer in the model but the encodings give it "
+                         "its own; set shared_inputs as in the run that made them")
+    first_entry: dict[int, tuple[str, torch.Tensor, torch.Tensor]] = {}
+    for name, quantizer, scale, zero_point in plan:
+        first = first_entry.setdefault(id(quantizer), (name, scale, zero_point))
+        if first[0] != name and not (torch.equal(first[1], scale) and torch.equal(first[2], zero_point)):
+            raise ValueError(f"encodings: {name} and {first[0]} share one quantizer but have different encodings")
+    for _, quantizer, scale, zero_point in plan:  # all checked before anything changes
         quantizer.set_qparams(scale, zero_point, freeze=freeze)
     for quantizer in dynamic_quantizers:
         quantizer.enabled, quantizer.observing = True, False

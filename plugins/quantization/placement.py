@@ -203,6 +203,87 @@ def attach_quantizers(
     return result
 
 
+def shared_input_map(model: nn.Module, groups: list[list[str]], quantizers: dict[str, FakeQuantizer],
+                     key: str = "quantization.shared_inputs") -> dict[str, str]:
+    """Resolve sibling groups (e.g. ``[q_proj, k_proj, v_proj]``) to ``{tensor: tensor whose quantizer it shares}``.
+
+    Siblings of one parent that read the same tensor (a decoder layer's q/k/v projections read the normed hidden
+    state, its gate/up projections the next one) are one activation on a device, quantized once with one encoding.
+    Here the first sibling's input quantizer becomes the group's; the others' inputs point at it.
+
+    Raises:
+        ValueError: naming ``key[index]``: a group with fewer than two names, an input quantized on some siblings of
+            a parent but not on others, siblings with different specs, or a group no parent has quantized.
+    """
+    shared: dict[str, str] = {}
+    for index, group in enumerate(groups):
+        if not isinstance(group, (list, tuple)) or len(group) < 2 or not all(isinstance(n, str) for n in group):
+            raise ValueError(f"{key}[{index}]: a group is a list of two or more sibling module names, got {group!r}")
+        matched = 0
+        for parent_name, parent in model.named_modules():
+            present = [name for name in group if isinstance(parent._modules.get(name), nn.Module)]
+            if len(present) < 2:
+                continue
+            tensors = [f"{parent_name}.{name}.input" if parent_name else f"{name}.input" for name in present]
+            quantized = [t for t in tensors if t in quantizers]
+            if not quantized:
+                continue
+            if len(quantized) != len(tensors):
+                missing = ", ".join(t for t in tensors if t not in quantized)
+                raise ValueError(f"{key}[{index}]: {missing} not quantized while {quantized[0]} is; siblings that read "
+                                 "one tensor share its quantizer, so select all of them or none")
+            first = quantizers[tensors[0]]
+            for tensor in tensors[1:]:
+                if quantizers[tensor].spec.to_dict() != first.spec.to_dict():
+                    raise ValueError(f"{key}[{index}]: {tensor} is quantized with {quantizers[tensor].spec} but "
+                                     f"{tensors[0]} with {first.spec}; one shared quantizer needs one spec")
+                shared[tensor] = tensors[0]
+            matched += 1
+        if not matched:
+            raise ValueError(f"{key}[{index}]: no module has the siblings {list(group)} with quantized inputs")
+    return shared
+
+
+def share_quantizers(model: nn.Module, shared: dict[str, str]) -> None:
+    """Point each tensor's quantizer at the one of the tensor it shares (``{tensor: canonical tensor}``, as from
+    :func:`shared_input_map` or an export's ``vlmc.shared_activations``). Idempotent.
+
+    Raises:
+        ValueError: a tensor or canonical tensor without a quantizer, or specs that differ (naming both).
+    """
+    quantizers = quantizers_of(model)
+    for tensor, canonical in shared.items():
+        for name in (tensor, canonical):
+            if name not in quantizers:
+                raise ValueError(f"shared quantizers: {name} has no quantizer in the model")
+        target = quantizers[canonical]
+        if quantizers[tensor].spec.to_dict() != target.spec.to_dict():
+            raise ValueError(f"shared quantizers: {tensor} ({quantizers[tensor].spec}) and {canonical} "
+                             f"({target.spec}) differ; one shared quantizer needs one spec")
+        module, point = quantized_module(model, tensor)
+        module._modules[_POINT_ATTR[point]] = target
+
+
+def sharing_of(quantizers: dict[str, FakeQuantizer]) -> dict[str, str]:
+    """``{tensor: first tensor with the same quantizer object}`` for every tensor whose quantizer is shared."""
+    first: dict[int, str] = {}
+    shared = {}
+    for name, quantizer in quantizers.items():
+        if id(quantizer) in first:
+            shared[name] = first[id(quantizer)]
+        else:
+            first[id(quantizer)] = name
+    return shared
+
+
+def distinct(quantizers: Iterable[FakeQuantizer]) -> list[FakeQuantizer]:
+    """Each quantizer once (shared ones appear under several tensor names)."""
+    seen: dict[int, FakeQuantizer] = {}
+    for quantizer in quantizers:
+        seen.setdefault(id(quantizer), quantizer)
+    return list(seen.values())
+
+
 def quantizers_of(model: nn.Module) -> dict[str, FakeQuantizer]:
     """Every quantizer of ``model`` by tensor name (``<module>.weight`` / ``.input`` / ``.output``), in module order."""
     found: dict[str, FakeQuantizer] = {}

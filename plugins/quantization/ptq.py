@@ -45,6 +45,10 @@ class PostTrainingQuantization(QuantizedModules):
         integer_eval: validate and test with integer arithmetic in every quantized Linear (input codes times
             weight codes, exact accumulation, then scales), what the exported model computes on a device and in
             :class:`~plugins.quantization.runtime.IntegerRuntime`, bit for bit; training keeps the float path.
+        shared_inputs: groups of sibling modules that read one tensor, e.g. ``[[q_proj, k_proj, v_proj],
+            [gate_proj, up_proj]]`` for Llama/Qwen layers: each group's inputs share one quantizer, so the tensor
+            has one encoding, as a device quantizes it once (the export lists the sharing under
+            ``vlmc.shared_activations``). ``null``: every input has its own quantizer.
 
     Raises:
         ValueError: a spec outside its range (naming the key), ``calibration_batches`` < 1, targets that
@@ -76,11 +80,12 @@ class PostTrainingQuantization(QuantizedModules):
         plan: str | None = None,
         float_reference: str | None = None,
         integer_eval: bool = False,
+        shared_inputs: list[list[str]] | None = None,
     ) -> None:
         key = type(self).__name__
         weights = None if weights is None else dataclasses.replace(weights)
         super().__init__(weights, activations, targets, activation_points or ["input"], activation_sites, runtime,
-                         name, plan, float_reference, integer_eval)
+                         name, plan, float_reference, integer_eval, shared_inputs)
         if not isinstance(calibration_batches, int) or calibration_batches < 1:
             raise ValueError(f"{key}.calibration_batches: must be an integer >= 1, got {calibration_batches!r}")
         self.calibration_batches = calibration_batches

@@ -55,6 +55,10 @@ class QuantizationAwareTraining(QuantizedModules):
         integer_eval: validate and test with integer arithmetic in every quantized Linear (input codes times
             weight codes, exact accumulation, then scales), what the exported model computes on a device and in
             :class:`~plugins.quantization.runtime.IntegerRuntime`, bit for bit; training keeps the float path.
+        shared_inputs: groups of sibling modules that read one tensor, e.g. ``[[q_proj, k_proj, v_proj],
+            [gate_proj, up_proj]]`` for Llama/Qwen layers: each group's inputs share one quantizer, so the tensor
+            has one encoding, as a device quantizes it once (the export lists the sharing under
+            ``vlmc.shared_activations``). ``null``: every input has its own quantizer.
 
     Raises:
         ValueError: a spec outside its range (the message names the key, e.g. ``weights.bits``), negative
@@ -92,11 +96,12 @@ class QuantizationAwareTraining(QuantizedModules):
         plan: str | None = None,
         float_reference: str | None = None,
         integer_eval: bool = False,
+        shared_inputs: list[list[str]] | None = None,
     ) -> None:
         key = type(self).__name__
         weights = None if weights is None else dataclasses.replace(weights)  # never share the default instance
         super().__init__(weights, activations, targets, activation_points or ["input"], activation_sites, runtime,
-                         name, plan, float_reference, integer_eval)
+                         name, plan, float_reference, integer_eval, shared_inputs)
         if not isinstance(start_step, int) or start_step < 0:
             raise ValueError(f"{key}.start_step: must be an integer >= 0, got {start_step!r}")
         static_acts = any(s is not None and s.mode == "static"
