@@ -10,7 +10,9 @@ on one GPU. The machinery (jobs, shared arguments, parallel runs, ``--pack``) is
    integer weights, ``qat_bpv.json``). Each summary carries ``top1_agreement`` (quantized vs float on the answer
    positions; QAT rows against ``float_finetune``, the base fine-tuned as long without quantization, so that
    agreement measures quantization and not the fine-tuning's own drift; PTQ rows against their own weights with
-   quantizers off, which are the base's) and ``weight_bits``.
+   quantizers off, which are the base's) and ``weight_bits``. With ``--shared_inputs`` the quantized runs share
+   one input quantizer among q/k/v and among gate/up (one encoding per tensor, as a device quantizes it) and are
+   named ``..._shared``.
 3. ``qalft``, per task (autofill, caption; ``data.init_args.tasks`` restricted to the task):
    ``lora_float_<task>``: float LoRA on the float base, evaluated in float (the reference);
    ``lora_float_ptq_w4a8_<task>``: that adapter merged into the base, then PTQ W4A8 (float LoRA then PTQ);
@@ -100,12 +102,18 @@ def weight_spec(bits: int, granularity: str, observer: str | None = None) -> dic
     return spec
 
 
-def activation_args(bits: int) -> dict[str, Any]:
-    """Static per-tensor activations at the Linear inputs, the KV cache per token, the projector output.
+#: ``--shared_inputs``: the siblings of a Llama/Qwen layer that read one tensor, one input quantizer per group.
+SHARED_INPUTS = [["q_proj", "k_proj", "v_proj"], ["gate_proj", "up_proj"]]
+
+
+def activation_args(bits: int, shared_inputs: bool = False) -> dict[str, Any]:
+    """Static per-tensor activations at the Linear inputs, the KV cache per token, the projector output; with
+    ``shared_inputs`` one quantizer per tensor read by several Linears (``SHARED_INPUTS``), as on a device.
 
     Min/max ranges: clipping at the 99.99th percentile cut the activation outliers and cost about 2 points of top-1
     agreement at 8 bits (experiments/results/quantization/cpu_quickstart/ablation)."""
-    return {"activations": {"bits": bits, "granularity": "tensor", "symmetric": False, "observer": "minmax"},
+    shared = {"shared_inputs": SHARED_INPUTS} if shared_inputs else {}
+    return {**shared, "activations": {"bits": bits, "granularity": "tensor", "symmetric": False, "observer": "minmax"},
             "activation_points": ["input"],
             "activation_sites": [
                 {"targets": {"include": "language_model.*(k_proj|v_proj)$"}, "points": ["output"],
@@ -129,21 +137,30 @@ class Study(sparsity_study.Study):
         return super().python(name, args, cwd)
 
     @property
+    def shared_inputs(self) -> bool:
+        return bool(getattr(self.opts, "shared_inputs", False))
+
+    @property
+    def table_suffix(self) -> str:
+        """``_shared`` on the table's quantized runs with ``--shared_inputs``, so both placements share a work dir."""
+        return "_shared" if self.shared_inputs else ""
+
+    @property
     def calibration(self) -> int:
         return 2 if self.opts.smoke else 32
 
     # ------------------------------------------------------------------ plugin arguments
     def qat(self, bits: int, act_bits: int = 8, granularity: str = "ch", plan: Path | None = None) -> dict[str, Any]:
         args = dict(targets=LANGUAGE_MODEL, weights=weight_spec(bits, granularity, "mse" if bits <= 2 else None),
-                    **activation_args(act_bits), start_step=0, calibration_batches=self.calibration,
+                    **activation_args(act_bits, self.shared_inputs), start_step=0, calibration_batches=self.calibration,
                     freeze_observers_at=0.9, scale_lr=1e-4, float_reference=str(self.float_finetune))
         if plan is not None:
             args["plan"] = str(plan)
         return callback(QAT, **args)
 
     def ptq(self, bits: int, act_bits: int = 8, granularity: str = "ch", plan: Path | None = None) -> dict[str, Any]:
-        args = dict(targets=LANGUAGE_MODEL, weights=weight_spec(bits, granularity, "mse"), **activation_args(act_bits),
-                    calibration_batches=self.calibration)
+        args = dict(targets=LANGUAGE_MODEL, weights=weight_spec(bits, granularity, "mse"),
+                    **activation_args(act_bits, self.shared_inputs), calibration_batches=self.calibration)
         if plan is not None:
             args["plan"] = str(plan)
         return callback(PTQ, **args)
@@ -180,9 +197,9 @@ class Study(sparsity_study.Study):
         for setting in self.opts.settings:
             bits, act_bits = SETTINGS[setting]
             for gran in self.opts.granularities:
-                jobs.append(Job(f"ptq_{setting}_{gran}", "validate", [self.ptq(bits, act_bits, gran)],
-                                self.on(self.base_export)))
-                name = f"qat_{setting}_{gran}"
+                jobs.append(Job(f"ptq_{setting}_{gran}{self.table_suffix}", "validate",
+                                [self.ptq(bits, act_bits, gran)], self.on(self.base_export)))
+                name = f"qat_{setting}_{gran}{self.table_suffix}"
                 jobs.append(Job(name, "fit", [self.qat(bits, act_bits, gran)],
                                 self.on(self.base_export, o.qat_steps, o.qat_lr), export_to=self.exports / name))
         return jobs
@@ -349,6 +366,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="the table's weight/activation widths")
     parser.add_argument("--granularities", nargs="+", choices=list(GRANULARITY), default=list(GRANULARITY),
                         help="the table's weight granularities")
+    parser.add_argument("--shared_inputs", action="store_true",
+                        help="the table's quantized runs share one input quantizer among q/k/v and among gate/up "
+                             "(device-aligned placement); their names end in _shared")
     parser.add_argument("--qalft_setting", choices=list(SETTINGS), default="w4a8",
                         help="the width of the QALFT stage's quantized base (its table QAT export, per channel) and "
                              "PTQ; runs other than W4A8 carry it in their names")

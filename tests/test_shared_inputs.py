@@ -90,7 +90,9 @@ def test_siblings_share_one_quantizer_in_both_families(family: str) -> None:
     assert inputs["mlp.gate_proj.input"] is inputs["mlp.up_proj.input"]
     assert inputs["self_attn.o_proj.input"] is not inputs["self_attn.q_proj.input"]
     layers = model.config.text_config.num_hidden_layers
-    assert plugin.summary(model)["activation_quantizers"] == 4 * layers  # qkv, o, gate/up, down per layer
+    summary = plugin.summary(model)
+    assert summary["activation_quantizers"] == 4 * layers  # qkv, o, gate/up, down per layer
+    assert summary["shared_tensors"] == 3 * layers and summary["quantizers"] == 7 * layers + 4 * layers
     assert len({id(q) for q in plugin.quantizers.values()}) == 7 * layers + 4 * layers
 
 

@@ -269,8 +269,10 @@ class QuantizedModules(CompressionPlugin):
     def summary(self, model: nn.Module) -> dict[str, float | int | str]:
         weights = [n for n in self.quantizers if n.endswith(".weight")]
         activations = distinct(q for n, q in self.quantizers.items() if not n.endswith(".weight"))
+        shared = len(self.quantizers) - len(distinct(self.quantizers.values()))
         return {
-            "quantizers": len(self.quantizers),
+            "quantizers": len(self.quantizers) - shared,
+            **({"shared_tensors": shared} if shared else {}),
             "weight_quantizers": len(weights),
             "activation_quantizers": len(activations),
             "weight_bits": self.weight_bits(),
