@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import FAMILY_SPECS, ROOT
 from helpers import StopAt, make_cli, model_state, tiny_config
 
@@ -336,3 +337,64 @@ def test_model_pre_hook_places_every_layer_index(monkeypatch: pytest.MonkeyPatch
         model(**_batch(loaded))
     first_row = next(i for i, (what, _) in enumerate(events) if what == "row")
     assert {hook for what, hook in events[:first_row] if what == "place"} == indexed
+
+
+def _l0_step(model: torch.nn.Module, plugin: L0Pruning, ids: torch.Tensor) -> None:
+    """One training forward and backward with the Lagrangian, as a fit runs it."""
+    out = model(input_ids=ids, labels=ids, use_cache=False)
+    loss = out.loss + sum(plugin.loss_terms(model, {}, out).values())
+    loss.backward()
+
+
+class _ReadBacks(TorchDispatchMode):
+    """Counts read-backs of a tensor's value to the host (``.item()``, ``if tensor``): syncs on a GPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("method", ["plain", "improved"])
+def test_training_step_adds_no_read_back(method: str) -> None:
+    """The masks, their noise and the Lagrangian stay on the device: a step reads back what the bare model's does
+    (transformers' own checks), nothing more."""
+    counts = []
+    for plugin in (None, L0Pruning(target_fraction=0.5, method=method)):
+        model = load_vlm(str(FAMILY_SPECS["llava"])).model.train()
+        if plugin is not None:
+            plugin.transform(model)
+            masks = getattr(model, MASKS_ATTR)
+            masks.step, masks.total_steps = 1, 100
+        ids = torch.randint(3, 100, (2, 8))
+        step = (lambda: _l0_step(model, plugin, ids)) if plugin else \
+            (lambda: model(input_ids=ids, labels=ids, use_cache=False).loss.backward())
+        step()  # first call: cached shape counts
+        with _ReadBacks() as read_backs:
+            step()
+        counts.append(read_backs.count)
+    assert counts[1] == counts[0], counts
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method", ["plain", "improved"])
+def test_cuda_training_step_never_synchronises(method: str) -> None:
+    """Under CUDA's sync debug mode (raises on a sync): the gates' noise is drawn on the GPU, not copied there."""
+    model = load_vlm(str(FAMILY_SPECS["llava"])).model.cuda().train()
+    plugin = L0Pruning(target_fraction=0.5, method=method)
+    plugin.transform(model)
+    masks = getattr(model, MASKS_ATTR)
+    masks.step, masks.total_steps = 1, 100
+    ids = torch.randint(3, 100, (2, 8), device="cuda")
+    _l0_step(model, plugin, ids)  # first call: cached shape counts, lazily built index tensors
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        masks.step = 2
+        _l0_step(model, plugin, ids)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

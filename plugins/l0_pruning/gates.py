@@ -218,10 +218,11 @@ class L0Masks(nn.Module):
         return getattr(self, kind) / self.config.mask_scale
 
     def _noise(self, kind: str, like: torch.Tensor) -> torch.Tensor:
-        # Seeded by (seed, step, kind): the same on every rank and after a resume.
+        # Seeded by (seed, step, kind): the same on every rank and after a resume. Drawn on the gates' device: noise
+        # drawn on the host and copied over would make every step wait for the GPU (a pageable copy synchronises).
         seed = (self.config.seed * 1_000_003 + self.step * 7919 + zlib.crc32(kind.encode())) % (2**63)
-        u = torch.rand(like.shape, generator=torch.Generator().manual_seed(seed), device="cpu").to(like.device)
-        return u
+        generator = torch.Generator(device=like.device).manual_seed(seed)
+        return torch.rand(like.shape, generator=generator, device=like.device)
 
     def hard_masks(self, shape: MaskShape | None = None) -> dict[str, torch.Tensor]:
         """Exact 0/1 masks of ``shape`` (default: the target) ranked by score."""
