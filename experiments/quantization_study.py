@@ -244,8 +244,8 @@ class Study(sparsity_study.Study):
     def merge_adapters(self) -> int:
         """Merge each float LoRA export's adapter into its base weights and save the result as an HF folder."""
         from framework.export import export_model
-        from plugins.quantization.adapters import lora_layers, remove_lora
         from plugins.quantization import load_quantized_base
+        from plugins.quantization.adapters import lora_layers, remove_lora
 
         code = 0
         for task in TASKS:

@@ -37,12 +37,26 @@ class RunConfigSaver(SaveConfigCallback):
         self.already_saved = True
 
 
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` whose ``last.ckpt`` always holds the final weights of a finished fit.
+
+    Lightning writes ``last.ckpt`` at each ``every_n_train_steps`` save, and at the end of training only if none
+    was written before. A run whose ``max_steps`` is not a multiple of that interval (or that ``max_time`` stops)
+    therefore kept the weights of its last multiple: ``vlmc export --ckpt_path last.ckpt`` lost the final steps.
+    """
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        super().on_train_end(trainer, pl_module)
+
+
 class VLMCLI(LightningCLI):
     """LightningCLI with the project's defaults: W&B logger, atomic checkpoints, run summary."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(RunReport, "report")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 500})
 
     def before_instantiate_classes(self) -> None:

@@ -69,6 +69,17 @@ def test_fit_saves_its_config_in_the_run_folder(tmp_path: Path) -> None:
     assert not (tmp_path / "config.yaml").exists()
 
 
+def test_last_checkpoint_holds_the_final_step(tmp_path: Path) -> None:
+    """max_steps not a multiple of every_n_train_steps: last.ckpt is still the end of training (Lightning alone
+    kept the step-4 weights there), and the periodic checkpoints stay as they were."""
+    config = tiny_config(tmp_path, max_steps=6)  # checkpoints every 4 steps
+    main(["fit", "--config", str(config), "--trainer.limit_val_batches=0"])
+    folder = tmp_path / "ckpt"
+    last = torch.load(folder / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == 6
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch=0-step=4.ckpt", "last.ckpt"]
+
+
 @pytest.mark.parametrize("mode", ["offline", "disabled"])
 def test_fit_leaves_an_offline_wandb_run_unless_disabled(tmp_path: Path, mode: str) -> None:
     # A process of its own: W&B keeps its settings process-wide once a run has started.

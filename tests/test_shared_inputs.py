@@ -26,6 +26,7 @@ from plugins.quantization import (
     quantizers_of,
 )
 from plugins.quantization.adapters import attach_from_encodings
+from plugins.quantization.common import freeze_observers
 
 QAT = "plugins.quantization.QuantizationAwareTraining"
 GROUPS = [["q_proj", "k_proj", "v_proj"], ["gate_proj", "up_proj"]]
@@ -33,7 +34,7 @@ TEXT = {"include": "language_model", "exclude": "lm_head"}
 ACT8 = QuantSpec(bits=8, granularity="tensor", symmetric=False)
 
 
-def _qat_config(**kwargs) -> dict:  # noqa: ANN003
+def _qat_config(**kwargs) -> dict:
     return {"class_path": QAT, "init_args": {
         "weights": {"bits": 4, "granularity": "channel"},
         "activations": {"bits": 8, "granularity": "tensor", "symmetric": False},
@@ -105,6 +106,7 @@ def test_qat_fit_export_and_reload_keep_the_sharing(tmp_path: Path) -> None:
     inputs = _layer_inputs(cli.model.model)
     shared = inputs["self_attn.q_proj.input"]
     assert shared is inputs["self_attn.v_proj.input"] and shared.is_initialized
+    assert plugin.summary(cli.model.model)["shared_tensors"] == 3 * 2  # k, v and up in each of 2 layers
     # Scales learned once: one parameter in the optimizer, trained by all three consumers.
     params = [p for group in cli.trainer.optimizers[0].param_groups for p in group["params"]]
     assert len(params) == len({id(p) for p in params})
@@ -175,15 +177,12 @@ def test_integer_runtime_reproduces_fake_quant_with_shared_inputs(tmp_path: Path
     for q in plugin.quantizers.values():
         q.enabled, q.observing = not q.static or q.is_initialized, q in pending
     model(**batch)
-    plugin_freeze = pending
-    from plugins.quantization.common import freeze_observers
-
-    freeze_observers(plugin_freeze)
+    freeze_observers(pending)  # each shared quantizer once
     for q in plugin.quantizers.values():
         q.enabled, q.observing = True, False
     captured = {}
 
-    def grab(module, args, kwargs):  # noqa: ANN001, ANN202
+    def grab(module, args, kwargs):
         captured["embeds"] = kwargs["inputs_embeds"].detach().clone()
 
     handle = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)

@@ -23,6 +23,7 @@ from plugins.quantization.adapters import (
 )
 from plugins.quantization.config import ActivationSite, QuantSpec, check_spec
 from plugins.quantization.encodings import export_encodings, load_encodings, weight_codes
+from plugins.quantization.lora import QALFT
 from plugins.quantization.placement import (
     QuantLinear,
     attach_quantizers,
@@ -35,7 +36,6 @@ from plugins.quantization.placement import (
     share_quantizers,
     shared_input_map,
 )
-from plugins.quantization.lora import QALFT
 from plugins.quantization.ptq import PostTrainingQuantization
 from plugins.quantization.qat import QuantizationAwareTraining
 from plugins.quantization.quantizer import FakeQuantizer, fake_quantize, qparams_from_range
