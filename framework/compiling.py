@@ -47,8 +47,9 @@ class RecordingHook:
 
     def __init__(self, hook: Any) -> None:
         self.hook = hook
-        self.ran = False  # whether it ran in the current call: dynamo may run a frame eagerly (under a dispatch
-        # mode such as FlopCounterMode, past its recompile limit), and then the hook must not run twice
+        # Whether it ran in the current call: dynamo sometimes runs a block's frame eagerly (seen on a GPU under
+        # `vlmc bench`'s FLOP count; also past its recompile limit), and then the hook must not run a second time.
+        self.ran = False
 
     def __call__(self, module: nn.Module, args: tuple, output: Any) -> Any:
         if torch.compiler.is_compiling():
