@@ -173,3 +173,23 @@ def test_graph_count_does_not_grow_with_depth(plugin: str, tmp_path: Path, monke
     shallow = _compiled_fit(tmp_path / "shallow", monkeypatch, PLUGINS[plugin])
     deep = _compiled_fit(tmp_path / "deep", monkeypatch, PLUGINS[plugin], spec="experiments/models/llava-tiny.json")
     assert deep == shallow
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_fit_validates_generates_and_benches_on_a_gpu(mode: str, tmp_path: Path) -> None:
+    """What a compiled recipe does in its first minutes, at tiny scale: train with validation (teacher-forced and
+    generated), then `vlmc bench` with the plain loop, the FLOP count and the bf16 decode copy. A CUDA-graph run once
+    crashed at its first validation, and `vlmc bench` twice after its fit; this finds such faults in seconds."""
+    from framework.bench import main as bench
+    from framework.cli import main
+
+    data = {**DATA, "init_args": {**DATA["init_args"], "batch_size": 8}}
+    config = tiny_config(tmp_path, max_steps=6, data=data, accelerator="gpu", devices=1,
+                         precision="bf16-mixed", val_check_interval=3)
+    overrides = ["--model.init_args.compile=true", f"--model.init_args.compile_mode={mode}"]
+    main(["fit", "--config", str(config), *overrides])
+    results = bench(["--config", str(config), *overrides, "--steps", "4", "--warmup", "4", "--plain",
+                     "--new_tokens", "4", "--repeats", "1"])
+    assert results["steps_per_s"] > 0 and results["plain_loop_steps_per_s"] > 0 and results["generate_tokens_per_s"] > 0
