@@ -14,8 +14,8 @@ callback.setup -> module.setup -> module.configure_model -> checkpoint restore -
    restore, so a changed configuration fails with the keys that differ instead of silently continuing.
 4. Arguments are checked in ``__init__`` (errors name the YAML key); model-dependent checks in ``transform``.
 5. Modules are chosen with :class:`framework.selection.ModuleSelection`.
-6. Logs go to ``compression/<plugin name>/<metric>`` through :meth:`log_metric`; :meth:`summary` feeds the run's
-   machine-readable summary.
+6. Logs go to ``compression/<plugin name>/<metric>`` through :meth:`log_metric` (step metrics only on the steps
+   the trainer writes, every ``log_every_n_steps``); :meth:`summary` feeds the run's machine-readable summary.
 7. Export: :meth:`prepare_export` turns the trained model into what is deployed (e.g. bakes masks into weights)
    and :meth:`export_artifacts` writes the plugin's own files beside the HF model.
 8. :meth:`claims` names the parameters a plugin rewrites so two plugins that would fight over the same weights
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -141,11 +142,20 @@ class CompressionPlugin(Callback):
         self.load_plugin_state(state)
 
     # ----------------------------------------------------------------- logging and results
-    def log_metric(self, pl_module: LightningModule, metric: str, value: float | torch.Tensor, **kwargs: Any) -> None:
+    def log_metric(self, pl_module: LightningModule, metric: str,
+                   value: float | torch.Tensor | Callable[[], float | torch.Tensor], **kwargs: Any) -> None:
         """Log under ``compression/<name>/<metric>``. A one-element tensor is logged as it is: Lightning reads it
-        when it writes the logs (every ``log_every_n_steps``), so a per-step log costs no host-device sync."""
+        when it writes the logs (every ``log_every_n_steps``), so a per-step log costs no host-device sync.
+
+        A step-only metric (the default) is logged only on the steps whose logs the trainer writes: on the others
+        Lightning would overwrite it unread, and each call costs host time that a launch-bound GPU step waits
+        for. ``value`` may be a callable, evaluated only when the metric is logged."""
         kwargs.setdefault("on_step", True)
         kwargs.setdefault("on_epoch", False)
+        if kwargs["on_step"] and not kwargs["on_epoch"] and not writes_step_logs(getattr(pl_module, "_trainer", None)):
+            return
+        if callable(value):
+            value = value()
         value = value.detach().reshape(()) if isinstance(value, torch.Tensor) else float(value)
         pl_module.log(f"compression/{self.name}/{metric}", value, **kwargs)
 
@@ -160,6 +170,18 @@ class CompressionPlugin(Callback):
     def export_artifacts(self, model: nn.Module, directory: Path) -> list[str]:
         """Write the plugin's own files into ``directory``; return their names."""
         return []
+
+
+def writes_step_logs(trainer: Trainer | None) -> bool:
+    """Whether ``trainer`` writes the step metrics logged now (every ``log_every_n_steps``-th step and the last);
+    true outside a trainer, or where Lightning cannot tell."""
+    connector = getattr(trainer, "_logger_connector", None)
+    if connector is None:
+        return True
+    try:
+        return bool(connector.should_update_logs)
+    except (AttributeError, NotImplementedError):
+        return True
 
 
 def find_plugins(trainer: Trainer | None) -> list[CompressionPlugin]:

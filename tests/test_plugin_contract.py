@@ -91,6 +91,38 @@ def test_fit_applies_schedule_and_logs(tmp_path: Path) -> None:
     assert sum(k.endswith("channel_mask") for k in state) == len(plugin.layers)
 
 
+def test_step_metrics_are_logged_only_where_the_trainer_writes_them(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lightning writes step metrics every ``log_every_n_steps`` (and overwrites the others unread): plugins log
+    them, and compute lazy ones, only then, since each call costs host time a GPU step waits for. The written
+    logs are what they were."""
+    import csv
+
+    from lightning.pytorch import LightningModule
+
+    calls: list[tuple[int, str]] = []
+    original = LightningModule.log
+
+    def counting_log(self, name, value, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if name.startswith("compression/"):
+            calls.append((self.trainer.global_step, name))
+        return original(self, name, value, *args, **kwargs)
+
+    monkeypatch.setattr(LightningModule, "log", counting_log)
+    callbacks = [{"class_path": "plugins.channel_ablation.ChannelAblation",
+                  "init_args": {"fraction": 0.25, "start_step": 3}}]
+    logger = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path / "csv")}}
+    cli = make_cli(tiny_config(tmp_path, max_steps=8, callbacks=callbacks, log_every_n_steps=4, logger=logger,
+                               limit_val_batches=0))
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    # on_train_batch_end runs before global_step counts the batch's step: steps 3 and 7 are the 4th and 8th batch.
+    assert sorted({step for step, _ in calls}) == [3, 7], calls
+    rows = list(csv.DictReader(next((tmp_path / "csv").rglob("metrics.csv")).open()))
+    written = [r for r in rows if r.get("compression/channel_ablation/active")]
+    assert [int(r["step"]) for r in written] == [3, 7]
+    assert [float(r["compression/channel_ablation/active"]) for r in written] == [1.0, 1.0]
+
+
 @pytest.mark.parametrize("family", sorted(FAMILY_SPECS))
 def test_export_round_trip(tmp_path: Path, family: str) -> None:
     from transformers import AutoModelForImageTextToText

@@ -262,7 +262,7 @@ class L0Pruning(CompressionPlugin):
             self.log_metric(pl_module, "lambda2", masks.lambda2)
             self.log_metric(pl_module, "stage", float(STAGES.index(masks.stage)))
             self.log_metric(pl_module, "tau", masks.tau)
-            self.log_metric(pl_module, "fractional_gates", self.fractional_gates())
+            self.log_metric(pl_module, "fractional_gates", self.fractional_gates)  # computed only when logged
 
     def fractional_gates(self) -> torch.Tensor:
         """Share of the current gates strictly between 0 and 1 (wasted parameters if deployed as they are)."""

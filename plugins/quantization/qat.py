@@ -234,7 +234,7 @@ class QuantizationAwareTraining(QuantizedModules):
         self.log_metric(pl_module, "active", float(phase in ("learning", "frozen")))
         self.log_metric(pl_module, "calibrating", float(phase == "calibrating"))
         self.log_metric(pl_module, "frozen", float(phase == "frozen"))
-        self.log_metric(pl_module, "weight_bits", self.weight_bits() if phase != "float" else 32.0)
+        self.log_metric(pl_module, "weight_bits", self.weight_bits if phase != "float" else 32.0)
 
     def _eval_phase(self) -> None:
         started = self.started or any(q.is_initialized for q in self.quantizers.values() if q.static)
