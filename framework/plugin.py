@@ -31,8 +31,8 @@ callback.setup -> module.setup -> module.configure_model -> checkpoint restore -
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
