@@ -19,7 +19,7 @@ from typing_extensions import override
 from framework.compiling import compile_blocks
 from framework.metrics import MeanTokenLoss, TaskMetrics
 from framework.models import load_vlm
-from framework.plugin import check_plugins, find_plugins
+from framework.plugin import check_plugins, find_plugins, writes_step_logs
 from framework.processing import VLMProcessor, family_for
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -186,12 +186,16 @@ class VLMModule(pl.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         out = self.model(**training_inputs(batch))
         # A progress-bar metric is read back to the host every step (a sync on a GPU): only when a bar shows it.
+        # Otherwise step metrics are logged only on the steps the trainer writes (each call costs host time).
         shown = self._trainer is not None and self._trainer.progress_bar_callback is not None
-        self.log("train/loss", out.loss, prog_bar=shown, batch_size=batch["num_answer_tokens"])
+        logging = shown or writes_step_logs(self._trainer)
+        if logging:
+            self.log("train/loss", out.loss, prog_bar=shown, batch_size=batch["num_answer_tokens"])
         loss = out.loss
         for plugin in find_plugins(self._trainer):
             for term, value in plugin.loss_terms(self.model, batch, out).items():
-                self.log(f"compression/{plugin.name}/loss_{term}", value.detach(), on_step=True, on_epoch=False)
+                if logging:
+                    self.log(f"compression/{plugin.name}/loss_{term}", value.detach(), on_step=True, on_epoch=False)
                 loss = loss + value
         return loss
 
