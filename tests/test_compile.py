@@ -44,6 +44,10 @@ PLUGINS: dict[str, list[dict[str, Any]]] = {
 # Stacked: one phase change each (the magnitude 2:4 ramp; the activation score also toggles its statistics hook,
 # which multiplies the variants, a fixed set however many layers there are).
 PLUGINS["qat+ramp"] = PLUGINS["qat"] + PLUGINS["ramp_2of4"]
+# One input quantizer shared by the siblings that read one tensor (a module under several parents in one block).
+PLUGINS["qat_shared_inputs"] = [{**PLUGINS["qat"][0], "init_args": {
+    **PLUGINS["qat"][0]["init_args"], "targets": {"include": "language_model", "exclude": "lm_head"},
+    "shared_inputs": [["q_proj", "k_proj", "v_proj"], ["gate_proj", "up_proj"]]}}]
 
 
 def _eager_backend(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -157,7 +161,7 @@ def test_cuda_graph_modes_compile_training_steps_only(mode: str, monkeypatch: py
         assert out.shape[1] == prompt["input_ids"].shape[1] + 3
 
 
-@pytest.mark.parametrize("plugin", ["qat", "l0", "ramp", "ramp_2of4", "ablation", "qat+ramp"])
+@pytest.mark.parametrize("plugin", ["qat", "l0", "ramp", "ramp_2of4", "ablation", "qat+ramp", "qat_shared_inputs"])
 def test_plugin_keeps_blocks_compiled(plugin: str, baseline: dict[str, int], tmp_path: Path,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
     counts = _compiled_fit(tmp_path, monkeypatch, PLUGINS[plugin])
