@@ -446,6 +446,34 @@ def test_qat_learns_scales_up_to_8_bits_and_keeps_wider_ones_calibrated(tmp_path
         torch.testing.assert_close(quantizer.scale.detach(), scale.reshape(quantizer.scale.shape), atol=0, rtol=0)
 
 
+def test_qat_settles_after_calibration(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once calibration is over, learning steps set the same flags every time: they skip the walk over every
+    quantizer (host time on a GPU), until a validation changes the flags and the next step sets them again."""
+    walks: list[int] = []
+    original = QuantizationAwareTraining.uncalibrated_weights
+
+    def counting(self, model):  # noqa: ANN001, ANN202
+        walks.append(self._step_seen)
+        return original(self, model)
+
+    def seen(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001, ANN202
+        self._step_seen = trainer.global_step
+        return on_batch_start(self, trainer, pl_module, batch, batch_idx)
+
+    on_batch_start = QuantizationAwareTraining.on_train_batch_start
+    monkeypatch.setattr(QuantizationAwareTraining, "uncalibrated_weights", counting)
+    monkeypatch.setattr(QuantizationAwareTraining, "on_train_batch_start", seen)
+    qat = _qat({"bits": 4, "granularity": "channel"}, {"bits": 8, "granularity": "tensor", "symmetric": False},
+               start_step=1, calibration_batches=2)
+    cli = make_cli(tiny_config(tmp_path, max_steps=10, callbacks=[qat], val_check_interval=6))
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    # Step 1 calibrates the weights (a second walk inside that), steps 1-2 observe, step 3 freezes and settles; the
+    # validation after step 6 unsettles, and step 6 settles again.
+    assert walks == [1, 1, 2, 3, 6], walks
+    plugin = _plugin(cli, QuantizationAwareTraining)
+    assert all(q.enabled and not q.observing for q in plugin.quantizers.values())
+
+
 def test_qat_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     qat = _qat({"bits": 4, "granularity": "group", "group_size": 16},
                {"bits": 8, "granularity": "tensor", "symmetric": False, "observer": "percentile"},

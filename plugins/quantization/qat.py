@@ -131,6 +131,9 @@ class QuantizationAwareTraining(QuantizedModules):
         self.learn_scales_max_bits = learn_scales_max_bits
         self.started = False
         self._freeze_step: int | None = None
+        # The phase whose quantizer flags are all set and stay so until the phase changes or an evaluation resets
+        # them: steps in it skip the walk over every quantizer (host time a launch-bound GPU step waits for).
+        self._settled_phase: str | None = None
         self._model: nn.Module | None = None
 
     # ------------------------------------------------------------------ structure
@@ -185,6 +188,9 @@ class QuantizationAwareTraining(QuantizedModules):
 
     def _apply_phase(self, trainer: pl.Trainer, model: nn.Module, *, training: bool) -> None:
         step = trainer.global_step
+        phase = self.phase(step)
+        if training and phase == self._settled_phase:
+            return
         if step < self.start_step:
             for quantizer in self.quantizers.values():
                 quantizer.enabled = quantizer.observing = False
@@ -207,6 +213,8 @@ class QuantizationAwareTraining(QuantizedModules):
                 freeze_observers(to_freeze)
         for quantizer in to_freeze:
             quantizer.enabled = True
+        # Learning and frozen steps set the same flags every time once calibration is over.
+        self._settled_phase = phase if training and phase in ("learning", "frozen") else None
 
     # ------------------------------------------------------------------ hooks
     @override
@@ -228,8 +236,9 @@ class QuantizationAwareTraining(QuantizedModules):
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        for quantizer in self.quantizers.values():
-            quantizer.observing = False
+        if self._settled_phase is None:  # observers only ever run while unsettled (calibration)
+            for quantizer in self.quantizers.values():
+                quantizer.observing = False
         phase = self.phase(trainer.global_step - 1) if trainer.global_step else "float"
         self.log_metric(pl_module, "active", float(phase in ("learning", "frozen")))
         self.log_metric(pl_module, "calibrating", float(phase == "calibrating"))
@@ -237,6 +246,7 @@ class QuantizationAwareTraining(QuantizedModules):
         self.log_metric(pl_module, "weight_bits", self.weight_bits if phase != "float" else 32.0)
 
     def _eval_phase(self) -> None:
+        self._settled_phase = None  # training flags are set again at the next training step
         started = self.started or any(q.is_initialized for q in self.quantizers.values() if q.static)
         for quantizer in self.quantizers.values():
             quantizer.observing = False
