@@ -32,6 +32,7 @@ from plugins.quantization import (
     quantization_disabled,
     quantizers_of,
 )
+from plugins.quantization.common import freeze_observers
 from plugins.quantization.encodings import decode_entries
 from plugins.quantization.placement import QuantLinear
 from plugins.quantization.quantizer import qparams_from_range
@@ -595,12 +596,14 @@ def test_agreement_against_a_float_reference_model(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- encodings
-def _quantized_model(weights: QuantSpec, activations: QuantSpec | None, kv: QuantSpec | None = None):  # noqa: ANN202
+def _quantized_model(weights: QuantSpec, activations: QuantSpec | None, kv: QuantSpec | None = None,  # noqa: ANN202
+                     shared_inputs: list[list[str]] | None = None):
     loaded = load_vlm(str(FAMILY_SPECS["llava"]))
     torch.manual_seed(0)
     plugin = PostTrainingQuantization(
         weights=weights, activations=activations, targets=ModuleSelection(include="language_model"),
-        activation_sites=[ActivationSite(ModuleSelection(**KV), ["output"], kv)] if kv else None)
+        activation_sites=[ActivationSite(ModuleSelection(**KV), ["output"], kv)] if kv else None,
+        shared_inputs=shared_inputs)
     plugin.transform(loaded.model)
     model = loaded.model.eval()
     batch = _batch(loaded)
@@ -610,8 +613,7 @@ def _quantized_model(weights: QuantSpec, activations: QuantSpec | None, kv: Quan
         q.enabled = not q.static or q.is_initialized
         q.observing = q in pending
     model(**batch)
-    for q in pending:
-        q.freeze_observer()
+    freeze_observers(pending)  # a shared quantizer once
     for q in plugin.quantizers.values():
         q.enabled, q.observing = True, False
     return loaded, plugin, batch
@@ -692,17 +694,20 @@ def test_encodings_round_trip_and_strict_loading() -> None:
 
 # ---------------------------------------------------------------------------------------------- integer runtime
 @pytest.mark.parametrize(
-    ("weights", "kv"),
+    ("weights", "kv", "shared_inputs"),
     [
-        (QuantSpec(bits=8, granularity="channel"), None),
-        (QuantSpec(bits=4, granularity="channel"), QuantSpec(bits=8, granularity="token", mode="dynamic")),
-        (QuantSpec(bits=4, granularity="group", group_size=16), QuantSpec(bits=8, granularity="tensor")),
-        (QuantSpec(bits=4, granularity="channel", symmetric=False), None),
+        (QuantSpec(bits=8, granularity="channel"), None, None),
+        (QuantSpec(bits=4, granularity="channel"), QuantSpec(bits=8, granularity="token", mode="dynamic"), None),
+        (QuantSpec(bits=4, granularity="group", group_size=16), QuantSpec(bits=8, granularity="tensor"), None),
+        (QuantSpec(bits=4, granularity="channel", symmetric=False), None, None),
+        (QuantSpec(bits=4, granularity="channel"), None, [["q_proj", "k_proj", "v_proj"], ["gate_proj", "up_proj"]]),
     ],
-    ids=["w8a8-channel", "w4a8-channel-kv-token", "w4a8-group16-kv-static", "w4a8-asym"],
+    ids=["w8a8-channel", "w4a8-channel-kv-token", "w4a8-group16-kv-static", "w4a8-asym", "w4a8-shared-inputs"],
 )
-def test_integer_runtime_reproduces_fake_quant(tmp_path: Path, weights: QuantSpec, kv: QuantSpec | None) -> None:
-    loaded, plugin, batch = _quantized_model(weights, QuantSpec(bits=8, granularity="tensor", symmetric=False), kv)
+def test_integer_runtime_reproduces_fake_quant(tmp_path: Path, weights: QuantSpec, kv: QuantSpec | None,
+                                               shared_inputs: list[list[str]] | None) -> None:
+    loaded, plugin, batch = _quantized_model(weights, QuantSpec(bits=8, granularity="tensor", symmetric=False), kv,
+                                             shared_inputs)
     model = loaded.model
     captured = {}
 

@@ -1,4 +1,7 @@
-"""Shared input quantizers: siblings that read one tensor (q/k/v, gate/up) quantize it once, with one encoding."""
+"""Shared input quantizers: siblings that read one tensor (q/k/v, gate/up) quantize it once, with one encoding.
+
+The integer runtime on a shared-input export: ``tests/test_quantization.py::test_integer_runtime_reproduces_fake_quant``.
+"""
 
 from __future__ import annotations
 
@@ -11,14 +14,9 @@ from conftest import FAMILY_SPECS
 from helpers import StopAt, make_cli, model_state, tiny_config
 
 from framework.cli import main
-from framework.data.tasks import make_task
-from framework.export import export_model
-from framework.metrics import Top1Agreement
 from framework.models import load_vlm
-from framework.processing import VLMProcessor, family_for
 from framework.selection import ModuleSelection
 from plugins.quantization import (
-    IntegerRuntime,
     PostTrainingQuantization,
     QuantizationAwareTraining,
     QuantSpec,
@@ -26,7 +24,6 @@ from plugins.quantization import (
     quantizers_of,
 )
 from plugins.quantization.adapters import attach_from_encodings
-from plugins.quantization.common import freeze_observers
 
 QAT = "plugins.quantization.QuantizationAwareTraining"
 GROUPS = [["q_proj", "k_proj", "v_proj"], ["gate_proj", "up_proj"]]
@@ -160,40 +157,3 @@ def test_qat_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
         torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6, msg=key)
     inputs = _layer_inputs(resumed.model.model)
     assert inputs["self_attn.q_proj.input"] is inputs["self_attn.k_proj.input"]
-
-
-# ---------------------------------------------------------------------------------------------- integer runtime
-def test_integer_runtime_reproduces_fake_quant_with_shared_inputs(tmp_path: Path) -> None:
-    loaded = load_vlm(str(FAMILY_SPECS["llava"]))
-    torch.manual_seed(0)
-    plugin = PostTrainingQuantization(weights=QuantSpec(bits=4, granularity="channel"), activations=ACT8,
-                                      targets=ModuleSelection(include="language_model"), shared_inputs=GROUPS)
-    plugin.transform(loaded.model)
-    model = loaded.model.eval()
-    processor = VLMProcessor(family_for(model.config, loaded.tokenizer, loaded.image_processor), 512)
-    batch = processor.encode([make_task("caption", image_size=64)[0], make_task("autofill", image_size=64)[1]])
-    plugin.init_weight_quantizers(model)
-    pending = list(plugin.static_quantizers("activation").values())
-    for q in plugin.quantizers.values():
-        q.enabled, q.observing = not q.static or q.is_initialized, q in pending
-    model(**batch)
-    freeze_observers(pending)  # each shared quantizer once
-    for q in plugin.quantizers.values():
-        q.enabled, q.observing = True, False
-    captured = {}
-
-    def grab(module, args, kwargs):
-        captured["embeds"] = kwargs["inputs_embeds"].detach().clone()
-
-    handle = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
-    with torch.no_grad():
-        fake = model(**batch).logits
-    handle.remove()
-    out = export_model(model, loaded.tokenizer, loaded.image_processor, tmp_path / "export", [plugin])
-    logits = IntegerRuntime(out)(inputs_embeds=captured["embeds"], attention_mask=batch["attention_mask"])
-    mask = batch["attention_mask"].bool()
-    top2 = fake.topk(2, dim=-1).values
-    decided = mask & (top2[..., 0] - top2[..., 1] > 1e-3)
-    agreement = Top1Agreement()
-    agreement.update(logits, fake, decided)
-    assert float(agreement.compute()) == 1.0 and int(decided.sum()) >= 0.8 * int(mask.sum())
