@@ -187,9 +187,9 @@ class QuantizedModules(CompressionPlugin):
             found.update(attach_quantizers(model, None, site.spec or self.activations, site.targets, site.points,
                                            key=f"{key}.activation_sites[{index}]"))
         if self.shared_inputs:
-            share_quantizers(model, shared_input_map(model, self.shared_inputs, found, key=f"{key}.shared_inputs"))
-            shared = quantizers_of(model)
-            found = {name: shared[name] for name in found}
+            sharing = shared_input_map(model, self.shared_inputs, found, key=f"{key}.shared_inputs")
+            share_quantizers(model, sharing)
+            found.update({tensor: found[canonical] for tensor, canonical in sharing.items()})
         for quantizer in found.values():
             quantizer.enabled = quantizer.observing = False  # the callback switches them on
         self.quantizers = found
