@@ -191,7 +191,7 @@ def test_compiled_fit_validates_generates_and_benches_on_a_gpu(mode: str, tmp_pa
 
     data = {**DATA, "init_args": {**DATA["init_args"], "batch_size": 8}}
     config = tiny_config(tmp_path, max_steps=6, data=data, accelerator="gpu", devices=1,
-                         precision="bf16-mixed", val_check_interval=3)
+                         precision="bf16-mixed", val_check_interval=3, logger=False)
     overrides = ["--model.init_args.compile=true", f"--model.init_args.compile_mode={mode}"]
     main(["fit", "--config", str(config), *overrides])
     results = bench(["--config", str(config), *overrides, "--steps", "4", "--warmup", "4", "--plain",

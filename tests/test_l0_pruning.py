@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 import json
 import math
+import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -388,22 +390,38 @@ def test_training_step_adds_no_read_back(method: str) -> None:
     assert counts[1] == counts[0], counts
 
 
+def _cuda_syncs(step: Any) -> int:
+    """Synchronising CUDA calls made by ``step()``, counted through the sync debug mode's warnings."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("method", ["plain", "improved"])
-def test_cuda_training_step_never_synchronises(method: str) -> None:
-    """Under CUDA's sync debug mode (raises on a sync): the gates' noise is drawn on the GPU, not copied there."""
+def test_cuda_training_step_adds_no_synchronisation(method: str) -> None:
+    """The gates' noise is drawn on the GPU, not copied there: an L0 step synchronises exactly as often as the bare
+    model's step (transformers' own mask checks read values back, so the bare count need not be zero)."""
+    ids = torch.randint(3, 100, (2, 8), device="cuda")
+    bare = load_vlm(str(FAMILY_SPECS["llava"])).model.cuda().train()
     model = load_vlm(str(FAMILY_SPECS["llava"])).model.cuda().train()
     plugin = L0Pruning(target_fraction=0.5, method=method)
     plugin.transform(model)
     masks = getattr(model, MASKS_ATTR)
     masks.step, masks.total_steps = 1, 100
-    ids = torch.randint(3, 100, (2, 8), device="cuda")
-    _l0_step(model, plugin, ids)  # first call: cached shape counts, lazily built index tensors
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        masks.step = 2
-        _l0_step(model, plugin, ids)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+
+    def bare_step() -> None:
+        bare(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+
+    bare_step()
+    _l0_step(model, plugin, ids)  # first calls: cached shape counts, lazily built index tensors
+    masks.step = 2
+    assert _cuda_syncs(lambda: ids.sum().item()) == 1  # the count sees a read-back
+    assert _cuda_syncs(lambda: _l0_step(model, plugin, ids)) == _cuda_syncs(bare_step)

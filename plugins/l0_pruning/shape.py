@@ -11,7 +11,9 @@ Qwen2-VL's attention derives ``head_dim`` from ``hidden_size / num_attention_hea
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -83,7 +85,9 @@ def count_params(shape: MaskShape, facts: TowerFacts, probs: dict[str, torch.Ten
     D, hd = p["hidden"].sum(), shape.head_dim
     q = p["heads"].sum(-1)
     groups = p["heads"].view(shape.layers, -1, shape.group)
-    kv = (1 - torch.prod(1 - groups, dim=-1)).sum(-1)
+    # A KV group is kept unless all its query heads are dropped. The product is written out: torch.prod's
+    # backward checks its input for zeros, a read-back that would make every training step wait for the GPU.
+    kv = (1 - functools.reduce(operator.mul, (1 - groups).unbind(-1))).sum(-1)
     I = p["mlp"].sum(-1)
     a, m = p["layers"][:, 0], p["layers"][:, 1]
     attn = a * (2 * D * hd * (q + kv) + facts.q_bias * q * hd + facts.kv_bias * 2 * kv * hd + facts.o_bias * D)
