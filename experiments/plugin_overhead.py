@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--compile", action="store_true",
                         help="both halves with regional torch.compile (model.compile: each transformer block, with the "
                              "plugin's quantizers, masks and hooks inside it)")
+    parser.add_argument("--num_workers", type=int, default=None,
+                        help="data workers (default: the config's); fewer leave the host's cores to the training loop")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", help="write the rows as JSON here")
     opts = parser.parse_args(argv)
@@ -78,6 +80,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
               "--without_plugins"]
     if opts.compile:
         common.append("--model.init_args.compile=true")
+    if opts.num_workers is not None:
+        common.append(f"--data.init_args.num_workers={opts.num_workers}")
     if opts.smoke:
         common += ["--model.init_args.model=experiments/models/llava-test.json", "--trainer.accelerator=cpu",
                    "--trainer.precision=32-true", "--data.init_args.image_size=64", "--data.init_args.num_workers=0",
@@ -92,12 +96,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                          "compiled": opts.compile,
                          "step_ms_without": 1e3 * result["step_s_without_plugins"],
                          "step_ms_with": 1e3 * result["step_s_with_plugins"],
-                         "overhead": result["plugin_overhead"], "overhead_median": result["plugin_overhead_median"]})
+                         "overhead": result["plugin_overhead"], "overhead_median": result["plugin_overhead_median"],
+                         "step_ms_with_each": result["step_ms_with_plugins"],
+                         "step_ms_without_each": result["step_ms_without_plugins"]})
             if opts.out:  # after every row: a run cut short keeps what it measured
                 from framework.io import atomic_write_json
 
                 atomic_write_json(Path(opts.out), {"rows": rows, "argv": sys.argv[1:] if argv is None else argv})
-    columns = list(rows[0])
+    columns = [c for c in rows[0] if not c.endswith("_each")]
     print("  ".join(columns))
     for row in rows:
         print("  ".join(f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in columns))

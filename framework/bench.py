@@ -292,6 +292,9 @@ def plugin_overhead(args: list[str], steps: int, warmup: int, with_plugins: Step
         # Medians drop the steps where a plugin does its periodic work; a large gap to the mean ratio says so.
         "plugin_overhead_median": (statistics.median(with_plugins.compute_times)
                                    / statistics.median(without.compute_times)),
+        # Every timed step, so a trend (a recompile, a fallback to eager) shows apart from periodic work.
+        "step_ms_with_plugins": [round(1e3 * t, 3) for t in with_plugins.compute_times],
+        "step_ms_without_plugins": [round(1e3 * t, 3) for t in without.compute_times],
     }
 
 
