@@ -7,6 +7,7 @@ on them) with one plugin configured, so both halves of a ratio share the machine
     python experiments/plugin_overhead.py --smoke      # tiny model on a CPU, checks the wiring
     python experiments/plugin_overhead.py --plugins qat_w4a8 --out overhead_qat.json
     python experiments/plugin_overhead.py --plugins qat_w4a8 --compile    # both halves regionally compiled
+    python experiments/plugin_overhead.py --compile --cudagraphs    # and replayed as CUDA graphs
 
 ``qat_w4a8`` is the quantization study's QAT W4A8 placement (4-bit per-channel weights, static 8-bit Linear inputs,
 per-token KV cache, projector output) with scales learned throughout the timed steps (its costliest phase).
@@ -66,6 +67,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--compile", action="store_true",
                         help="both halves with regional torch.compile (model.compile: each transformer block, with the "
                              "plugin's quantizers, masks and hooks inside it)")
+    parser.add_argument("--cudagraphs", action="store_true",
+                        help="with --compile: CUDA graphs (compile_mode=reduce-overhead, every batch padded to "
+                             "max_length), as the CUDA-graph recipes train")
     parser.add_argument("--num_workers", type=int, default=None,
                         help="data workers (default: the config's); fewer leave the host's cores to the training loop")
     parser.add_argument("--smoke", action="store_true")
@@ -80,6 +84,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
               "--without_plugins"]
     if opts.compile:
         common.append("--model.init_args.compile=true")
+    if opts.cudagraphs:
+        if not opts.compile:
+            parser.error("--cudagraphs needs --compile")
+        common += ["--model.init_args.compile_mode=reduce-overhead", "--data.init_args.pad_to_max_length=true"]
     if opts.num_workers is not None:
         common.append(f"--data.init_args.num_workers={opts.num_workers}")
     if opts.smoke:
@@ -93,7 +101,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             config.write_text(yaml.safe_dump({"trainer": {"callbacks": [PLUGINS[name]]}}))
             result = bench(common + ["--config", str(config)])
             rows.append({"plugin": name, "device": result["device"], "batch_size": opts.batch_size,
-                         "compiled": opts.compile,
+                         "compiled": opts.compile, "cudagraphs": opts.cudagraphs,
                          "step_ms_without": 1e3 * result["step_s_without_plugins"],
                          "step_ms_with": 1e3 * result["step_s_with_plugins"],
                          "overhead": result["plugin_overhead"], "overhead_median": result["plugin_overhead_median"],
