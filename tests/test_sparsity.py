@@ -30,7 +30,7 @@ from plugins.sparsity import (
     weight_mask_of,
     weight_score,
 )
-from plugins.sparsity.layer import fold_stats, lowest_k
+from plugins.sparsity.layer import fold_stats, kth_smallest, lowest_k, sparsity_of
 
 RAMP = "plugins.sparsity.SparsityRamp"
 ONESHOT = "plugins.sparsity.OneShotPruning"
@@ -140,6 +140,11 @@ def test_masks_have_exact_counts_and_nm_structure() -> None:
     assert 0.5 < (~glob["b"]).float().mean() < 0.9
     # Ties (already-pruned zeros) still give exact counts.
     assert int(lowest_k(torch.zeros(10), 3).sum()) == 3
+    # The GPU's sort-based threshold picks the same value as kthvalue, ties included.
+    values = torch.randint(0, 50, (4000,)).float()
+    for k in (1, 17, 2000, 4000):
+        assert kth_smallest(values, k, by_sort=True) == kth_smallest(values, k, by_sort=False)
+    assert sparsity_of([~layer["a"], layer["b"]]) == (int(layer["a"].sum()) + int((~layer["b"]).sum())) / (16 * 32 + 8 * 64)
     for n, m in [(2, 4), (4, 8), (1, 4)]:
         full = nm_masks(scores, n, m)
         for mask in full.values():

@@ -98,8 +98,11 @@ def bake_weight_mask(layer: nn.Linear) -> None:
 def sparsity_of(masks: list[torch.Tensor]) -> float:
     """Share of pruned entries over all ``masks`` together."""
     total = sum(m.numel() for m in masks)
-    pruned = sum(int(m.numel() - m.sum().item()) for m in masks)
-    return pruned / total if total else 0.0
+    if not total:
+        return 0.0
+    # One read-back for all layers, not one per layer.
+    pruned = torch.stack([m.numel() - m.sum() for m in masks]).sum().item()
+    return int(pruned) / total
 
 
 def follows_nm(tensor: torch.Tensor, n: int, m: int) -> bool:
@@ -223,6 +226,15 @@ def normalised(score: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     return score / torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
+def kth_smallest(flat: torch.Tensor, k: int, by_sort: bool | None = None) -> torch.Tensor:
+    """The ``k``-th smallest entry (1-based) of a 1-D tensor. On a GPU it is read off a sort: CUDA's kthvalue
+    selects within one thread block per slice, slow for a whole weight matrix; on a CPU kthvalue's linear-time
+    selection is the faster one. Both give the same value."""
+    if by_sort is None:
+        by_sort = flat.is_cuda
+    return flat.sort().values[k - 1] if by_sort else flat.kthvalue(k).values
+
+
 def lowest_k(values: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean tensor marking exactly ``k`` smallest entries of ``values`` (ties go to the earliest positions)."""
     flat = values.reshape(-1)
@@ -230,7 +242,7 @@ def lowest_k(values: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros_like(values, dtype=torch.bool)
     if k >= flat.numel():
         return torch.ones_like(values, dtype=torch.bool)
-    threshold = flat.kthvalue(k).values
+    threshold = kth_smallest(flat, k)
     below = flat < threshold
     ties = flat == threshold
     chosen = ties & (ties.cumsum(0) <= k - below.sum())
