@@ -7,6 +7,7 @@
 #   REUSE=... RERUN="dense_finetune ramp75 ramp2of4" bash experiments/run_gpu_studies.sh   # and these again
 #   QUANT_STAGES="mixed qalft runtime collect" bash experiments/run_gpu_studies.sh      # some quantization stages
 #   RECIPES="256:8.0e-4 256:8.0e-4::0.3" bash experiments/run_gpu_studies.sh recipes    # only recipes, one per GPU
+#   RECIPE_STEPS=5400 RECIPES="256:8.0e-4:cudagraphs" bash experiments/run_gpu_studies.sh recipes  # no sizing benchmark
 #   RECIPES="256:8.0e-4:::digits" ...  # with the digit-splitting tokenizer (framework/assets/tokenizer_digits.json)
 #   RECIPES="256:8.0e-4::::vision_tower=0.5" ...  # model.lr_multipliers: the vision tower at half the learning rate
 #
@@ -70,6 +71,7 @@ STUDY_GPUS=(--gpus "$GPUS" --reserved_gpus "$RESERVED")
 recipe() {
   local name=$1 gpu=$2 batch=$3 lr=$4 mode=${5:-} decay=${6:-} tokenizer=${7:-} multipliers=${8:-} cfg
   # A mode whose benchmark fails falls back: cudagraphs -> compile -> eager (the log says which one trained).
+  # RECIPE_STEPS=N trains N steps with no sizing benchmark (a recipe then fits one 10-minute job on its own).
   while :; do
     cfg=(--config experiments/pretrain/gpu_base.yaml --config experiments/csv_logger.yaml
          --data.init_args.batch_size="$batch" --model.init_args.lr="$lr" --data.init_args.num_workers=14)
@@ -83,18 +85,20 @@ recipe() {
       cudagraphs) cfg+=(--model.init_args.compile=true --model.init_args.compile_mode=reduce-overhead
                         --data.init_args.pad_to_max_length=true) ;;
     esac
+    [ -n "${RECIPE_STEPS:-}" ] && break
     CUDA_VISIBLE_DEVICES=$gpu $PY -m framework.cli bench "${cfg[@]}" --steps 40 --warmup 40 --plain \
       --new_tokens 16 --repeats 1 --out "$RES/gpu/bench_$name.json" > "$WORK/logs/bench_${name}_${mode:-eager}.log" 2>&1 \
       && break
     log "$name: benchmark in mode ${mode:-eager} failed"
     case "$mode" in cudagraphs) mode=compile ;; compile) mode= ;; *) break ;; esac
   done
-  local steps
-  steps=$($PY -c "import json,sys; r=json.load(open(sys.argv[1])); print(int(r['steps_per_s'] * float(sys.argv[2]) // 100 * 100))" \
+  local steps=${RECIPE_STEPS:-}
+  [ -n "$steps" ] || steps=$($PY -c "import json,sys; r=json.load(open(sys.argv[1])); print(int(r['steps_per_s'] * float(sys.argv[2]) // 100 * 100))" \
           "$RES/gpu/bench_$name.json" "${RECIPE_SECONDS:-$([ -n "$mode" ] && echo 360 || echo 540)}" 2>/dev/null || echo 2000)
   log "$name: batch $batch lr $lr mode ${mode:-eager}, $steps steps"
   local start=$(date +%s)
-  CUDA_VISIBLE_DEVICES=$gpu timeout 600 $PY -m framework.cli fit "${cfg[@]}" --trainer.max_steps="$steps" \
+  # -k: Lightning handles SIGTERM itself, and a run stuck in a CUDA call can outlive it; KILL follows 30 s later.
+  CUDA_VISIBLE_DEVICES=$gpu timeout -k 30 600 $PY -m framework.cli fit "${cfg[@]}" --trainer.max_steps="$steps" \
     --trainer.val_check_interval=$((steps / 4)) --trainer.check_val_every_n_epoch=null --trainer.max_time=00:00:09:00 \
     --trainer.enable_progress_bar=false --checkpoint.dirpath="$WORK/ckpt/$name" \
     --trainer.logger.init_args.save_dir="$WORK/runs/$name" \
