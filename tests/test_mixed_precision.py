@@ -76,10 +76,12 @@ def test_sensitivity_rows_and_lower_bits_hurt_more(metric: str) -> None:
         assert set(row) == {"layer", "params", "bits", "delta"}
         assert row["params"] == model.get_submodule(row["layer"]).weight.numel()
     mean = {b: sum(r["delta"] for r in rows if r["bits"] == b) / len(layers) for b in OPTIONS}
-    assert mean[2] > mean[4] > mean[8], mean
+    assert mean[2] > mean[3] > max(mean[4], mean[8]), mean
     if metric == "kl":
+        # The loss change at 4 and 8 bits is at float noise on this tiny model (~1e-6, either order across CPUs);
+        # the KL is not, and orders every width.
         assert all(r["delta"] >= -1e-6 for r in rows)
-        assert mean[2] > mean[3] > mean[4]
+        assert mean[4] > mean[8], mean
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "weights are restored exactly"
     assert model.training == mode, "train / eval modes are restored"
