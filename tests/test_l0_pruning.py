@@ -356,16 +356,44 @@ def _l0_step(model: torch.nn.Module, plugin: L0Pruning, ids: torch.Tensor) -> No
     loss.backward()
 
 
+# Operators that wait for the device on a GPU: a value read back (``.item()``, ``if tensor``), or an output whose
+# size depends on values (``nonzero``). Some read-backs happen on a GPU only (``torch.prod``'s
+# backward checks for zeros there, not on a CPU): the GPU test below counts those.
+_READ_BACK_OPS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+                  torch.ops.aten.masked_select.default, torch.ops.aten._unique2.default,
+                  torch.ops.aten.unique_consecutive.default, torch.ops.aten.unique_dim.default}
+
+
 class _ReadBacks(TorchDispatchMode):
-    """Counts read-backs of a tensor's value to the host (``.item()``, ``if tensor``): syncs on a GPU."""
+    """Counts operators that read a tensor's values back to the host (syncs on a GPU), forward and backward."""
 
     def __init__(self) -> None:
         super().__init__()
         self.count = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func is torch.ops.aten._local_scalar_dense.default
+        self.count += func in _READ_BACK_OPS
         return func(*args, **(kwargs or {}))
+
+
+class _ReadsInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad * float(grad.sum())
+
+
+def test_read_back_count_sees_backward_and_value_dependent_shapes() -> None:
+    x = torch.rand(3, 4, requires_grad=True)
+    with _ReadBacks() as read_backs:
+        _ReadsInBackward.apply(x).sum().backward()
+    assert read_backs.count == 1
+    with _ReadBacks() as read_backs:
+        torch.nonzero(x > 0.5)
+    assert read_backs.count >= 1
 
 
 @pytest.mark.parametrize("method", ["plain", "improved"])
