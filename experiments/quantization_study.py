@@ -26,8 +26,8 @@ on one GPU. The machinery (jobs, shared arguments, parallel runs, ``--pack``) is
    (``python -m plugins.quantization.sensitivity``, plans under ``--work``/plans and copied to ``--out``), QAT
    with each plan (``mixed_avg3`` ...) against uniform QAT at 3 and 5 bits (``qat_uniform_w3a8_ch``,
    ``qat_uniform_w5a8_ch``; 4 bits is the table's ``qat_w4a8_ch``), and the same without training: PTQ with each
-   plan (``ptq_mixed_avg3`` ...) against uniform PTQ (``ptq_uniform_w3a8_ch``, ``_w5a8_ch``; the table's
-   ``ptq_w2a8_ch`` / ``ptq_w4a8_ch`` / ``ptq_w8a8_ch``).
+   plan (``ptq_mixed_avg3`` ...) against uniform PTQ (``ptq_uniform_w3a8_ch``, ``_w4a8_ch``, ``_w5a8_ch``).
+   ``--sensitivity_metric kl`` ranks layers by the KL divergence from the float model instead of the loss change.
 5. ``stacked``: the sparsity ramp to 75% and QAT W4A8 in one fine-tune of the base (``stacked_ramp75_qat_w4a8``),
    exported; ``bpv.json`` under ``--out`` gathers the ``summary`` of every export's ``*_bpv.json``: bits per weight
    over the layers each plugin packs (the language model's Linear layers here). ``qat_bpv.json`` of the stacked
@@ -280,7 +280,8 @@ class Study(sparsity_study.Study):
         args = ["-m", "plugins.quantization.sensitivity", *self.common(), "--config", str(config),
                 *self.on(self.base_export), "--budget_avg_bits", *map(str, BUDGETS), "--bits", "2", "3", "4", "8",
                 "--pareto", "2", "2.5", "3", "3.5", "4", "5", "6", "8",
-                "--batches", "2" if self.opts.smoke else "8", "--out", str(self.plans / "plan_avg{budget}.json")]
+                "--batches", "2" if self.opts.smoke else str(self.opts.sensitivity_batches),
+                "--metric", self.opts.sensitivity_metric, "--out", str(self.plans / "plan_avg{budget}.json")]
         if self.opts.smoke:
             args += ["--device", "cpu"]
         code = self.python("sensitivity", args)
@@ -302,7 +303,7 @@ class Study(sparsity_study.Study):
         jobs += [Job(f"ptq_mixed_avg{b}", "validate", [self.ptq(4, plan=self.plan_path(b))], self.on(self.base_export))
                  for b in BUDGETS if self.plan_path(b).exists()]
         jobs += [Job(f"ptq_uniform_w{bits}a8_ch", "validate", [self.ptq(bits)], self.on(self.base_export))
-                 for bits in (3, 5)]
+                 for bits in (3, 4, 5)]  # 4 bits repeats the table's PTQ W4A8, so `mixed` alone has every reference
         return jobs
 
     def stacked_jobs(self) -> list[Job]:
@@ -369,6 +370,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shared_inputs", action="store_true",
                         help="the table's quantized runs share one input quantizer among q/k/v and among gate/up "
                              "(device-aligned placement); their names end in _shared")
+    parser.add_argument("--sensitivity_metric", choices=["loss", "kl"], default="loss",
+                        help="the mixed stage's per-layer sensitivity: change of the answer loss, or KL divergence "
+                             "from the float model's next-token distribution (never negative, less noisy)")
+    parser.add_argument("--sensitivity_batches", type=int, default=8, help="batches the sensitivity is measured on")
     parser.add_argument("--qalft_setting", choices=list(SETTINGS), default="w4a8",
                         help="the width of the QALFT stage's quantized base (its table QAT export, per channel) and "
                              "PTQ; runs other than W4A8 carry it in their names")

@@ -10,6 +10,7 @@ from argparse import Namespace
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import ROOT
 
 from framework.selection import ModuleSelection
@@ -23,7 +24,7 @@ def _study(tmp_path: Path):
     spec.loader.exec_module(module)
     opts = Namespace(out=str(tmp_path / "out"), work=str(tmp_path / "work"), base_export=None, base_steps=10,
                      qat_steps=20, qat_lr=1e-4, lora_steps=20, lora_lr=2e-4, ft_batch=8, parallel=1, workers=0,
-                     base_workers=0, smoke=True, rerun=False, gpus=1,
+                     base_workers=0, smoke=True, rerun=False, gpus=1, sensitivity_metric="loss", sensitivity_batches=8,
                      base_config=str(ROOT / "experiments" / "pretrain" / "gpu_base.yaml"),
                      settings=["w8a8", "w4a8", "w4a16", "w2a8"], granularities=["ch", "g32"])
     return module.Study(opts)
@@ -151,3 +152,14 @@ def test_qalft_alone_first_runs_the_qat_export_it_starts_from(tmp_path: Path, mo
           "--work", str(tmp_path / "work")])
     assert ran[:2] == ["float_finetune", "qat_w4a8_ch"]
     assert {"lora_float_autofill", "qalft_caption", "lora_float_ptq_w4a8_caption"} <= set(ran)
+
+
+@pytest.mark.parametrize("metric", ["loss", "kl"])
+def test_sensitivity_stage_passes_its_metric(metric: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    study = _study(tmp_path)
+    study.opts.sensitivity_metric, study.opts.smoke, study.opts.sensitivity_batches = metric, False, 16
+    calls = []
+    monkeypatch.setattr(study, "python", lambda name, args: calls.append(args) or 0)
+    assert study.sensitivity() == 0
+    (args,) = calls
+    assert args[args.index("--metric") + 1] == metric and args[args.index("--batches") + 1] == "16"
