@@ -292,13 +292,14 @@ class Study(sparsity_study.Study):
 
     def mixed_jobs(self) -> list[Job]:
         o = self.opts
-        jobs = [Job(f"mixed_avg{b}", "fit", [self.qat(4, plan=self.plan_path(b))],
-                    self.on(self.base_export, o.qat_steps, o.qat_lr), export_to=self.exports / f"mixed_avg{b}")
-                for b in BUDGETS if self.plan_path(b).exists()]
-        for bits in (3, 5):
-            name = f"qat_uniform_w{bits}a8_ch"
-            jobs.append(Job(name, "fit", [self.qat(bits)], self.on(self.base_export, o.qat_steps, o.qat_lr),
-                            export_to=self.exports / name))
+        jobs = []
+        if not o.mixed_ptq_only:
+            jobs += [Job(f"mixed_avg{b}", "fit", [self.qat(4, plan=self.plan_path(b))],
+                         self.on(self.base_export, o.qat_steps, o.qat_lr), export_to=self.exports / f"mixed_avg{b}")
+                     for b in BUDGETS if self.plan_path(b).exists()]
+            jobs += [Job(f"qat_uniform_w{bits}a8_ch", "fit", [self.qat(bits)],
+                         self.on(self.base_export, o.qat_steps, o.qat_lr), export_to=self.exports / f"qat_uniform_w{bits}a8_ch")
+                     for bits in (3, 5)]
         # Without training, which can wash out where the bits went: PTQ with each plan against uniform PTQ.
         jobs += [Job(f"ptq_mixed_avg{b}", "validate", [self.ptq(4, plan=self.plan_path(b))], self.on(self.base_export))
                  for b in BUDGETS if self.plan_path(b).exists()]
@@ -373,6 +374,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sensitivity_metric", choices=["loss", "kl"], default="loss",
                         help="the mixed stage's per-layer sensitivity: change of the answer loss, or KL divergence "
                              "from the float model's next-token distribution (never negative, less noisy)")
+    parser.add_argument("--mixed_ptq_only", action="store_true",
+                        help="the mixed stage compares plans with PTQ only (no QAT fine-tunes)")
     parser.add_argument("--sensitivity_batches", type=int, default=8, help="batches the sensitivity is measured on")
     parser.add_argument("--qalft_setting", choices=list(SETTINGS), default="w4a8",
                         help="the width of the QALFT stage's quantized base (its table QAT export, per channel) and "
@@ -399,7 +402,9 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 codes["dense_base"] = study.run(study.base_job())
         qalft_alone = "qalft" in opts.stages and "table" not in opts.stages
-        needs_float = {"table", "mixed", "stacked"} & set(opts.stages) or (
+        # The QAT runs are compared with a float fine-tune as long; PTQ-only runs are not.
+        float_stages = {"table", "stacked"} | (set() if opts.mixed_ptq_only else {"mixed"})
+        needs_float = float_stages & set(opts.stages) or (
             qalft_alone and not (study.qat_w4a8 / "qat.encodings").exists())
         if needs_float and not (study.float_finetune / "config.json").exists():
             need_base("float_finetune")
