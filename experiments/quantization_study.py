@@ -27,7 +27,7 @@ on one GPU. The machinery (jobs, shared arguments, parallel runs, ``--pack``) is
    with each plan (``mixed_avg3`` ...) against uniform QAT at 3 and 5 bits (``qat_uniform_w3a8_ch``,
    ``qat_uniform_w5a8_ch``; 4 bits is the table's ``qat_w4a8_ch``), and the same without training: PTQ with each
    plan (``ptq_mixed_avg3`` ...) against uniform PTQ (``ptq_uniform_w3a8_ch``, ``_w4a8_ch``, ``_w5a8_ch``).
-   ``--sensitivity_metric kl`` ranks layers by the KL divergence from the float model instead of the loss change.
+   Layers are ranked by the KL divergence from the float model (``--sensitivity_metric loss``: by the loss change).
 5. ``stacked``: the sparsity ramp to 75% and QAT W4A8 in one fine-tune of the base (``stacked_ramp75_qat_w4a8``),
    exported; ``bpv.json`` under ``--out`` gathers the ``summary`` of every export's ``*_bpv.json``: bits per weight
    over the layers each plugin packs (the language model's Linear layers here). ``qat_bpv.json`` of the stacked
@@ -371,9 +371,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shared_inputs", action="store_true",
                         help="the table's quantized runs share one input quantizer among q/k/v and among gate/up "
                              "(device-aligned placement); their names end in _shared")
-    parser.add_argument("--sensitivity_metric", choices=["loss", "kl"], default="loss",
-                        help="the mixed stage's per-layer sensitivity: change of the answer loss, or KL divergence "
-                             "from the float model's next-token distribution (never negative, less noisy)")
+    parser.add_argument("--sensitivity_metric", choices=["loss", "kl"], default="kl",
+                        help="the mixed stage's per-layer sensitivity: KL divergence from the float model's "
+                             "next-token distribution (never negative), or the change of the answer loss (half of "
+                             "its per-layer values were negative noise on the quickstart model, and its plans lost "
+                             "to KL's at every budget: experiments/results/quantization/README.md)")
     parser.add_argument("--mixed_ptq_only", action="store_true",
                         help="the mixed stage compares plans with PTQ only (no QAT fine-tunes)")
     parser.add_argument("--sensitivity_batches", type=int, default=8, help="batches the sensitivity is measured on")
