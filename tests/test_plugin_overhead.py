@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import statistics
 from pathlib import Path
 
+import pytest
 from conftest import ROOT
 
 
@@ -29,4 +31,12 @@ def test_qat_and_sparsity_rows_time_both_halves(tmp_path: Path) -> None:
     for row in rows:
         assert row["step_ms_with"] > 0 and row["step_ms_without"] > 0
         assert row["overhead"] == row["step_ms_with"] / row["step_ms_without"]
+        # Every timed step is kept, so a trend (a recompile, a fallback to eager) can be told from periodic work.
+        assert len(row["step_ms_with_each"]) == len(row["step_ms_without_each"]) == 2
+        assert row["step_ms_with"] == pytest.approx(statistics.mean(row["step_ms_with_each"]), rel=1e-3)
     assert json.loads(out.read_text())["rows"] == rows
+
+
+def test_cudagraphs_needs_compile() -> None:
+    with pytest.raises(SystemExit):
+        _overhead_module().main(["--smoke", "--cudagraphs", "--plugins", "ramp_2of4"])
