@@ -294,12 +294,11 @@ class Study(sparsity_study.Study):
         o = self.opts
         jobs = []
         if not o.mixed_ptq_only:
-            jobs += [Job(f"mixed_avg{b}", "fit", [self.qat(4, plan=self.plan_path(b))],
-                         self.on(self.base_export, o.qat_steps, o.qat_lr), export_to=self.exports / f"mixed_avg{b}")
-                     for b in BUDGETS if self.plan_path(b).exists()]
-            jobs += [Job(f"qat_uniform_w{bits}a8_ch", "fit", [self.qat(bits)],
-                         self.on(self.base_export, o.qat_steps, o.qat_lr), export_to=self.exports / f"qat_uniform_w{bits}a8_ch")
-                     for bits in (3, 5)]
+            fine_tunes = [(f"mixed_avg{b}", self.qat(4, plan=self.plan_path(b)))
+                          for b in BUDGETS if self.plan_path(b).exists()]
+            fine_tunes += [(f"qat_uniform_w{bits}a8_ch", self.qat(bits)) for bits in (3, 5)]
+            jobs += [Job(name, "fit", [plugin], self.on(self.base_export, o.qat_steps, o.qat_lr),
+                         export_to=self.exports / name) for name, plugin in fine_tunes]
         # Without training, which can wash out where the bits went: PTQ with each plan against uniform PTQ.
         jobs += [Job(f"ptq_mixed_avg{b}", "validate", [self.ptq(4, plan=self.plan_path(b))], self.on(self.base_export))
                  for b in BUDGETS if self.plan_path(b).exists()]

@@ -46,6 +46,7 @@ from plugins.quantization.encodings import export_encodings, weight_codes, write
 from plugins.quantization.placement import (
     QuantLinear,
     attach_quantizers,
+    check_sibling_groups,
     distinct,
     quantization_disabled,
     quantized_module,
@@ -115,17 +116,11 @@ class QuantizedModules(CompressionPlugin):
     ) -> None:
         key = type(self).__name__
         if shared_inputs is not None:
-            if not isinstance(shared_inputs, (list, tuple)):
-                raise ValueError(f"{key}.shared_inputs: a list of sibling-name groups or null, got {shared_inputs!r}")
-            for index, group in enumerate(shared_inputs):
-                if not isinstance(group, (list, tuple)) or len(group) < 2 or \
-                        not all(isinstance(n, str) and n for n in group):
-                    raise ValueError(f"{key}.shared_inputs[{index}]: a group is a list of two or more sibling module "
-                                     f"names (e.g. [q_proj, k_proj, v_proj]), got {group!r}")
+            shared_inputs = check_sibling_groups(shared_inputs, f"{key}.shared_inputs")
             if activations is None or "input" not in activation_points:
                 raise ValueError(f"{key}.shared_inputs: shares input quantizers, so it needs activations with "
                                  "'input' in activation_points")
-        self.shared_inputs = None if shared_inputs is None else [list(g) for g in shared_inputs]
+        self.shared_inputs = shared_inputs
         if not isinstance(integer_eval, bool):
             raise ValueError(f"{key}.integer_eval: must be true or false, got {integer_eval!r}")
         self.integer_eval = integer_eval

@@ -203,6 +203,21 @@ def attach_quantizers(
     return result
 
 
+def check_sibling_groups(groups: Any, key: str) -> list[list[str]]:
+    """``groups`` as a list of sibling-name groups (e.g. ``[[q_proj, k_proj, v_proj]]``).
+
+    Raises:
+        ValueError: naming ``key``: not a list, or a group that is not two or more non-empty names.
+    """
+    if not isinstance(groups, (list, tuple)):
+        raise ValueError(f"{key}: a list of sibling-name groups or null, got {groups!r}")
+    for index, group in enumerate(groups):
+        if not isinstance(group, (list, tuple)) or len(group) < 2 or not all(isinstance(n, str) and n for n in group):
+            raise ValueError(f"{key}[{index}]: a group is a list of two or more sibling module names "
+                             f"(e.g. [q_proj, k_proj, v_proj]), got {group!r}")
+    return [list(group) for group in groups]
+
+
 def shared_input_map(model: nn.Module, groups: list[list[str]], quantizers: dict[str, FakeQuantizer],
                      key: str = "quantization.shared_inputs") -> dict[str, str]:
     """Resolve sibling groups (e.g. ``[q_proj, k_proj, v_proj]``) to ``{tensor: tensor whose quantizer it shares}``.
@@ -216,9 +231,7 @@ def shared_input_map(model: nn.Module, groups: list[list[str]], quantizers: dict
             a parent but not on others, siblings with different specs, or a group no parent has quantized.
     """
     shared: dict[str, str] = {}
-    for index, group in enumerate(groups):
-        if not isinstance(group, (list, tuple)) or len(group) < 2 or not all(isinstance(n, str) for n in group):
-            raise ValueError(f"{key}[{index}]: a group is a list of two or more sibling module names, got {group!r}")
+    for index, group in enumerate(check_sibling_groups(groups, key)):
         matched = 0
         for parent_name, parent in model.named_modules():
             present = [name for name in group if isinstance(parent._modules.get(name), nn.Module)]
