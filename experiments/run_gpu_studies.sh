@@ -8,6 +8,7 @@
 #   QUANT_STAGES="mixed qalft runtime collect" bash experiments/run_gpu_studies.sh      # some quantization stages
 #   RECIPES="256:8.0e-4 256:8.0e-4::0.3" bash experiments/run_gpu_studies.sh recipes    # only recipes, one per GPU
 #   RECIPE_STEPS=5400 RECIPES="256:8.0e-4:cudagraphs" bash experiments/run_gpu_studies.sh recipes  # no sizing benchmark
+#   RECIPE_MAX_TIME=00:00:08:40 ...  # trainer.max_time of a recipe's fit (default 9 minutes)
 #   RECIPES="256:8.0e-4:::digits" ...  # with the digit-splitting tokenizer (framework/assets/tokenizer_digits.json)
 #   RECIPES="256:8.0e-4::::vision_tower=0.5" ...  # model.lr_multipliers: the vision tower at half the learning rate
 #
@@ -99,7 +100,7 @@ recipe() {
   local start=$(date +%s)
   # -k: Lightning handles SIGTERM itself, and a run stuck in a CUDA call can outlive it; KILL follows 30 s later.
   CUDA_VISIBLE_DEVICES=$gpu timeout -k 30 600 $PY -m framework.cli fit "${cfg[@]}" --trainer.max_steps="$steps" \
-    --trainer.val_check_interval=$((steps / 4)) --trainer.check_val_every_n_epoch=null --trainer.max_time=00:00:09:00 \
+    --trainer.val_check_interval=$((steps / 4)) --trainer.check_val_every_n_epoch=null --trainer.max_time="${RECIPE_MAX_TIME:-00:00:09:00}" \
     --trainer.enable_progress_bar=false --checkpoint.dirpath="$WORK/ckpt/$name" \
     --trainer.logger.init_args.save_dir="$WORK/runs/$name" \
     --report.filename="$RES/gpu/summary_$name.json" > "$WORK/logs/$name.log" 2>&1

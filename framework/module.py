@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from typing import Any
 
 import lightning.pytorch as pl
@@ -118,6 +119,8 @@ class VLMModule(pl.LightningModule):
             raise ValueError(f"model.min_lr_ratio: must be in [0, 1], got {min_lr_ratio}")
         if not 0 < decay_fraction <= 1:
             raise ValueError(f"model.decay_fraction: must be in (0, 1], got {decay_fraction}")
+        self._train_started: float | None = None  # time.monotonic() at the start of fit's training loop
+        self._validation_started = 0.0
         self._lr_multipliers = []
         for pattern, factor in (lr_multipliers or {}).items():
             try:
@@ -314,8 +317,21 @@ class VLMModule(pl.LightningModule):
             self.log(f"{stage}/loss", torch.stack(losses).mean(), prog_bar=True, sync_dist=False)
 
     @override
+    def on_train_start(self) -> None:
+        self._train_started = time.monotonic()
+
+    @override
+    def on_validation_epoch_start(self) -> None:
+        self._validation_started = time.monotonic()
+
+    @override
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val")
+        # Wall clock (host time only, no synchronisation): where a time-limited run's minutes went.
+        now = time.monotonic()
+        self.log("time/validation_s", now - self._validation_started, sync_dist=False)
+        if self._train_started is not None:
+            self.log("time/since_train_start_s", now - self._train_started, sync_dist=False)
 
     @override
     def on_test_epoch_end(self) -> None:

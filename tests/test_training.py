@@ -71,6 +71,14 @@ def test_checkpoint_loads_with_weights_only(tmp_path: Path) -> None:
     assert state == {"active": False, "fraction": 0.25, "seed": 3}
 
 
+def test_validation_logs_its_wall_clock(tmp_path: Path) -> None:
+    cli = make_cli(tiny_config(tmp_path, max_steps=4))
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    metrics = cli.trainer.callback_metrics
+    validation, elapsed = float(metrics["time/validation_s"]), float(metrics["time/since_train_start_s"])
+    assert 0 < validation <= elapsed
+
+
 def test_missing_checkpoint_path_is_named(tmp_path: Path) -> None:
     cli = make_cli(tiny_config(tmp_path, max_steps=2))
     with pytest.raises(FileNotFoundError, match="nothere.ckpt"):
