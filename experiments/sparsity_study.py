@@ -49,6 +49,7 @@ RAMPS = {"ramp50": {"final_sparsity": 0.5}, "ramp65": {"final_sparsity": 0.65}, 
          "ramp75": {"final_sparsity": 0.75}, "ramp90": {"final_sparsity": 0.9},
          "ramp2of4": {"pattern": "2:4"}, "ramp4of8": {"pattern": "4:8"}}
 LANGUAGE_MODEL = {"include": "language_model", "exclude": "lm_head"}
+SEEDED = ("dense_finetune", "ramp75", "ramp2of4")  # the runs ``--seeds`` repeats: the goals' two gaps
 
 
 @dataclass
@@ -298,6 +299,12 @@ class Study:
                                 [callback("plugins.sparsity.SparsityRamp", **ramp, **RAMPS[name]), distill],
                                 self.from_base(o.ft_steps, o.ft_lr), export_to=self.work / "exports" / f"{name}{suffix}",
                                 after=after))
+        # Seed replicas of the goals' runs: model and data seed (data order and validation samples) both set, so a
+        # ramp and its dense reference of one seed are paired on the same samples.
+        for seed in o.seeds:
+            for job in [j for j in jobs if j.name in SEEDED]:
+                jobs.append(Job(f"{job.name}_seed{seed}", job.verb, job.callbacks,
+                                [*job.overrides, f"--seed_everything={seed}", f"--data.init_args.seed={seed}"]))
         return jobs
 
     def oneshot_jobs(self) -> list[Job]:
@@ -446,6 +453,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ft_steps", type=int, default=600)
     parser.add_argument("--l0_steps", type=int, default=1500)
     parser.add_argument("--ft_lr", type=float, default=2e-4)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[],
+                        help=f"more seeds of {', '.join(SEEDED)} (runs named <run>_seed<n>; model and data seed)")
+    parser.add_argument("--only", nargs="+", help="run only these jobs of the base and sweep stages (seed replicas "
+                        "follow their run's name; the from-scratch baseline l0_scratch50 only when named)")
     opts = parser.parse_args(argv)
     if opts.smoke:
         opts.base_steps, opts.ft_steps, opts.l0_steps, opts.ft_batch = 6, 4, 6, 4
@@ -462,8 +473,8 @@ def main(argv: list[str] | None = None) -> None:
         if "base" in opts.stages:
             spec = study.write_scratch_spec()
             # The from-scratch baseline runs beside everything else; it is the longest run.
-            pool = ThreadPoolExecutor(max_workers=1)
-            scratch = pool.submit(study.run, study.scratch_job(spec))
+            if not opts.only or "l0_scratch50" in opts.only:
+                scratch = ThreadPoolExecutor(max_workers=1).submit(study.run, study.scratch_job(spec))
             codes["dense_base"] = study.run(study.base_job())
         if "scratch" in opts.stages and "sweep" not in opts.stages:
             # The L0 run's compute alone, without the base or the sweep (the sweep includes it).
@@ -474,6 +485,8 @@ def main(argv: list[str] | None = None) -> None:
             jobs = study.sweep_jobs() + study.oneshot_jobs()
             if study.scratch_spec.exists():
                 jobs.append(study.scratch_job(study.scratch_spec, with_base=False))
+            if opts.only:
+                jobs = [j for j in jobs if j.name in opts.only or j.name.rsplit("_seed", 1)[0] in opts.only]
             codes.update(study.run_all(jobs, opts.parallel))
         if scratch is not None:
             codes["l0_scratch50"] = scratch.result()

@@ -239,7 +239,7 @@ class VLMModule(pl.LightningModule):
         groups += [g for g in plugin_groups if g["params"]]
         scheduled = [g.pop("lr_schedule", True) for g in groups]
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas),
-                                      fused=self._fused_optimizer(bool(plugin_groups)))
+                                      fused=self._fused_optimizer())
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(total * hp.warmup_fraction)
         # .get: checkpoints saved before the option existed decay over the whole run, as they did.
@@ -252,17 +252,17 @@ class VLMModule(pl.LightningModule):
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, [schedule_for(f) for f in scheduled])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
-    def _fused_optimizer(self, plugin_groups: bool) -> bool:
-        """Whether AdamW runs as one fused kernel: on CUDA, unless a plugin adds parameter groups (a fused AdamW
-        takes no per-group ``maximize``) or gradients are clipped where only Lightning can clip them: under fp16
-        AMP (its gradient scaler must unscale first, which a fused step does internally) and under FSDP (sharded
-        gradients need FSDP's own norm)."""
+    def _fused_optimizer(self) -> bool:
+        """Whether AdamW runs as one fused kernel per parameter group: on CUDA, unless gradients are clipped where
+        only Lightning can clip them: under fp16 AMP (its gradient scaler must unscale first, which a fused step does
+        internally) and under FSDP (sharded gradients need FSDP's own norm). Plugins' groups (their own learning
+        rates, no decay, ``maximize`` for Lagrange multipliers) are per-group options the fused kernel takes too."""
         from lightning.pytorch.strategies import FSDPStrategy
 
         trainer = self.trainer
         lightning_clips = (getattr(trainer.precision_plugin, "scaler", None) is not None
                            or isinstance(trainer.strategy, FSDPStrategy))
-        return self.device.type == "cuda" and not plugin_groups and not (trainer.gradient_clip_val and lightning_clips)
+        return self.device.type == "cuda" and not (trainer.gradient_clip_val and lightning_clips)
 
     @override
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,

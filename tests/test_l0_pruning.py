@@ -228,6 +228,26 @@ def test_plain_lagrangian_moves_the_expected_size_to_the_target(tmp_path: Path) 
     assert cli.trainer.callback_metrics["compression/l0_pruning/lambda1"] != 0
 
 
+def test_fused_adamw_trains_the_multipliers_like_foreach(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """L0's parameter groups (mask learning rate, Lagrange multipliers maximised, no schedule) under the fused
+    AdamW that CUDA runs, against the foreach one: the same fit. Forced on here: CPU has a fused AdamW too."""
+    from framework.module import VLMModule
+
+    callbacks = [_l0(target_fraction=0.5, method="plain", lagrangian_lr=0.5, mask_lr=0.2, target_warmup=0.0)]
+    final = {}
+    for fused in (False, True):
+        monkeypatch.setattr(VLMModule, "_fused_optimizer", lambda self, fused=fused: fused)
+        (tmp_path / str(fused)).mkdir()
+        cli = make_cli(tiny_config(tmp_path / str(fused), max_steps=6, callbacks=callbacks, limit_val_batches=0))
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        optimizer = cli.trainer.optimizers[0]
+        assert optimizer.defaults["fused"] is fused and any(g.get("maximize") for g in optimizer.param_groups)
+        final[fused] = model_state(cli.model)
+    assert any("lambda" in k for k in final[True])
+    for key, value in final[False].items():
+        torch.testing.assert_close(final[True][key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
 def test_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     callbacks = [_l0(target_fraction=0.5, alternate_every=2, hard_from=0.25, target_warmup=0.5, seed=1)]
     straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"

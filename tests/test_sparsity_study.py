@@ -14,13 +14,14 @@ from conftest import ROOT
 from framework.selection import ModuleSelection
 
 
-def _study(tmp_path: Path):
+def _study(tmp_path: Path, seeds: tuple[int, ...] = ()):
     spec = importlib.util.spec_from_file_location("sparsity_study", ROOT / "experiments" / "sparsity_study.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     opts = Namespace(out=str(tmp_path / "out"), work=str(tmp_path / "work"), base_steps=10, ft_steps=20, l0_steps=30,
                      ft_lr=1e-4, ft_batch=8, parallel=1, workers=0, base_workers=0, smoke=True, rerun=False, gpus=1,
+                     seeds=list(seeds),
                      base_config=str(ROOT / "experiments" / "pretrain" / "gpu_base.yaml"))
     return module.Study(opts)
 
@@ -44,6 +45,17 @@ def test_every_run_has_a_unique_name_and_valid_plugin_arguments(tmp_path: Path) 
                 args["targets"] = ModuleSelection(**args["targets"])
             cls(**args)  # raises on a misspelt or out-of-range argument
         assert job.verb in ("fit", "validate")
+
+
+def test_seed_replicas_pair_a_ramp_with_its_reference(tmp_path: Path) -> None:
+    jobs = {job.name: job for job in _study(tmp_path, seeds=(1, 2)).sweep_jobs()}
+    for name in ("dense_finetune", "ramp75", "ramp2of4"):
+        for seed in (1, 2):
+            replica = jobs[f"{name}_seed{seed}"]
+            assert replica.callbacks == jobs[name].callbacks
+            assert replica.overrides[-2:] == [f"--seed_everything={seed}", f"--data.init_args.seed={seed}"]
+            assert replica.export_to is None and replica.after is None
+    assert not any(name.startswith("ramp50_seed") for name in jobs)
 
 
 def test_scratch_baseline_gets_the_same_compute(tmp_path: Path) -> None:

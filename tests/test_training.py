@@ -127,7 +127,7 @@ def test_fused_adamw_keeps_gradient_clipping(tmp_path: Path, monkeypatch: pytest
 
     final = {}
     for fused, clip in ((False, 0.05), (True, 0.05), (True, None)):
-        monkeypatch.setattr(VLMModule, "_fused_optimizer", lambda self, groups, fused=fused: fused)
+        monkeypatch.setattr(VLMModule, "_fused_optimizer", lambda self, fused=fused: fused)
         folder = tmp_path / f"fused_{fused}_{clip}"
         folder.mkdir()
         cli = make_cli(tiny_config(folder, max_steps=4, limit_val_batches=0, val_check_interval=None,
