@@ -295,6 +295,39 @@ def test_fake_quant_training_never_reads_back_to_the_host(spec: QuantSpec) -> No
     assert not names & {"aten::item", "aten::_local_scalar_dense"}, sorted(names)
 
 
+def test_compiled_activation_scale_gradient_has_no_host_arithmetic() -> None:
+    """Under a dynamic-shape compile an activation's element count is symbolic. LSQ's 1 / sqrt(N * quant_max) of
+    it was traced as host (CPU) scalar kernels inside the compiled backward, which CUDA graphs cannot replay (a QAT
+    step under CUDA graphs crashed in such a kernel). It is now computed on the input's device."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def record(graph: torch.fx.GraphModule, _: object) -> object:
+        graphs.append(graph)
+        return graph.forward
+
+    torch.manual_seed(0)
+    quantizer = FakeQuantizer(QuantSpec(bits=8, granularity="tensor", symmetric=False))
+    quantizer.calibrate(torch.randn(4, 7, 16))
+    compiled = torch.compile(quantizer, backend=aot_autograd(fw_compiler=record, bw_compiler=record), dynamic=True)
+    for shape in ((4, 7, 16), (3, 9, 16)):  # the second shape runs the symbolic graph
+        x = torch.randn(*shape) * 2
+        grads = []
+        for run in (quantizer, compiled):
+            quantizer.scale.grad = None
+            leaf = x.clone().requires_grad_(True)
+            run(leaf).pow(2).sum().backward()
+            grads.append((leaf.grad, quantizer.scale.grad.clone()))
+        torch.testing.assert_close(grads[1][0], grads[0][0], rtol=0, atol=0)
+        torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-6, atol=0)
+    targets = {node.target for graph in graphs for node in graph.graph.nodes if node.op == "call_function"}
+    assert torch.ops.aten.rsqrt.default in targets
+    assert torch.ops.aten.sqrt.default not in targets
+    for node in (n for graph in graphs for n in graph.graph.nodes if n.target is torch.ops.aten.scalar_tensor.default):
+        assert isinstance(node.args[0], (int, float)), f"a scalar computed on the host: {node.format_node()}"
+
+
 def test_group_and_dynamic_token_by_hand() -> None:
     torch.manual_seed(0)
     w = torch.randn(4, 16)

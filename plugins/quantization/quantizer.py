@@ -105,11 +105,13 @@ class LSQFakeQuantize(torch.autograd.Function):
     cost memory per token) only ``x`` as given (a bf16 activation stays bf16), ``scale`` and ``zero_point`` are,
     and backward recomputes the quantization (one kernel for one scale on a GPU). Nothing is read back to the
     host, so a step of many quantizers stays asynchronous on a GPU, and ``torch.compile`` traces it.
+    ``grad_factor`` is LSQ's gradient scale, or, where the size is symbolic under ``torch.compile``, the
+    ``N * quant_max`` that backward turns into it on the device.
     """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int,
-                quant_max: int, grad_factor: float, keep_outputs: bool = False) -> torch.Tensor:
+                quant_max: int, grad_factor: float | torch.SymInt, keep_outputs: bool = False) -> torch.Tensor:
         ctx.quant_range, ctx.grad_factor, ctx.kept = (quant_min, quant_max), grad_factor, keep_outputs
         out, inside = fake_quantize_with_mask(x.float(), scale, zero_point, quant_min, quant_max, mask=keep_outputs)
         ctx.save_for_backward(x, scale, zero_point, *((out, inside) if keep_outputs else ()))
@@ -123,7 +125,12 @@ class LSQFakeQuantize(torch.autograd.Function):
         grad_x = (grad * inside).to(x.dtype) if ctx.needs_input_grad[0] else None
         grad_scale = None
         if ctx.needs_input_grad[1]:
-            grad_scale = (grad * (out - x.float() * inside)).sum(dim=1, keepdim=True) * (ctx.grad_factor / scale)
+            factor = ctx.grad_factor
+            if not isinstance(factor, float):
+                # LSQ's N * quant_max, symbolic under torch.compile's dynamic shapes: its 1 / sqrt on the device. As a
+                # host scalar it became CPU kernels inside the compiled backward, which CUDA graphs cannot hold.
+                factor = grad.new_full((), factor, dtype=torch.float32).rsqrt()
+            grad_scale = (grad * (out - x.float() * inside)).sum(dim=1, keepdim=True) * (factor / scale)
         return grad_x, grad_scale, None, None, None, None, None
 
 
@@ -450,8 +457,11 @@ class FakeQuantizer(nn.Module):
         qmin, qmax = self.quant_range
         if not (self.static and self.scale.requires_grad):
             scale = scale.detach()  # fixed or per-input (dynamic): only the input's gradient passes
-        out = LSQFakeQuantize.apply(rows, scale, zero_point, qmin, qmax, 1.0 / math.sqrt(rows.shape[1] * qmax),
-                                    self.shape is not None)
+        # LSQ's gradient scale 1 / sqrt(N * quant_max). Compiled, an activation's N may be symbolic (dynamic shapes;
+        # dynamo does not say which), so backward computes the scale from N * quant_max on the device.
+        elements = rows.shape[1] * qmax
+        grad_factor = elements if self.shape is None and torch.compiler.is_compiling() else 1.0 / math.sqrt(elements)
+        out = LSQFakeQuantize.apply(rows, scale, zero_point, qmin, qmax, grad_factor, self.shape is not None)
         return out.reshape(x.shape)
 
     @torch.no_grad()
