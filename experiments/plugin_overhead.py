@@ -8,6 +8,12 @@ on them) with one plugin configured, so both halves of a ratio share the machine
     python experiments/plugin_overhead.py --plugins qat_w4a8 --out overhead_qat.json
     python experiments/plugin_overhead.py --plugins qat_w4a8 --compile    # both halves regionally compiled
     python experiments/plugin_overhead.py --compile --cudagraphs    # and replayed as CUDA graphs
+    python experiments/plugin_overhead.py --plugins qat_w4a8 --compile --isolated --rounds 3
+        # each half in a fresh process, in alternating order; the ratio is the median over rounds
+
+In one process the half without the plugin runs second, after the first half's model, compile caches and memory;
+on a host-bound GPU step the two halves of one row have come out up to 1.3x apart either way. ``--isolated``
+removes what the halves share, and the alternating rounds show how much a single ratio can be trusted.
 
 ``qat_w4a8`` is the quantization study's QAT W4A8 placement (4-bit per-channel weights, static 8-bit Linear inputs,
 per-token KV cache, projector output) with scales learned throughout the timed steps (its costliest phase).
@@ -17,6 +23,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
+import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -58,6 +67,44 @@ def _quantization_rows() -> dict[str, dict[str, Any]]:
 PLUGINS.update(_quantization_rows())
 
 
+def in_one_process(name: str, result: dict[str, Any], opts: argparse.Namespace) -> dict[str, Any]:
+    """A row from one ``vlmc bench --without_plugins`` (both halves in its process, the plugin's first)."""
+    return {"plugin": name, "device": result["device"], "batch_size": opts.batch_size,
+            "compiled": opts.compile, "cudagraphs": opts.cudagraphs,
+            "step_ms_without": 1e3 * result["step_s_without_plugins"],
+            "step_ms_with": 1e3 * result["step_s_with_plugins"],
+            "overhead": result["plugin_overhead"], "overhead_median": result["plugin_overhead_median"],
+            "step_ms_with_each": result["step_ms_with_plugins"],
+            "step_ms_without_each": result["step_ms_without_plugins"]}
+
+
+def isolated_rounds(common: list[str], plugin_config: Path, rounds: int, tmp: Path) -> dict[str, Any]:
+    """Both halves of one row, each a fresh ``vlmc bench`` process, ``rounds`` times in alternating order."""
+    halves: dict[str, list[list[float]]] = {"with": [], "without": []}
+    device = ""
+    for round_index in range(rounds):
+        order = ("with", "without") if round_index % 2 == 0 else ("without", "with")
+        for half in order:
+            out = tmp / f"{plugin_config.stem}_{half}_{round_index}.json"
+            extra = ["--config", str(plugin_config)] if half == "with" else []
+            subprocess.run([sys.executable, "-m", "framework.cli", "bench", *common, *extra, "--out", str(out)],
+                           cwd=ROOT, check=True)
+            result = json.loads(out.read_text())
+            halves[half].append(result["compute_step_ms"])
+            device = result["device"]
+    ratios = [statistics.mean(w) / statistics.mean(wo) for w, wo in zip(halves["with"], halves["without"])]
+    steps_with = [t for steps in halves["with"] for t in steps]
+    steps_without = [t for steps in halves["without"] for t in steps]
+    return {"device": device, "batch_size": int(next(a for a in common if "batch_size=" in a).split("=")[1]),
+            "compiled": "--model.init_args.compile=true" in common,
+            "cudagraphs": "--model.init_args.compile_mode=reduce-overhead" in common,
+            "step_ms_without": statistics.mean(steps_without), "step_ms_with": statistics.mean(steps_with),
+            "overhead": statistics.median(ratios),
+            "overhead_median": statistics.median(steps_with) / statistics.median(steps_without),
+            "overhead_rounds": ratios, "isolated": True,
+            "step_ms_with_each": steps_with, "step_ms_without_each": steps_without}
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--plugins", nargs="+", default=list(PLUGINS), choices=list(PLUGINS))
@@ -72,6 +119,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                              "max_length), as the CUDA-graph recipes train")
     parser.add_argument("--num_workers", type=int, default=None,
                         help="data workers (default: the config's); fewer leave the host's cores to the training loop")
+    parser.add_argument("--isolated", action="store_true",
+                        help="time each half in its own `vlmc bench` process (nothing shared between them)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="with --isolated: repeat both halves, with-first and without-first in turn; the row's "
+                             "overhead is the median of the rounds' mean-step ratios")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", help="write the rows as JSON here")
     opts = parser.parse_args(argv)
@@ -80,8 +132,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
     common = ["--config", str(ROOT / "experiments/pretrain/gpu_base.yaml"),
               "--config", str(ROOT / "experiments/csv_logger.yaml"), f"--data.init_args.batch_size={opts.batch_size}",
-              "--steps", str(opts.steps), "--warmup", str(opts.warmup), "--new_tokens", "2", "--repeats", "1",
-              "--without_plugins"]
+              "--steps", str(opts.steps), "--warmup", str(opts.warmup), "--new_tokens", "2", "--repeats", "1"]
+    if opts.rounds < 1 or (opts.rounds > 1 and not opts.isolated):
+        parser.error("--rounds must be >= 1, and above 1 only with --isolated")
+    if not opts.isolated:
+        common.append("--without_plugins")
     if opts.compile:
         common.append("--model.init_args.compile=true")
     if opts.cudagraphs:
@@ -99,14 +154,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         for name in opts.plugins:
             config = Path(tmp) / f"{name}.yaml"
             config.write_text(yaml.safe_dump({"trainer": {"callbacks": [PLUGINS[name]]}}))
-            result = bench(common + ["--config", str(config)])
-            rows.append({"plugin": name, "device": result["device"], "batch_size": opts.batch_size,
-                         "compiled": opts.compile, "cudagraphs": opts.cudagraphs,
-                         "step_ms_without": 1e3 * result["step_s_without_plugins"],
-                         "step_ms_with": 1e3 * result["step_s_with_plugins"],
-                         "overhead": result["plugin_overhead"], "overhead_median": result["plugin_overhead_median"],
-                         "step_ms_with_each": result["step_ms_with_plugins"],
-                         "step_ms_without_each": result["step_ms_without_plugins"]})
+            if opts.isolated:
+                rows.append({"plugin": name, **isolated_rounds(common, config, opts.rounds, Path(tmp))})
+            else:
+                rows.append(in_one_process(name, bench(common + ["--config", str(config)]), opts))
             if opts.out:  # after every row: a run cut short keeps what it measured
                 from framework.io import atomic_write_json
 

@@ -357,6 +357,8 @@ def main(argv: list[str]) -> dict[str, Any]:
         "tflops_per_s": achieved / 1e12,
         "mfu": achieved / peak if peak else None,
         "compute_mfu": achieved * step_time / compute_time / peak if peak else None,
+        # Every timed step's forward + backward + optimizer time, so runs in separate processes compare step by step.
+        "compute_step_ms": [round(1e3 * t, 3) for t in timer.compute_times],
         **results_plain,
     }
     if opts.without_plugins:

@@ -40,3 +40,20 @@ def test_qat_and_sparsity_rows_time_both_halves(tmp_path: Path) -> None:
 def test_cudagraphs_needs_compile() -> None:
     with pytest.raises(SystemExit):
         _overhead_module().main(["--smoke", "--cudagraphs", "--plugins", "ramp_2of4"])
+
+
+def test_isolated_rounds_alternate_fresh_processes(tmp_path: Path) -> None:
+    out = tmp_path / "overhead.json"
+    rows = _overhead_module().main(["--smoke", "--plugins", "ramp_2of4", "--steps", "2", "--warmup", "2",
+                                    "--batch_size", "4", "--isolated", "--rounds", "2", "--out", str(out)])
+    (row,) = rows
+    assert row["isolated"] and len(row["overhead_rounds"]) == 2
+    assert row["overhead"] == statistics.median(row["overhead_rounds"])
+    assert len(row["step_ms_with_each"]) == len(row["step_ms_without_each"]) == 4  # two rounds of two steps
+    assert all(t > 0 for t in row["step_ms_with_each"] + row["step_ms_without_each"])
+    assert json.loads(out.read_text())["rows"] == rows
+
+
+def test_rounds_need_isolated_processes() -> None:
+    with pytest.raises(SystemExit):
+        _overhead_module().main(["--smoke", "--rounds", "3", "--plugins", "ramp_2of4"])
