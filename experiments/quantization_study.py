@@ -270,7 +270,7 @@ class Study(sparsity_study.Study):
         return self.plans / f"plan_avg{budget}.json"
 
     def sensitivity(self) -> int:
-        """Per-layer sensitivity of the base, measured once, and one plan per budget (2/3/4/8-bit candidates)."""
+        """Per-layer sensitivity of the base, measured once, and one plan per budget (``--mixed_bits`` candidates)."""
         self.plans.mkdir(parents=True, exist_ok=True)
         config = self.work / "configs" / "sensitivity.yaml"
         config.parent.mkdir(parents=True, exist_ok=True)
@@ -278,7 +278,7 @@ class Study(sparsity_study.Study):
         if all(self.plan_path(b).exists() for b in BUDGETS) and not self.opts.rerun:
             return 0
         args = ["-m", "plugins.quantization.sensitivity", *self.common(), "--config", str(config),
-                *self.on(self.base_export), "--budget_avg_bits", *map(str, BUDGETS), "--bits", "2", "3", "4", "8",
+                *self.on(self.base_export), "--budget_avg_bits", *map(str, BUDGETS), "--bits", *map(str, self.opts.mixed_bits),
                 "--pareto", "2", "2.5", "3", "3.5", "4", "5", "6", "8",
                 "--batches", "2" if self.opts.smoke else str(self.opts.sensitivity_batches),
                 "--metric", self.opts.sensitivity_metric, "--out", str(self.plans / "plan_avg{budget}.json")]
@@ -378,6 +378,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mixed_ptq_only", action="store_true",
                         help="the mixed stage compares plans with PTQ only (no QAT fine-tunes)")
     parser.add_argument("--sensitivity_batches", type=int, default=8, help="batches the sensitivity is measured on")
+    parser.add_argument("--mixed_bits", type=int, nargs="+", default=[2, 3, 4, 8],
+                        help="the weight widths a mixed plan chooses from (a 5-bit average with 2/3/4/8 must pair 4 "
+                             "and 8 bits where uniform W5 needs neither)")
     parser.add_argument("--qalft_setting", choices=list(SETTINGS), default="w4a8",
                         help="the width of the QALFT stage's quantized base (its table QAT export, per channel) and "
                              "PTQ; runs other than W4A8 carry it in their names")
