@@ -282,6 +282,8 @@ class Study(sparsity_study.Study):
                 "--pareto", "2", "2.5", "3", "3.5", "4", "5", "6", "8",
                 "--batches", "2" if self.opts.smoke else str(self.opts.sensitivity_batches),
                 "--metric", self.opts.sensitivity_metric, "--out", str(self.plans / "plan_avg{budget}.json")]
+        if self.opts.sensitivity_context_bits is not None:
+            args += ["--context_bits", str(self.opts.sensitivity_context_bits)]
         if self.opts.smoke:
             args += ["--device", "cpu"]
         code = self.python("sensitivity", args)
@@ -378,6 +380,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mixed_ptq_only", action="store_true",
                         help="the mixed stage compares plans with PTQ only (no QAT fine-tunes)")
     parser.add_argument("--sensitivity_batches", type=int, default=8, help="batches the sensitivity is measured on")
+    parser.add_argument("--sensitivity_context_bits", type=int, default=None,
+                        help="measure each layer's sensitivity with the other layers quantized at this width "
+                             "(default: float), so errors that add up across low-bit layers count")
     parser.add_argument("--mixed_bits", type=int, nargs="+", default=[2, 3, 4, 8],
                         help="the weight widths a mixed plan chooses from (a 5-bit average with 2/3/4/8 must pair 4 "
                              "and 8 bits where uniform W5 needs neither)")

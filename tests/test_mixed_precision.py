@@ -87,6 +87,30 @@ def test_sensitivity_rows_and_lower_bits_hurt_more(metric: str) -> None:
     assert model.training == mode, "train / eval modes are restored"
 
 
+def test_sensitivity_in_a_quantized_context() -> None:
+    """With context_bits every other layer is quantized meanwhile: each row at that width is the uniformly quantized
+    model (one value), a layer's own width still orders its row, and every weight comes back exactly."""
+    torch.manual_seed(0)
+    loaded = load_vlm(str(FAMILY_SPECS["llava"]))
+    model = loaded.model
+    batches = _batches(loaded)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    spec = QuantSpec(bits=8, granularity="channel")
+    alone = measure_sensitivity(model, batches, LM, OPTIONS, spec, metric="kl")
+    rows = measure_sensitivity(model, batches, LM, OPTIONS, spec, metric="kl", context_bits=3)
+    assert [(r["layer"], r["bits"]) for r in rows] == [(r["layer"], r["bits"]) for r in alone]
+    at_context = [r["delta"] for r in rows if r["bits"] == 3]
+    assert max(at_context) - min(at_context) <= 1e-6 * max(at_context)
+    # The uniformly 3-bit model is further from float than any one layer at 3 bits alone.
+    assert min(at_context) > max(r["delta"] for r in alone if r["bits"] == 3)
+    mean = {b: sum(r["delta"] for r in rows if r["bits"] == b) / len(at_context) for b in OPTIONS}
+    assert mean[2] > mean[3] > mean[4], mean
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "weights are restored exactly"
+    with pytest.raises(ValueError, match=r"context_bits: must be a non-empty list of integers in \[2, 8\]"):
+        measure_sensitivity(model, batches, LM, OPTIONS, spec, metric="kl", context_bits=1)
+
+
 def test_sensitivity_misconfiguration() -> None:
     loaded = load_vlm(str(FAMILY_SPECS["llava"]))
     batches = _batches(loaded, 1)

@@ -25,7 +25,7 @@ def _study(tmp_path: Path):
     opts = Namespace(out=str(tmp_path / "out"), work=str(tmp_path / "work"), base_export=None, base_steps=10,
                      qat_steps=20, qat_lr=1e-4, lora_steps=20, lora_lr=2e-4, ft_batch=8, parallel=1, workers=0,
                      base_workers=0, smoke=True, rerun=False, gpus=1, sensitivity_metric="kl", sensitivity_batches=8,
-                     mixed_ptq_only=False, mixed_bits=[2, 3, 4, 8],
+                     mixed_ptq_only=False, mixed_bits=[2, 3, 4, 8], sensitivity_context_bits=None,
                      base_config=str(ROOT / "experiments" / "pretrain" / "gpu_base.yaml"),
                      settings=["w8a8", "w4a8", "w4a16", "w2a8"], granularities=["ch", "g32"])
     return module.Study(opts)
@@ -165,6 +165,10 @@ def test_sensitivity_stage_passes_its_metric(metric: str, tmp_path: Path, monkey
     (args,) = calls
     assert args[args.index("--metric") + 1] == metric and args[args.index("--batches") + 1] == "16"
     assert args[args.index("--bits") + 1:args.index("--pareto")] == ["2", "3", "4", "8"]
+    assert "--context_bits" not in args
+    study.opts.sensitivity_context_bits, study.opts.rerun = 4, True
+    study.sensitivity()
+    assert calls[-1][calls[-1].index("--context_bits") + 1] == "4"
 
 
 def test_mixed_stage_ptq_only_drops_the_fine_tunes(tmp_path: Path) -> None:

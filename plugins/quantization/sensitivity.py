@@ -2,7 +2,9 @@
 
 Each selected Linear layer's weight alone is quantized at each candidate width (everything else float) and the
 change of the loss, or the KL divergence of the logits from the float model's, is measured on a few calibration
-batches: a measured stand-in for HAWQ's Hessian-based sensitivity (Dong et al. 2019). An exact multiple-choice
+batches: a measured stand-in for HAWQ's Hessian-based sensitivity (Dong et al. 2019). With ``context_bits`` the
+other selected layers are quantized at that width meanwhile, so a layer is judged inside a quantized model, where
+the errors of many low-bit layers add up (measured alone, each looked harmless on the GPU base). An exact multiple-choice
 knapsack then picks the widths with the least summed sensitivity under a parameter-weighted average-bits (or
 bytes) budget; QAT and PTQ read the resulting plan JSON through their ``plan:`` argument.
 
@@ -106,6 +108,7 @@ def measure_sensitivity(
     bits_options: Sequence[int] = DEFAULT_BITS,
     spec_template: QuantSpec | None = None,
     metric: str = "loss",
+    context_bits: int | None = None,
 ) -> list[dict[str, Any]]:
     """How much quantizing each layer's weight alone changes the model's output.
 
@@ -123,6 +126,10 @@ def measure_sensitivity(
         spec_template: how weights are quantized apart from ``bits``; default per-channel symmetric min/max.
         metric: ``loss`` (change of the mean cross-entropy on answer tokens, labels needed) or ``kl``
             (mean KL divergence of the quantized model's next-token distribution from the float one's).
+        context_bits: quantize every other selected layer at this width (in [2, 8]) while one is measured;
+            ``None``: the others stay float. Each delta is then the whole quantized model's, against the float
+            model: within a layer's row the widths compare as before, and every row at ``context_bits`` holds the
+            same value (the model quantized uniformly at that width).
 
     Returns:
         One row per layer and width, ``{"layer", "params", "bits", "delta"}``, layer-major, widths ascending.
@@ -134,6 +141,8 @@ def measure_sensitivity(
     if metric not in METRICS:
         raise ValueError(f"metric: must be one of {', '.join(repr(m) for m in METRICS)}, got {metric!r}")
     options = _check_bits(bits_options)
+    if context_bits is not None:
+        _check_bits([context_bits], "context_bits")
     template = spec_template or QuantSpec(bits=8, granularity="channel")
     check_spec(template, "weights", "spec_template")
     if not batches:
@@ -148,6 +157,14 @@ def measure_sensitivity(
     modes = {module: module.training for module in model.modules()}
     model.eval()
     rows: list[dict[str, Any]] = []
+    originals = {name: layer.weight.detach().clone() for name, layer in chosen.items()}
+
+    def quantized(name: str, bits: int) -> torch.Tensor:
+        try:
+            return quantize_weight(originals[name], dataclasses.replace(template, bits=bits))
+        except ValueError as err:
+            raise ValueError(f"spec_template: does not fit {name} ({err})") from err
+
     try:
         with quantization_disabled(model):
             reference = [_scored_logits(model, b, m) for b, m in zip(batches, masks)]
@@ -156,14 +173,12 @@ def measure_sensitivity(
             ref_loss = (sum(float(F.cross_entropy(r, t, reduction="sum")) for r, t in zip(reference, targets))
                         / sum(counts)) if metric == "loss" else 0.0
             del reference
+            context = {name: quantized(name, context_bits) for name in chosen} if context_bits is not None else {}
             for name, layer in chosen.items():
-                original = layer.weight.detach().clone()
+                layer.weight.copy_(context.get(name, originals[name]))
+            for name, layer in chosen.items():
                 for bits in options:
-                    spec = dataclasses.replace(template, bits=bits)
-                    try:
-                        layer.weight.copy_(quantize_weight(original, spec))
-                    except ValueError as err:
-                        raise ValueError(f"spec_template: does not fit {name} ({err})") from err
+                    layer.weight.copy_(quantized(name, bits))
                     total = 0.0
                     for index, (batch, mask) in enumerate(zip(batches, masks)):
                         logits = _scored_logits(model, batch, mask)
@@ -175,8 +190,10 @@ def measure_sensitivity(
                                                     reduction="sum"))
                     delta = total / sum(counts) - ref_loss
                     rows.append({"layer": name, "params": layer.weight.numel(), "bits": bits, "delta": delta})
-                layer.weight.copy_(original)
+                layer.weight.copy_(context.get(name, originals[name]))
     finally:
+        for name, layer in chosen.items():
+            layer.weight.copy_(originals[name])
         for module, mode in modes.items():
             module.training = mode
     return rows
@@ -479,6 +496,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--bits", type=int, nargs="+", default=list(DEFAULT_BITS), help="candidate widths")
     parser.add_argument("--batches", type=int, default=4, help="calibration batches (training batches 0..n-1)")
     parser.add_argument("--metric", choices=METRICS, default="loss")
+    parser.add_argument("--context_bits", type=int, default=None,
+                        help="measure each layer with the other layers quantized at this width (default: float)")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--pareto", type=float, nargs="*", default=None,
                         help="also print the predicted delta of the plans at these average-bits budgets")
@@ -509,10 +528,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     module.to(device)
     with cli.trainer.precision_plugin.forward_context():  # the run's precision (e.g. bf16 autocast)
-        rows = measure_sensitivity(module.model, batches, targets, opts.bits, template, opts.metric)
+        rows = measure_sensitivity(module.model, batches, targets, opts.bits, template, opts.metric,
+                                   context_bits=opts.context_bits)
     # What does not depend on the budget is computed once and shared by every plan.
     shared: dict[str, Any] = {"metric": opts.metric, "spec": template.to_dict(), "batches": opts.batches,
-                              "configs": opts.config, "checkpoint": opts.ckpt_path}
+                              "context_bits": opts.context_bits, "configs": opts.config,
+                              "checkpoint": opts.ckpt_path}
     if opts.pareto:
         shared["pareto"] = pareto_curve(rows, opts.pareto, opts.bits)
     uniform: dict[str, float] | None = None
