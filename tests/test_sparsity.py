@@ -30,7 +30,7 @@ from plugins.sparsity import (
     weight_mask_of,
     weight_score,
 )
-from plugins.sparsity.layer import fold_stats, kth_smallest, lowest_k, sparsity_of
+from plugins.sparsity.layer import fold_stats, kth_smallest, lowest_k, lowest_share_each, sparsity_of
 
 RAMP = "plugins.sparsity.SparsityRamp"
 ONESHOT = "plugins.sparsity.OneShotPruning"
@@ -127,6 +127,25 @@ def test_schedule_values() -> None:
     ramp._start, ramp._end = ramp.resolve_steps(40)
     assert (ramp._start, ramp._end) == (10, 30)
     assert ramp.target_at(20) == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize("by_sort", [False, True])
+def test_same_shape_layers_ranked_together_match_one_at_a_time(by_sort: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Grouped ranking (one sort per shape, split into batches) picks exactly what ranking each tensor alone picks,
+    ties included (already-pruned zeros, repeated values)."""
+    import plugins.sparsity.layer as layer_module
+
+    original = layer_module.kth_smallest
+    monkeypatch.setattr(layer_module, "kth_smallest", lambda v, k, by_sort_=None: original(v, k, by_sort))
+    monkeypatch.setattr(layer_module, "_RANK_BATCH_ELEMENTS", 2 * 16 * 32)  # two tensors per batch: splits
+    torch.manual_seed(0)
+    tensors = {f"a{i}": torch.randint(0, 7, (16, 32)).float() for i in range(5)}
+    tensors |= {"b": torch.rand(8, 64), "c": torch.zeros(4, 8), "d": torch.rand(3, 5)}
+    for share in (0.0, 0.3, 0.7, 1.0):
+        grouped = lowest_share_each(tensors, share)
+        assert list(grouped) == list(tensors)
+        for name, tensor in tensors.items():
+            assert torch.equal(grouped[name], lowest_k(tensor, round(share * tensor.numel()))), (name, share)
 
 
 def test_masks_have_exact_counts_and_nm_structure() -> None:

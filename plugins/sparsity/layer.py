@@ -15,7 +15,9 @@ Everything here works without Lightning, e.g. from a notebook::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -226,27 +228,53 @@ def normalised(score: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     return score / torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
-def kth_smallest(flat: torch.Tensor, k: int, by_sort: bool | None = None) -> torch.Tensor:
-    """The ``k``-th smallest entry (1-based) of a 1-D tensor. On a GPU it is read off a sort: CUDA's kthvalue
-    selects within one thread block per slice, slow for a whole weight matrix; on a CPU kthvalue's linear-time
-    selection is the faster one. Both give the same value."""
+def kth_smallest(values: torch.Tensor, k: int, by_sort: bool | None = None) -> torch.Tensor:
+    """The ``k``-th smallest entry (1-based) along the last dimension, kept as a dimension of size 1. On a GPU it
+    is read off a sort: CUDA's kthvalue selects within one thread block per slice, slow for a whole weight matrix;
+    on a CPU kthvalue's linear-time selection is the faster one. Both give the same value."""
     if by_sort is None:
-        by_sort = flat.is_cuda
-    return flat.sort().values[k - 1] if by_sort else flat.kthvalue(k).values
+        by_sort = values.is_cuda
+    return values.sort(dim=-1).values[..., k - 1:k] if by_sort else values.kthvalue(k, dim=-1, keepdim=True).values
+
+
+def lowest_k_rows(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean ``[rows, n]`` marking exactly the ``k`` smallest entries of each row of ``values`` (ties go to the
+    earliest positions): one sort or selection for all rows."""
+    if k <= 0:
+        return torch.zeros_like(values, dtype=torch.bool)
+    if k >= values.shape[1]:
+        return torch.ones_like(values, dtype=torch.bool)
+    threshold = kth_smallest(values, k)
+    below = values < threshold
+    ties = values == threshold
+    return below | (ties & (ties.cumsum(1) <= k - below.sum(1, keepdim=True)))
 
 
 def lowest_k(values: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean tensor marking exactly ``k`` smallest entries of ``values`` (ties go to the earliest positions)."""
-    flat = values.reshape(-1)
-    if k <= 0:
-        return torch.zeros_like(values, dtype=torch.bool)
-    if k >= flat.numel():
-        return torch.ones_like(values, dtype=torch.bool)
-    threshold = kth_smallest(flat, k)
-    below = flat < threshold
-    ties = flat == threshold
-    chosen = ties & (ties.cumsum(0) <= k - below.sum())
-    return (below | chosen).reshape(values.shape)
+    return lowest_k_rows(values.reshape(1, -1), k).reshape(values.shape)
+
+
+#: Elements ranked in one batched call of :func:`lowest_share_each`; more are split (a GPU sort holds its input,
+#: values and int64 indices at once).
+_RANK_BATCH_ELEMENTS = 1 << 26
+
+
+def lowest_share_each(tensors: dict[str, torch.Tensor], share: float) -> dict[str, torch.Tensor]:
+    """:func:`lowest_k` of every tensor with ``k = round(share * numel)``. Tensors of one shape are ranked together,
+    one sort per batch instead of one per tensor (a mask update of a 12-layer model: 7 sorts instead of 84)."""
+    groups: dict[tuple[Any, ...], list[str]] = {}
+    for name, tensor in tensors.items():
+        groups.setdefault((tuple(tensor.shape), tensor.dtype, tensor.device), []).append(name)
+    lowest = {}
+    for (shape, _, _), names in groups.items():
+        numel = math.prod(shape)
+        rows_per_batch = max(1, _RANK_BATCH_ELEMENTS // max(1, numel))
+        for start in range(0, len(names), rows_per_batch):
+            batch = names[start:start + rows_per_batch]
+            marked = lowest_k_rows(torch.stack([tensors[n].reshape(-1) for n in batch]), round(share * numel))
+            lowest.update((n, row.reshape(shape)) for n, row in zip(batch, marked))
+    return {name: lowest[name] for name in tensors}
 
 
 def unstructured_masks(scores: dict[str, torch.Tensor], sparsity: float, scope: str = "layer",
@@ -261,7 +289,7 @@ def unstructured_masks(scores: dict[str, torch.Tensor], sparsity: float, scope: 
         keep: current masks; the global normalisation uses the still-kept entries.
     """
     if scope == "layer":
-        return {name: ~lowest_k(s, round(sparsity * s.numel())) for name, s in scores.items()}
+        return {name: ~pruned for name, pruned in lowest_share_each(scores, sparsity).items()}
     names = list(scores)
     flat = torch.cat([normalised(scores[n], None if keep is None else keep[n]).reshape(-1) for n in names])
     pruned = lowest_k(flat, round(sparsity * flat.numel()))
@@ -291,7 +319,7 @@ def nm_masks(scores: dict[str, torch.Tensor], n: int, m: int, fraction: float = 
         prune_in_group[name] = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, lowest, True)
         costs[name] = groups.gather(-1, lowest).sum(-1)
     if scope == "layer":
-        chosen = {name: lowest_k(c, round(fraction * c.numel())) for name, c in costs.items()}
+        chosen = lowest_share_each(costs, fraction)
     else:
         names = list(costs)
         flat = torch.cat([costs[name].reshape(-1) for name in names])

@@ -103,13 +103,11 @@ class MaskedLinears(CompressionPlugin):
 
     def activation_stats(self) -> dict[str, torch.Tensor] | None:
         """Per-layer mean squared inputs from the statistics buffers; ``None`` until every layer has seen data."""
-        stats = {}
-        for name, layer in self.layers.items():
-            count = getattr(layer, COUNT_BUFFER, None)
-            if count is None or int(count) == 0:
-                return None
-            stats[name] = getattr(layer, SQ_MEAN_BUFFER)
-        return stats
+        counts = [getattr(layer, COUNT_BUFFER, None) for layer in self.layers.values()]
+        # One read-back for all layers (one per layer was a host-device sync each on a GPU).
+        if not counts or any(c is None for c in counts) or int(torch.stack(counts).min()) == 0:
+            return None
+        return {name: getattr(layer, SQ_MEAN_BUFFER) for name, layer in self.layers.items()}
 
     @torch.no_grad()
     def update_masks(self, sparsity: float, input_sq_means: dict[str, torch.Tensor] | None = None) -> float:
