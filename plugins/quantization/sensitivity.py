@@ -5,8 +5,8 @@ change of the loss, or the KL divergence of the logits from the float model's, i
 batches: a measured stand-in for HAWQ's Hessian-based sensitivity (Dong et al. 2019). With ``context_bits`` the
 other selected layers are quantized at that width meanwhile, so a layer is judged inside a quantized model, where
 the errors of many low-bit layers add up (measured alone, each looked harmless on the GPU base). An exact
-multiple-choice knapsack then picks the widths with the least summed sensitivity under a parameter-weighted average-bits (or
-bytes) budget; QAT and PTQ read the resulting plan JSON through their ``plan:`` argument.
+multiple-choice knapsack then picks the widths with the least summed sensitivity under a parameter-weighted
+average-bits (or bytes) budget; QAT and PTQ read the resulting plan JSON through their ``plan:`` argument.
 
 Command line::
 
