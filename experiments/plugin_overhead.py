@@ -67,10 +67,15 @@ def _quantization_rows() -> dict[str, dict[str, Any]]:
 PLUGINS.update(_quantization_rows())
 
 
+def row_header(name: str, device: str, opts: argparse.Namespace) -> dict[str, Any]:
+    """What a row was measured on: the plugin, the device and the run's settings."""
+    return {"plugin": name, "device": device, "batch_size": opts.batch_size, "compiled": opts.compile,
+            "cudagraphs": opts.cudagraphs}
+
+
 def in_one_process(name: str, result: dict[str, Any], opts: argparse.Namespace) -> dict[str, Any]:
     """A row from one ``vlmc bench --without_plugins`` (both halves in its process, the plugin's first)."""
-    return {"plugin": name, "device": result["device"], "batch_size": opts.batch_size,
-            "compiled": opts.compile, "cudagraphs": opts.cudagraphs,
+    return {**row_header(name, result["device"], opts),
             "step_ms_without": 1e3 * result["step_s_without_plugins"],
             "step_ms_with": 1e3 * result["step_s_with_plugins"],
             "overhead": result["plugin_overhead"], "overhead_median": result["plugin_overhead_median"],
@@ -78,11 +83,12 @@ def in_one_process(name: str, result: dict[str, Any], opts: argparse.Namespace) 
             "step_ms_without_each": result["step_ms_without_plugins"]}
 
 
-def isolated_rounds(common: list[str], plugin_config: Path, rounds: int, tmp: Path) -> dict[str, Any]:
-    """Both halves of one row, each a fresh ``vlmc bench`` process, ``rounds`` times in alternating order."""
+def isolated_rounds(name: str, common: list[str], plugin_config: Path, opts: argparse.Namespace,
+                    tmp: Path) -> dict[str, Any]:
+    """Both halves of one row, each a fresh ``vlmc bench`` process, ``opts.rounds`` times in alternating order."""
     halves: dict[str, list[list[float]]] = {"with": [], "without": []}
     device = ""
-    for round_index in range(rounds):
+    for round_index in range(opts.rounds):
         order = ("with", "without") if round_index % 2 == 0 else ("without", "with")
         for half in order:
             out = tmp / f"{plugin_config.stem}_{half}_{round_index}.json"
@@ -95,9 +101,7 @@ def isolated_rounds(common: list[str], plugin_config: Path, rounds: int, tmp: Pa
     ratios = [statistics.mean(w) / statistics.mean(wo) for w, wo in zip(halves["with"], halves["without"])]
     steps_with = [t for steps in halves["with"] for t in steps]
     steps_without = [t for steps in halves["without"] for t in steps]
-    return {"device": device, "batch_size": int(next(a for a in common if "batch_size=" in a).split("=")[1]),
-            "compiled": "--model.init_args.compile=true" in common,
-            "cudagraphs": "--model.init_args.compile_mode=reduce-overhead" in common,
+    return {**row_header(name, device, opts),
             "step_ms_without": statistics.mean(steps_without), "step_ms_with": statistics.mean(steps_with),
             "overhead": statistics.median(ratios),
             "overhead_median": statistics.median(steps_with) / statistics.median(steps_without),
@@ -155,7 +159,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             config = Path(tmp) / f"{name}.yaml"
             config.write_text(yaml.safe_dump({"trainer": {"callbacks": [PLUGINS[name]]}}))
             if opts.isolated:
-                rows.append({"plugin": name, **isolated_rounds(common, config, opts.rounds, Path(tmp))})
+                rows.append(isolated_rounds(name, common, config, opts, Path(tmp)))
             else:
                 rows.append(in_one_process(name, bench(common + ["--config", str(config)]), opts))
             if opts.out:  # after every row: a run cut short keeps what it measured
