@@ -278,7 +278,8 @@ class Study(sparsity_study.Study):
         if all(self.plan_path(b).exists() for b in BUDGETS) and not self.opts.rerun:
             return 0
         args = ["-m", "plugins.quantization.sensitivity", *self.common(), "--config", str(config),
-                *self.on(self.base_export), "--budget_avg_bits", *map(str, BUDGETS), "--bits", *map(str, self.opts.mixed_bits),
+                *self.on(self.base_export), "--budget_avg_bits", *map(str, BUDGETS),
+                "--bits", *map(str, self.opts.mixed_bits),
                 "--pareto", "2", "2.5", "3", "3.5", "4", "5", "6", "8",
                 "--batches", "2" if self.opts.smoke else str(self.opts.sensitivity_batches),
                 "--metric", self.opts.sensitivity_metric, "--out", str(self.plans / "plan_avg{budget}.json")]
