@@ -11,6 +11,8 @@
 #   RECIPE_MAX_TIME=00:00:08:40 ...  # trainer.max_time of a recipe's fit (default 9 minutes)
 #   RECIPES="256:8.0e-4:::digits" ...  # with the digit-splitting tokenizer (framework/assets/tokenizer_digits.json)
 #   RECIPES="256:8.0e-4::::vision_tower=0.5" ...  # model.lr_multipliers: the vision tower at half the learning rate
+#   RECIPES="128:6.0e-4:cudagraphs::::256px:3500" ...  # a reading variant (experiments/pretrain/reading/256px.yaml),
+#                                                      # 3500 steps (an entry's own steps beat RECIPE_STEPS)
 #
 # 1. experiments/sparsity_study.py trains the dense base on GPU 0 (and the same-compute from-scratch baseline of the
 #    50%-pruned shape on GPU 1), then runs its sweep; each run takes the least busy unreserved GPU.
@@ -70,12 +72,15 @@ STUDY_GPUS=(--gpus "$GPUS" --reserved_gpus "$RESERVED")
 # of training (start-up, compilation and validation take the rest of the 10 minutes), cut at 600 s like the issue's
 # budget. mode: compile (regional torch.compile) or cudagraphs (compiled, fixed shapes, CUDA graphs).
 recipe() {
-  local name=$1 gpu=$2 batch=$3 lr=$4 mode=${5:-} decay=${6:-} tokenizer=${7:-} multipliers=${8:-} cfg
+  local name=$1 gpu=$2 batch=$3 lr=$4 mode=${5:-} decay=${6:-} tokenizer=${7:-} multipliers=${8:-} variant=${9:-}
+  local steps=${10:-${RECIPE_STEPS:-}} cfg
   # A mode whose benchmark fails falls back: cudagraphs -> compile -> eager (the log says which one trained).
   # RECIPE_STEPS=N trains N steps with no sizing benchmark (a recipe then fits one 10-minute job on its own).
   while :; do
     cfg=(--config experiments/pretrain/gpu_base.yaml --config experiments/csv_logger.yaml
          --data.init_args.batch_size="$batch" --model.init_args.lr="$lr" --data.init_args.num_workers=14)
+    # variant "256px": experiments/pretrain/reading/256px.yaml stacked on the base config
+    [ -n "$variant" ] && cfg+=(--config "experiments/pretrain/reading/$variant.yaml")
     [ -n "$decay" ] && cfg+=(--model.init_args.decay_fraction="$decay")
     # tokenizer "digits": framework/assets/tokenizer_digits.json (one token per digit)
     [ -n "$tokenizer" ] && cfg+=(--model.init_args.tokenizer="framework/assets/tokenizer_$tokenizer.json")
@@ -86,14 +91,13 @@ recipe() {
       cudagraphs) cfg+=(--model.init_args.compile=true --model.init_args.compile_mode=reduce-overhead
                         --data.init_args.pad_to_max_length=true) ;;
     esac
-    [ -n "${RECIPE_STEPS:-}" ] && break
+    [ -n "$steps" ] && break
     CUDA_VISIBLE_DEVICES=$gpu $PY -m framework.cli bench "${cfg[@]}" --steps 40 --warmup 40 --plain \
       --new_tokens 16 --repeats 1 --out "$RES/gpu/bench_$name.json" > "$WORK/logs/bench_${name}_${mode:-eager}.log" 2>&1 \
       && break
     log "$name: benchmark in mode ${mode:-eager} failed"
     case "$mode" in cudagraphs) mode=compile ;; compile) mode= ;; *) break ;; esac
   done
-  local steps=${RECIPE_STEPS:-}
   [ -n "$steps" ] || steps=$($PY -c "import json,sys; r=json.load(open(sys.argv[1])); print(int(r['steps_per_s'] * float(sys.argv[2]) // 100 * 100))" \
           "$RES/gpu/bench_$name.json" "${RECIPE_SECONDS:-$([ -n "$mode" ] && echo 360 || echo 540)}" 2>/dev/null || echo 2000)
   log "$name: batch $batch lr $lr mode ${mode:-eager}, $steps steps"
@@ -107,12 +111,12 @@ recipe() {
   log "$name rc=$? in $(( $(date +%s) - start )) s"
   cp "$WORK"/runs/"$name"/*/version_*/metrics.csv "$RES/gpu/metrics_$name.csv" 2>/dev/null || true
 }
-# entry gpu: one $RECIPES entry, batch:lr[:mode[:decay[:tokenizer[:multipliers]]]], run on that GPU.
+# entry gpu: one $RECIPES entry, batch:lr[:mode[:decay[:tokenizer[:multipliers[:variant[:steps]]]]]], run on that GPU.
 recipe_entry() {
-  local batch lr mode decay tokenizer multipliers
-  IFS=: read -r batch lr mode decay tokenizer multipliers <<< "$1"
-  recipe "recipe_b${batch}${mode:+_$mode}${decay:+_wsd$decay}${tokenizer:+_$tokenizer}${multipliers:+_lr${multipliers//[=,]/_}}" \
-    "$2" "$batch" "$lr" "$mode" "$decay" "$tokenizer" "$multipliers"
+  local batch lr mode decay tokenizer multipliers variant steps
+  IFS=: read -r batch lr mode decay tokenizer multipliers variant steps <<< "$1"
+  recipe "recipe_b${batch}${mode:+_$mode}${decay:+_wsd$decay}${tokenizer:+_$tokenizer}${multipliers:+_lr${multipliers//[=,]/_}}${variant:+_$variant}" \
+    "$2" "$batch" "$lr" "$mode" "$decay" "$tokenizer" "$multipliers" "$variant" "$steps"
 }
 # RECIPES only, one per GPU (0, 1, ...), side by side: `bash experiments/run_gpu_studies.sh recipes`.
 if [ "${1:-}" = recipes ]; then
@@ -138,7 +142,7 @@ base=$WORK/sparsity/exports/dense_base
 if [ "$GPUS" -ge 4 ]; then
   # Batch 512 and 1024 (2026-11-27) did not start reading sooner: reading needs optimizer steps, so the next
   # recipes buy steps per second (CUDA graphs) at the batch that worked and at half of it.
-  read -r -a recipes <<< "${RECIPES:-256:8.0e-4:cudagraphs 128:6.0e-4:cudagraphs}"  # batch:lr[:mode[:decay[:tokenizer[:multipliers]]]]
+  read -r -a recipes <<< "${RECIPES:-256:8.0e-4:cudagraphs 128:6.0e-4:cudagraphs}"  # batch:lr[:mode[:decay[:tokenizer[:multipliers[:variant[:steps]]]]]]
   (
     recipe_entry "${recipes[0]}" "$second_last"
     CUDA_VISIBLE_DEVICES=$second_last OUT=$RES/gpu BATCHES="128 256" bash experiments/run_gpu_results.sh bench > "$WORK/logs/throughput.log" 2>&1

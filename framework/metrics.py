@@ -28,10 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric
+from torchmetrics.functional.text import edit_distance
 from torchmetrics.text import CHRFScore, Perplexity, ROUGEScore
 
 __all__ = [
     "FieldAccuracy",
+    "FieldCharErrorRate",
     "IGNORE_INDEX",
     "OTHER_TASK_METRICS",
     "OTHER_TASK_OPTIONAL_METRICS",
@@ -324,6 +326,75 @@ class FieldAccuracy(Metric):
         return dict(zip(self.keys, values.tolist()))
 
 
+class FieldCharErrorRate(Metric):
+    """Per-key character error rate of ``(key, value)`` fields, for autofill: how far a wrong field is from right.
+
+    For each key of ``keys``, the Levenshtein distance between the predicted and the reference value (a key the
+    prediction lacks counts as an empty value) summed over samples, divided by the summed reference lengths.
+    Field recall (:class:`FieldAccuracy`) scores an 8-digit id as wrong until all eight digits are; this shows
+    whether the digits are being learned (1.0: nothing right, 0.0: all right) long before whole fields are.
+    Parsing and normalisation as :class:`FieldF1`; a key no target had is NaN. :meth:`compute` returns
+    ``{key: value}``.
+
+    Example:
+        >>> metric = FieldCharErrorRate(["name", "id"])
+        >>> metric.update(["name: ada\\nid: 1234", "name: bob"], [{"name": "ada", "id": "1244"},
+        ...                                                       {"name": "bob", "id": "99"}])
+        >>> {k: round(v, 3) for k, v in metric.compute().items()}
+        {'name': 0.0, 'id': 0.5}
+    """
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+
+    errors: Tensor
+    chars: Tensor
+
+    def __init__(self, keys: Sequence[str] | None = None, **kwargs: Any) -> None:
+        """Creates the metric.
+
+        Args:
+            keys: Field keys to report, as for :class:`FieldAccuracy` (default: the built-in autofill task's keys).
+            **kwargs: Passed to :class:`torchmetrics.Metric`.
+
+        Raises:
+            ValueError: If ``keys`` is empty or has duplicates after normalisation.
+        """
+        super().__init__(**kwargs)
+        self.keys = FieldAccuracy(keys).keys
+        self._index = {key: i for i, key in enumerate(self.keys)}
+        for name in ("errors", "chars"):
+            self.add_state(name, default=torch.zeros(len(self.keys), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, preds: Sequence[str], targets: Sequence[Mapping[str, str] | str]) -> None:
+        """Accumulates one batch (see :meth:`FieldF1.update`)."""
+        _check_same_length(preds, targets, "targets")
+        indices: list[int] = []
+        predicted: list[str] = []
+        references: list[str] = []
+        for pred, target in zip(preds, targets):
+            pred_fields = parse_fields(pred)
+            for key, value in _as_fields(target).items():
+                index = self._index.get(key)
+                if index is not None:
+                    indices.append(index)
+                    predicted.append(pred_fields.get(key, ""))
+                    references.append(value)
+        if not indices:
+            return
+        index = torch.tensor(indices, device=self.errors.device)
+        errors = edit_distance(predicted, references, reduction="none").to(self.errors)
+        lengths = torch.tensor([len(reference) for reference in references], device=self.chars.device)
+        self.errors.index_add_(0, index, errors)
+        self.chars.index_add_(0, index, lengths)
+
+    def compute(self) -> dict[str, float]:  # type: ignore[override]
+        """Returns ``{key: character error rate}`` (NaN for a key no target had)."""
+        values = self.errors.float() / self.chars.float()  # 0/0 -> NaN
+        return dict(zip(self.keys, values.tolist()))
+
+
 class FactRecall(Metric):
     """Fraction of reference facts found in the generated text, micro-averaged over facts.
 
@@ -591,12 +662,13 @@ _METRICS: dict[str, tuple[type[Metric], tuple[str, ...]]] = {
     "exact_match": (FieldExactMatch, ("fields", "answer")),
     "fact_recall": (FactRecall, ("facts",)),
     "fields": (FieldAccuracy, ("fields", "answer")),
+    "field_cer": (FieldCharErrorRate, ("fields", "answer")),
     "rouge_l": (RougeL, ("answer",)),
     "chrf": (CHRFScore, ("answer",)),
 }
 
 TASK_METRICS: dict[str, tuple[str, ...]] = {
-    "autofill": ("field_f1", "exact_match", "fields"),
+    "autofill": ("field_f1", "exact_match", "fields", "field_cer"),
     "caption": ("fact_recall", "rouge_l"),
     "longcall": ("fact_recall", "rouge_l"),
 }
@@ -617,8 +689,9 @@ class TaskMetrics(nn.Module):
     ========== ========================================================================================
     task       metrics (names of :meth:`compute`'s keys)
     ========== ========================================================================================
-    autofill   ``field_f1``, ``exact_match``, ``fields/<key>`` (:class:`FieldAccuracy`, one per field key;
-               reference: ``fields``, else ``answer`` parsed as fields)
+    autofill   ``field_f1``, ``exact_match``, ``fields/<key>`` (:class:`FieldAccuracy`, one per field key),
+               ``field_cer/<key>`` (:class:`FieldCharErrorRate`); reference: ``fields``, else ``answer``
+               parsed as fields
     caption    ``fact_recall`` (``facts``), ``rouge_l`` (``answer``)
     longcall   ``fact_recall`` (``facts``), ``rouge_l`` (``answer``)
     other      ``rouge_l``, ``chrf`` (``answer``); plus ``field_f1`` / ``fact_recall`` on the samples that
@@ -665,7 +738,7 @@ class TaskMetrics(nn.Module):
     @property
     def names(self) -> tuple[str, ...]:
         """The task's metrics (optional ones come after them when present); a per-key metric (``fields``)
-        reports one value per key, as ``fields/<key>``."""
+        reports one value per key, as ``fields/<key>`` (``field_cer/<key>``)."""
         return tuple(name for name in self.metrics if name not in self._optional)
 
     def update(self, preds: Sequence[str], samples_meta: Sequence[Mapping[str, Any]]) -> None:
@@ -706,7 +779,7 @@ class TaskMetrics(nn.Module):
         """Returns ``{metric name: value}`` over everything seen since the last reset (synced across ranks)."""
         results: dict[str, float] = {}
         for name, metric in self.metrics.items():
-            if isinstance(metric, FieldAccuracy):  # one value per key; keys no sample had stay out
+            if isinstance(metric, (FieldAccuracy, FieldCharErrorRate)):  # one value per key; unseen keys stay out
                 results.update((f"{name}/{key}", value) for key, value in metric.compute().items()
                                if value == value)
             elif name not in self._optional:

@@ -339,7 +339,7 @@ def test_task_metrics_sync_over_two_ranks() -> None:
 
 def test_task_metrics_autofill() -> None:
     metrics = TaskMetrics("autofill")
-    assert metrics.names == ("field_f1", "exact_match", "fields") and not metrics.update_called
+    assert metrics.names == ("field_f1", "exact_match", "fields", "field_cer") and not metrics.update_called
     metrics.update(
         ["type: id card\nname: anna lee", "type: bank card\nnumber: 1234"],
         [
@@ -350,8 +350,10 @@ def test_task_metrics_autofill() -> None:
     # TP = 1 + 2 = 3, predicted = 2 + 2 = 4, target = 2 + 2 = 4 -> F1 = 2 * 3 / 8 = 3/4. Exact: 1 of 2.
     assert metrics.update_called
     # Per key: type 2 of 2, name 0 of 1 (anna lee vs ann), number 1 of 1; keys no target had are left out.
+    # Character errors: "anna lee" vs "ann" is 5 edits over 3 reference characters.
     assert metrics.compute() == pytest.approx({"field_f1": 3 / 4, "exact_match": 1 / 2, "fields/type": 1.0,
-                                               "fields/name": 0.0, "fields/number": 1.0})
+                                               "fields/name": 0.0, "fields/number": 1.0, "field_cer/type": 0.0,
+                                               "field_cer/name": 5 / 3, "field_cer/number": 0.0})
 
 
 def test_field_accuracy_by_hand() -> None:
@@ -371,6 +373,26 @@ def test_field_accuracy_by_hand() -> None:
     assert math.isnan(values["company"]) and math.isnan(values["phone"])
     with pytest.raises(ValueError, match="non-empty and distinct"):
         FieldAccuracy(["a", "A "])
+
+
+def test_field_char_error_rate_by_hand() -> None:
+    from framework.metrics import FieldCharErrorRate
+
+    metric = FieldCharErrorRate()
+    assert metric.keys == ["type", "name", "id", "birth", "city", "number", "expiry", "company", "phone"]
+    assert metric.compute()["id"] != metric.compute()["id"]  # nothing seen: NaN
+    metric.update(["type: id card\nid: 12345670\nbirth: 1990-01-02", "type: bank card\nnumber: 1234 567"],
+                  [{"type": "id card", "id": "12345678", "birth": "1990-01-02", "city": "rome"},
+                   "type: bank card\nnumber: 1234 5678\nexpiry: 2030-01"])
+    # Second batch: the id read right, the city read with one substitution.
+    metric.update(["id: 87654321\ncity: roma"], [{"id": "87654321", "city": "rome"}])
+    values = metric.compute()
+    # id: 1 substitution over 16 characters; city: missing (4 deletions) + 1 substitution over 8; number: 1 of 9;
+    # expiry missing: 7 of 7.
+    expected = {"type": 0.0, "id": 1 / 16, "birth": 0.0, "city": 5 / 8, "number": 1 / 9, "expiry": 1.0}
+    assert {k: v for k, v in values.items() if v == v} == pytest.approx(expected)
+    with pytest.raises(ValueError, match="non-empty and distinct"):
+        FieldCharErrorRate([])
 
 
 @pytest.mark.parametrize("task", ["caption", "longcall"])
