@@ -79,8 +79,9 @@ recipe() {
   while :; do
     cfg=(--config experiments/pretrain/gpu_base.yaml --config experiments/csv_logger.yaml
          --data.init_args.batch_size="$batch" --model.init_args.lr="$lr" --data.init_args.num_workers=14)
-    # variant "256px": experiments/pretrain/reading/256px.yaml stacked on the base config
-    [ -n "$variant" ] && cfg+=(--config "experiments/pretrain/reading/$variant.yaml")
+    # variant "256px": experiments/pretrain/reading/256px.yaml stacked on the base config ("a+b": both, in order)
+    local part
+    for part in ${variant//+/ }; do cfg+=(--config "experiments/pretrain/reading/$part.yaml"); done
     [ -n "$decay" ] && cfg+=(--model.init_args.decay_fraction="$decay")
     # tokenizer "digits": framework/assets/tokenizer_digits.json (one token per digit)
     [ -n "$tokenizer" ] && cfg+=(--model.init_args.tokenizer="framework/assets/tokenizer_$tokenizer.json")

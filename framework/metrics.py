@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.functional.text import edit_distance
-from torchmetrics.text import CHRFScore, Perplexity, ROUGEScore
+from torchmetrics.text import CharErrorRate, CHRFScore, Perplexity, ROUGEScore
 
 __all__ = [
     "FieldAccuracy",
@@ -665,12 +665,14 @@ _METRICS: dict[str, tuple[type[Metric], tuple[str, ...]]] = {
     "field_cer": (FieldCharErrorRate, ("fields", "answer")),
     "rouge_l": (RougeL, ("answer",)),
     "chrf": (CHRFScore, ("answer",)),
+    "cer": (CharErrorRate, ("answer",)),
 }
 
 TASK_METRICS: dict[str, tuple[str, ...]] = {
     "autofill": ("field_f1", "exact_match", "fields", "field_cer"),
     "caption": ("fact_recall", "rouge_l"),
     "longcall": ("fact_recall", "rouge_l"),
+    "reading": ("cer", "chrf"),
 }
 """Metrics of the built-in synthetic tasks."""
 
@@ -694,6 +696,7 @@ class TaskMetrics(nn.Module):
                parsed as fields
     caption    ``fact_recall`` (``facts``), ``rouge_l`` (``answer``)
     longcall   ``fact_recall`` (``facts``), ``rouge_l`` (``answer``)
+    reading    ``cer`` (character error rate, lower is better), ``chrf`` (``answer``)
     other      ``rouge_l``, ``chrf`` (``answer``); plus ``field_f1`` / ``fact_recall`` on the samples that
                have ``fields`` / ``facts``, reported when any sample (on any rank) had them
     ========== ========================================================================================

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from framework.data import TASKS, AutofillTask, CaptionTask, LongCallTask, Sample, make_task, parse_fields
+from framework.data import TASKS, AutofillTask, CaptionTask, LongCallTask, ReadingTask, Sample, make_task, parse_fields
 from framework.data import sample as sample_module
 from framework.data import tasks as T
 
@@ -133,6 +133,8 @@ def test_unknown_task_name():
         ("longcall", {"min_facts": 0}, "min_facts"),
         ("longcall", {"max_facts": 10}, "max_facts"),
         ("longcall", {"min_facts": 5, "max_facts": 4}, "max_facts"),
+        ("reading", {"max_font_scale": 0.5}, "max_font_scale"),
+        ("reading", {"noise": -2}, "noise"),
     ],
 )
 def test_bad_arguments(name, kwargs, argument):
@@ -141,7 +143,8 @@ def test_bad_arguments(name, kwargs, argument):
 
 
 def test_registry():
-    assert TASKS == {"caption": CaptionTask, "autofill": AutofillTask, "longcall": LongCallTask}
+    assert TASKS == {"caption": CaptionTask, "autofill": AutofillTask, "longcall": LongCallTask,
+                     "reading": ReadingTask}
     assert isinstance(make_task("caption", seed=1, image_size=64, max_objects=2), CaptionTask)
 
 
@@ -341,3 +344,42 @@ def test_longcall_fact_count_range():
 
 def test_longcall_image_size_is_checked_but_unused():
     assert make_task("longcall", image_size=32, min_words=320, max_words=320)[0].image is None
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+
+def test_reading_answers_are_random_text_of_the_drawn_kinds():
+    task = make_task("reading", seed=2)
+    lines = [line for i in range(200) for line in task[i].answer.split("\n")]
+    assert all(1 <= len(task[i].answer.split("\n")) <= 4 for i in range(200))
+    assert all(task[i].prompt == "Read the text." and task[i].fields is None for i in range(5))
+    digit_runs = [line for line in lines if line.isdigit()]
+    groups = [line for line in lines if " " in line and line.replace(" ", "").isdigit()]
+    dates = [line for line in lines if len(line) == 10 and line[4] == line[7] == "-"]
+    letters = [line for line in lines if line.replace(" ", "").isalpha()]
+    assert digit_runs and groups and dates and letters
+    assert len(digit_runs) + len(groups) + len(dates) + len(letters) == len(lines)
+    assert all(4 <= len(line) <= 10 for line in digit_runs)
+    assert all(line == line.lower() for line in letters)
+    assert len(set(lines)) > 0.9 * len(lines)  # random, not drawn from a vocabulary
+
+
+def test_reading_font_scale_and_fit():
+    """Larger scales draw more text pixels on the card; no line runs into the card's right padding."""
+    import numpy as np
+
+    margin, pad = round(128 * 0.04), round(128 * 0.06)
+
+    def card(image):
+        return np.asarray(image.convert("L"))[margin + 3 : 128 - margin - 3, margin + 3 : 128 - margin - 3]
+
+    def ink(task):
+        return np.mean([(card(task[i].image) < 120).mean() for i in range(40)])
+
+    small = make_task("reading", seed=4, max_font_scale=1.0, noise=0)
+    large = make_task("reading", seed=4, max_font_scale=3.0, noise=0)
+    assert ink(large) > 1.5 * ink(small) > 0
+    for i in range(40):
+        right_padding = card(large[i].image)[:, -(pad - 6) :]
+        assert (right_padding > 150).all(), f"reading#{i} draws text into the card's right padding"

@@ -32,7 +32,7 @@ def test_digits_get_one_token_each() -> None:
 
 
 @pytest.mark.parametrize("variant", sorted(ASSETS))
-@pytest.mark.parametrize("task", ["autofill", "caption", "longcall"])
+@pytest.mark.parametrize("task", ["autofill", "caption", "longcall", "reading"])
 def test_answers_round_trip(variant: str, task: str) -> None:
     tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(ASSETS[variant]), **SPECIAL_TOKENS)
     kwargs = {"min_words": 320, "max_words": 400} if task == "longcall" else {"image_size": 64}

@@ -13,6 +13,7 @@ from framework.data.tasks import (
     AutofillTask,
     CaptionTask,
     LongCallTask,
+    ReadingTask,
     SyntheticTask,
     make_task,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "CaptionTask",
     "JsonlDataset",
     "LongCallTask",
+    "ReadingTask",
     "Sample",
     "SyntheticTask",
     "VLMDataModule",

@@ -7,6 +7,10 @@ Each task mirrors one use of a phone VLM that the compression studies measure:
   and its position.
 - ``autofill``: field extraction from rendered ID, bank and business cards (form autofill). A card with a type
   header and 3-4 fields in a fixed layout per card type; the answer lists ``"key: value"`` lines.
+- ``reading``: text reading (the OCR pretraining of document VLMs): 1-4 lines of random digit groups, dates and
+  letter strings on a card-like background, drawn at the card font size up to a few times larger; the answer is
+  the text, line by line. Card ids and numbers are random digits that no language prior predicts, so the model
+  must read them glyph by glyph; this task gives that skill a denser, easier signal than the cards alone.
 - ``longcall``: text-only call transcripts (call summaries under KV-cache compression). Lowercase, ASR-style
   small talk between speakers ``A:`` and ``B:`` with 4-8 facts spread evenly through it; the answer recalls
   the facts in order.
@@ -37,6 +41,7 @@ from framework.data.sample import Sample
 CAPTION_PROMPT = "Describe the photo."
 AUTOFILL_PROMPT = "Extract the fields of this card."
 LONGCALL_INSTRUCTION = "Summarize the call, listing the facts."
+READING_PROMPT = "Read the text."
 
 MIN_IMAGE_SIZE = 32
 MAX_IMAGE_SIZE = 1024
@@ -446,6 +451,95 @@ class AutofillTask(SyntheticTask):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# reading
+
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def _reading_line(rng: random.Random) -> tuple[str, str]:
+    """One line of random text: ``(answer text, rendered text)``; digit groups are printed two spaces apart."""
+    kind = rng.randrange(5)
+    if kind == 0:  # a digit run, as an 8-digit id
+        text = _digits(rng, rng.randint(4, 10))
+        return text, text
+    if kind == 1:  # digit groups, as card and phone numbers
+        text = " ".join(_digits(rng, rng.randint(2, 4)) for _ in range(rng.randint(2, 3)))
+        return text, text.replace(" ", "  ")
+    if kind == 2:  # a date
+        text = f"{rng.randint(1900, 2099)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}"
+        return text, text
+    # letter strings: no vocabulary to guess from
+    text = " ".join("".join(rng.choice(_LETTERS) for _ in range(rng.randint(2, 7))) for _ in range(rng.randint(1, 2)))
+    return text, text.upper()
+
+
+class ReadingTask(SyntheticTask):
+    """Text reading: random digit groups, dates and letter strings drawn on a card-like background.
+
+    1-4 lines, each one of: a run of 4-10 digits, 2-3 groups of 2-4 digits (printed two spaces apart, like card
+    numbers), a date ``YYYY-MM-DD`` (any year 1900-2099), or 1-2 strings of 2-7 random letters (printed in
+    capitals). The font is the autofill card font (`autofill_font_size`) scaled by a factor drawn uniformly from
+    ``[1, max_font_scale]``, so the model sees card-sized glyphs and larger, easier ones; lines too long for the
+    image are drawn again smaller. Nothing in the answer can be guessed, every character has to be read: the
+    pretraining objective of OCR-capable VLMs (read all the text), at card scale.
+
+    Prompt: ``"Read the text."``. Answer: the lines, lowercase, joined by newlines.
+
+    Args:
+        seed: Task seed, in [0, 2**63 - 1].
+        image_size: Image side in pixels, in [32, 1024].
+        noise: Standard deviation of the grey pixel noise, in [0, 32]; 0 turns it off.
+        max_font_scale: Largest font size as a multiple of the card font, in [1, 4].
+
+    Raises:
+        ValueError: If an argument is out of range.
+    """
+
+    name = "reading"
+
+    def __init__(self, seed: int = 0, image_size: int = 128, noise: float = 4.0, max_font_scale: float = 2.0) -> None:
+        super().__init__(seed=seed, image_size=image_size)
+        self.noise = _check_float("noise", noise, 0.0, 32.0)
+        self.max_font_scale = _check_float("max_font_scale", max_font_scale, 1.0, 4.0)
+
+    def _generate(self, rng: random.Random, source: str) -> Sample:
+        size = self.image_size
+        lines = [_reading_line(rng) for _ in range(rng.randint(1, 4))]
+        font_size = round(autofill_font_size(size) * rng.uniform(1.0, self.max_font_scale))
+        margin, pad = round(size * 0.04), round(size * 0.06)
+        width = size - 2 * (margin + pad)
+        # Shrink until the longest line and all lines fit (never below the card font).
+        while font_size > autofill_font_size(size):
+            font = _font(font_size)
+            line_height = round(font_size * 1.4)
+            if max(font.getlength(shown) for _, shown in lines) <= width and line_height * len(lines) <= width:
+                break
+            font_size -= 1
+        font = _font(font_size)
+        line_height = round(font_size * 1.4)
+        shift = size // 64
+        left = margin + pad + rng.randint(-shift, shift)
+        free = size - 2 * (margin + pad) - line_height * len(lines)
+        top = margin + pad + rng.randint(0, max(0, free)) + line_height / 2
+
+        image = Image.new("RGB", (size, size), _jitter(rng.choice(_TABLE_COLORS), rng, 15))
+        draw = ImageDraw.Draw(image)
+        draw.rounded_rectangle((margin, margin, size - margin, size - margin), radius=round(size * 0.05),
+                               fill=_jitter((242, 240, 232), rng, 8))
+        text_rgb = _jitter((30, 30, 40), rng, 10)
+        for i, (_, shown) in enumerate(lines):
+            draw.text((left, top + i * line_height), shown, fill=text_rgb, font=font, anchor="lm")
+        image = _add_noise(image, rng, self.noise)
+        return Sample(
+            task=self.name,
+            prompt=READING_PROMPT,
+            answer="\n".join(text for text, _ in lines),
+            image=image,
+            source=source,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # longcall
 
 _INTERJECTIONS = ("well", "oh", "right", "yes", "hmm", "okay", "sure", "honestly", "you know", "ah")
@@ -687,6 +781,7 @@ TASKS: dict[str, type[SyntheticTask]] = {
     CaptionTask.name: CaptionTask,
     AutofillTask.name: AutofillTask,
     LongCallTask.name: LongCallTask,
+    ReadingTask.name: ReadingTask,
 }
 
 
@@ -694,7 +789,8 @@ def make_task(name: str, **kwargs: object) -> SyntheticTask:
     """Builds a registered synthetic task by name.
 
     Args:
-        name: A key of `TASKS` (``"caption"``, ``"autofill"``, ``"longcall"``, or one a user registered).
+        name: A key of `TASKS` (``"caption"``, ``"autofill"``, ``"longcall"``, ``"reading"``, or one a user
+            registered).
         **kwargs: Constructor arguments of the task (``seed``, ``image_size``, task-specific ones).
 
     Returns:
