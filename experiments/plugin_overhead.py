@@ -8,6 +8,7 @@ on them) with one plugin configured, so both halves of a ratio share the machine
     python experiments/plugin_overhead.py --plugins qat_w4a8 --out overhead_qat.json
     python experiments/plugin_overhead.py --plugins qat_w4a8 --compile    # both halves regionally compiled
     python experiments/plugin_overhead.py --compile --cudagraphs    # and replayed as CUDA graphs
+    python experiments/plugin_overhead.py --plugins qat_w4a8 --compile --cudagraphs --static_shapes  # no symbolic sizes
     python experiments/plugin_overhead.py --plugins qat_w4a8 --compile --isolated --rounds 3
         # each half in a fresh process, in alternating order; the ratio is the median over rounds
 
@@ -70,7 +71,7 @@ PLUGINS.update(_quantization_rows())
 def row_header(name: str, device: str, opts: argparse.Namespace) -> dict[str, Any]:
     """What a row was measured on: the plugin, the device and the run's settings."""
     return {"plugin": name, "device": device, "batch_size": opts.batch_size, "compiled": opts.compile,
-            "cudagraphs": opts.cudagraphs}
+            "cudagraphs": opts.cudagraphs, "static_shapes": opts.static_shapes}
 
 
 def in_one_process(name: str, result: dict[str, Any], opts: argparse.Namespace) -> dict[str, Any]:
@@ -121,6 +122,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--cudagraphs", action="store_true",
                         help="with --compile: CUDA graphs (compile_mode=reduce-overhead, every batch padded to "
                              "max_length), as the CUDA-graph recipes train")
+    parser.add_argument("--static_shapes", action="store_true",
+                        help="with --compile: model.compile_dynamic=false (no symbolic sizes; padded CUDA-graph "
+                             "steps never change shape)")
     parser.add_argument("--num_workers", type=int, default=None,
                         help="data workers (default: the config's); fewer leave the host's cores to the training loop")
     parser.add_argument("--isolated", action="store_true",
@@ -147,6 +151,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         if not opts.compile:
             parser.error("--cudagraphs needs --compile")
         common += ["--model.init_args.compile_mode=reduce-overhead", "--data.init_args.pad_to_max_length=true"]
+    if opts.static_shapes:
+        if not opts.compile:
+            parser.error("--static_shapes needs --compile")
+        common.append("--model.init_args.compile_dynamic=false")
     if opts.num_workers is not None:
         common.append(f"--data.init_args.num_workers={opts.num_workers}")
     if opts.smoke:

@@ -68,9 +68,9 @@ class CompiledBlock:
     """A block's ``_compiled_call_impl`` (what ``nn.Module.compile`` sets): the compiled call, then the block's
     output-recording hooks; the eager call instead when CUDA graphs are on and no training step is running."""
 
-    def __init__(self, module: nn.Module, mode: str) -> None:
+    def __init__(self, module: nn.Module, mode: str, dynamic: bool | None = True) -> None:
         self.module = module
-        self.compiled = torch.compile(module._call_impl, dynamic=True, mode=mode)
+        self.compiled = torch.compile(module._call_impl, dynamic=dynamic, mode=mode)
         self.graphs = mode in CUDA_GRAPH_MODES
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -89,11 +89,12 @@ class CompiledBlock:
         return output
 
 
-def compile_blocks(model: nn.Module, mode: str = "default") -> list[str]:
+def compile_blocks(model: nn.Module, mode: str = "default", dynamic: bool | None = True) -> list[str]:
     """Compile every transformer block of ``model`` in place (see the module docstring); returns their names.
 
-    Dynamic shapes: generation changes the sequence length every step; padded training batches keep one shape, so
-    CUDA graphs are recorded once for them. Parameter names do not change, so checkpoints and exports are the same
+    Dynamic shapes (``dynamic=True``, the default): generation changes the sequence length every step; padded
+    training batches keep one shape, so CUDA graphs are recorded once for them. ``dynamic=False`` or ``None``
+    (``torch.compile``'s own choices) start from static shapes, which is all a CUDA-graph training step needs. Parameter names do not change, so checkpoints and exports are the same
     as for the eager model.
     """
     _install_recording_hooks(model)
@@ -103,6 +104,6 @@ def compile_blocks(model: nn.Module, mode: str = "default") -> list[str]:
             continue
         for inner in module.modules():
             _wrap_recording_hooks(inner)
-        module._compiled_call_impl = CompiledBlock(module, mode)
+        module._compiled_call_impl = CompiledBlock(module, mode, dynamic)
         names.append(name)
     return names

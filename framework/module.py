@@ -82,6 +82,11 @@ class VLMModule(pl.LightningModule):
             kernel launches, for training steps only; pair it with ``data.init_args.pad_to_max_length`` so shapes
             stay fixed),
             ``max-autotune`` or ``max-autotune-no-cudagraphs``.
+        compile_dynamic: ``dynamic`` of those ``torch.compile`` calls: ``true`` (the default) compiles symbolic
+            sizes from the start, so generation's growing sequence does not recompile; ``false`` or ``null`` start
+            from the first shapes seen (``null`` turns a size symbolic once it changes). With CUDA graphs and padded
+            batches the training shapes never change, and static sizes keep size arithmetic (such as a plugin's
+            per-tensor gradient scale) out of the graphs as host-side kernels.
 
     Example::
 
@@ -109,6 +114,7 @@ class VLMModule(pl.LightningModule):
         max_length: int = 512,
         compile: bool = False,
         compile_mode: str = "default",
+        compile_dynamic: bool | None = True,
     ) -> None:
         super().__init__()
         if not (lr > 0 and math.isfinite(lr)):
@@ -162,7 +168,7 @@ class VLMModule(pl.LightningModule):
         check_plugins(plugins, self.model)
         if self.hparams.compile and not self._compiled:
             # After the plugins: their masks and hooks are part of what gets compiled.
-            compile_blocks(self.model, self.hparams.compile_mode)
+            compile_blocks(self.model, self.hparams.compile_mode, dynamic=self.hparams.compile_dynamic)
             self._compiled = True
 
     @override

@@ -50,25 +50,29 @@ PLUGINS["qat_shared_inputs"] = [{**PLUGINS["qat"][0], "init_args": {
     "shared_inputs": [["q_proj", "k_proj", "v_proj"], ["gate_proj", "up_proj"]]}}]
 
 
-def _eager_backend(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``torch.compile`` traces with dynamo but runs the captured graphs as they are (no code generation)."""
+def _eager_backend(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """``torch.compile`` traces with dynamo but runs the captured graphs as they are (no code generation); returns
+    the list that collects each call's keyword arguments."""
     original = torch.compile
+    calls: list[dict[str, Any]] = []
 
     def compile_eager(fn: Any, **kwargs: Any) -> Any:
+        calls.append(dict(kwargs))
         kwargs.pop("mode", None)
         return original(fn, **{**kwargs, "backend": "eager"})
 
     monkeypatch.setattr(torch, "compile", compile_eager)
+    return calls
 
 
 def _compiled_fit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, callbacks: list[dict[str, Any]],
-                  spec: str = "experiments/models/llava-test.json") -> dict[str, int]:
+                  spec: str = "experiments/models/llava-test.json", *overrides: str) -> dict[str, int]:
     _eager_backend(monkeypatch)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     config = tiny_config(tmp_path, spec=spec, max_steps=8, callbacks=callbacks,
                          data=DATA, limit_val_batches=0, val_check_interval=None)
-    cli = make_cli(config, "--model.init_args.compile=true")
+    cli = make_cli(config, "--model.init_args.compile=true", *overrides)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     counters = torch._dynamo.utils.counters
     return {"graphs": counters["stats"]["unique_graphs"], "breaks": sum(counters["graph_break"].values())}
@@ -169,6 +173,23 @@ def test_plugin_keeps_blocks_compiled(plugin: str, baseline: dict[str, int], tmp
     assert counts["graphs"] <= baseline["graphs"] + len(PLUGINS[plugin]), (counts, baseline)  # phase changes
 
 
+def test_static_shapes_keep_blocks_compiled_with_qat(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``compile_dynamic=false`` reaches every block's ``torch.compile``, and QAT, whose LSQ gradient scale depends on
+    an activation's size, compiles with no graph break beyond the model's own and no size-keyed recompiles: the
+    padded batches keep one shape."""
+    calls = _eager_backend(monkeypatch)
+    module = VLMModule(model="experiments/models/llava-test.json", compile=True, compile_dynamic=False)
+    module.configure_model()
+    assert calls and all(call["dynamic"] is False for call in calls)
+    (tmp_path / "dynamic").mkdir()
+    (tmp_path / "static").mkdir()
+    dynamic = _compiled_fit(tmp_path / "dynamic", monkeypatch, PLUGINS["qat"])
+    static = _compiled_fit(tmp_path / "static", monkeypatch, PLUGINS["qat"], "experiments/models/llava-test.json",
+                           "--model.init_args.compile_dynamic=false")
+    assert static["breaks"] == dynamic["breaks"]
+    assert static["graphs"] <= dynamic["graphs"] + 1, (static, dynamic)  # vision and text blocks: their own shapes
+
+
 @pytest.mark.parametrize("plugin", ["none", "qat", "l0"])
 def test_graph_count_does_not_grow_with_depth(plugin: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Twice the text layers (llava-tiny: 4, llava-test: 2), the same number of graphs."""
@@ -197,3 +218,19 @@ def test_compiled_fit_validates_generates_and_benches_on_a_gpu(mode: str, tmp_pa
     results = bench(["--config", str(config), *overrides, "--steps", "4", "--warmup", "4", "--plain",
                      "--new_tokens", "4", "--repeats", "1"])
     assert results["steps_per_s"] > 0 and results["plain_loop_steps_per_s"] > 0 and results["generate_tokens_per_s"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dynamic", ["true", "false"])
+def test_qat_trains_under_cuda_graphs_on_a_gpu(dynamic: str, tmp_path: Path) -> None:
+    """QAT's fake quantizers inside CUDA-graph blocks. With symbolic sizes (``compile_dynamic=true``) an H100 run
+    segfaulted in a host-side kernel of the backward (experiments/results/gpu/h100x2_run10); static sizes keep the
+    gradient scale a constant."""
+    from framework.cli import main
+
+    data = {**DATA, "init_args": {**DATA["init_args"], "batch_size": 8}}
+    config = tiny_config(tmp_path, max_steps=6, data=data, accelerator="gpu", devices=1, callbacks=PLUGINS["qat"],
+                         precision="bf16-mixed", val_check_interval=3, logger=False)
+    main(["fit", "--config", str(config), "--model.init_args.compile=true",
+          "--model.init_args.compile_mode=reduce-overhead", f"--model.init_args.compile_dynamic={dynamic}"])
