@@ -9,6 +9,7 @@
 #   RECIPES="256:8.0e-4 256:8.0e-4::0.3" bash experiments/run_gpu_studies.sh recipes    # only recipes, one per GPU
 #   RECIPE_STEPS=5400 RECIPES="256:8.0e-4:cudagraphs" bash experiments/run_gpu_studies.sh recipes  # no sizing benchmark
 #   RECIPE_MAX_TIME=00:00:08:40 ...  # trainer.max_time of a recipe's fit (default 9 minutes)
+#   RECIPE_ARGS="--model.init_args.compile_dynamic=false" ...  # more CLI arguments for every recipe
 #   RECIPES="256:8.0e-4:::digits" ...  # with the digit-splitting tokenizer (framework/assets/tokenizer_digits.json)
 #   RECIPES="256:8.0e-4::::vision_tower=0.5" ...  # model.lr_multipliers: the vision tower at half the learning rate
 #   RECIPES="128:6.0e-4:cudagraphs::::256px:3500" ...  # a reading variant (experiments/pretrain/reading/256px.yaml),
@@ -73,7 +74,7 @@ STUDY_GPUS=(--gpus "$GPUS" --reserved_gpus "$RESERVED")
 # budget. mode: compile (regional torch.compile) or cudagraphs (compiled, fixed shapes, CUDA graphs).
 recipe() {
   local name=$1 gpu=$2 batch=$3 lr=$4 mode=${5:-} decay=${6:-} tokenizer=${7:-} multipliers=${8:-} variant=${9:-}
-  local steps=${10:-${RECIPE_STEPS:-}} cfg
+  local steps=${10:-${RECIPE_STEPS:-}} cfg extra
   # A mode whose benchmark fails falls back: cudagraphs -> compile -> eager (the log says which one trained).
   # RECIPE_STEPS=N trains N steps with no sizing benchmark (a recipe then fits one 10-minute job on its own).
   while :; do
@@ -82,6 +83,8 @@ recipe() {
     # variant "256px": experiments/pretrain/reading/256px.yaml stacked on the base config ("a+b": both, in order)
     local part
     for part in ${variant//+/ }; do cfg+=(--config "experiments/pretrain/reading/$part.yaml"); done
+    # RECIPE_ARGS: more CLI arguments for every recipe, e.g. "--model.init_args.compile_dynamic=false"
+    [ -n "${RECIPE_ARGS:-}" ] && read -r -a extra <<< "$RECIPE_ARGS" && cfg+=("${extra[@]}")
     [ -n "$decay" ] && cfg+=(--model.init_args.decay_fraction="$decay")
     # tokenizer "digits": framework/assets/tokenizer_digits.json (one token per digit)
     [ -n "$tokenizer" ] && cfg+=(--model.init_args.tokenizer="framework/assets/tokenizer_$tokenizer.json")
