@@ -32,13 +32,13 @@ from torchmetrics.functional.text import edit_distance
 from torchmetrics.text import CharErrorRate, CHRFScore, Perplexity, ROUGEScore
 
 __all__ = [
-    "FieldAccuracy",
-    "FieldCharErrorRate",
     "IGNORE_INDEX",
     "OTHER_TASK_METRICS",
     "OTHER_TASK_OPTIONAL_METRICS",
     "TASK_METRICS",
     "FactRecall",
+    "FieldAccuracy",
+    "FieldCharErrorRate",
     "FieldExactMatch",
     "FieldF1",
     "MeanTokenLoss",

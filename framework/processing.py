@@ -7,6 +7,12 @@ trained here do not have::
     <bos>[image placeholder]<prompt>\\n<answer><eos>
 
 Labels are ``-100`` on the prompt and padding, so the loss covers answer tokens only.
+
+Training batches of a family with a fixed square patch grid (LLaVA) also carry ``glyph_targets``: for each image,
+each patch, the characters printed in it (up to :data:`GLYPH_SLOTS`, in reading order, as class ids of
+:data:`GLYPH_CLASSES`; 0 where a slot is empty), built from :attr:`Sample.glyphs`. An image whose glyphs are unknown
+gets ``-100`` everywhere. A reading objective (e.g. ``plugins.glyph_supervision``) can use them; the model never
+sees them.
 """
 
 from __future__ import annotations
@@ -18,6 +24,41 @@ import torch
 from framework.data.sample import Sample
 
 IGNORE_INDEX = -100
+GLYPH_CLASSES = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ-"
+"""Characters with a reading target; class id = index + 1 (0: empty slot). Others printed are left out."""
+GLYPH_SLOTS = 3
+"""Characters per patch with a target: at 16 px patches, card text puts two to three in one."""
+_GLYPH_IDS = {char: index + 1 for index, char in enumerate(GLYPH_CLASSES)}
+
+
+def glyph_targets(glyphs: list[tuple[str, float, float]] | None, image_side: float, grid: int,
+                  slots: int = GLYPH_SLOTS) -> torch.Tensor:
+    """Per-patch reading targets of one image: ``[grid * grid, slots]`` class ids (row-major patches).
+
+    A character belongs to the patch holding its centre; a patch's characters are ordered top to bottom, then
+    left to right, and those past ``slots`` are dropped. ``glyphs=None`` (unknown) gives ``-100`` everywhere.
+
+    Example:
+        >>> glyph_targets([("4", 3.0, 3.0), ("2", 6.0, 3.0), ("A", 12.0, 12.0)], image_side=16, grid=2, slots=2)
+        tensor([[ 5,  3],
+                [ 0,  0],
+                [ 0,  0],
+                [11,  0]])
+    """
+    if glyphs is None:
+        return torch.full((grid * grid, slots), IGNORE_INDEX, dtype=torch.long)
+    cells: dict[int, list[tuple[float, float, int]]] = {}
+    patch = image_side / grid
+    for char, x, y in glyphs:
+        class_id = _GLYPH_IDS.get(char.upper())
+        if class_id is None or not (0 <= x < image_side and 0 <= y < image_side):
+            continue
+        cells.setdefault(int(y // patch) * grid + int(x // patch), []).append((y, x, class_id))
+    targets = torch.zeros((grid * grid, slots), dtype=torch.long)
+    for cell, chars in cells.items():
+        ids = [class_id for _, _, class_id in sorted(chars)[:slots]]
+        targets[cell, : len(ids)] = torch.tensor(ids)
+    return targets
 
 
 class Family:
@@ -37,6 +78,10 @@ class Family:
 
     def placeholder(self, n_tokens: int) -> str:
         return self.image_token * n_tokens
+
+    def patch_grid(self) -> int | None:
+        """Patches per side of every image, for families with one fixed square grid; ``None`` otherwise."""
+        return None
 
     def extra_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         return {}
@@ -59,6 +104,10 @@ class LlavaFamily(Family):
     def pixel_inputs(self, images: list) -> tuple[dict[str, torch.Tensor], list[int]]:
         out = self.image_processor(images=images, return_tensors="pt")
         return {"pixel_values": out["pixel_values"]}, [self.tokens_per_image] * len(images)
+
+    def patch_grid(self) -> int | None:
+        vision = self.config.vision_config
+        return vision.image_size // vision.patch_size
 
 
 class QwenVLFamily(Family):
@@ -153,6 +202,11 @@ class VLMProcessor:
             if with_answer:
                 labels[i, len(prompt) : len(seq)] = torch.tensor(answer)
         batch: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, **pixel, **self.family.extra_inputs(ids)}
+        grid = self.family.patch_grid()
+        if with_answer and images and grid:
+            # Glyph positions are in the sample's pixels; the image processor resizes every image to one square.
+            batch["glyph_targets"] = torch.stack([glyph_targets(s.glyphs, s.image.width, grid)
+                                                  for s in samples if s.image is not None])
         if with_answer:
             batch["labels"] = labels
             # Counted here, on the CPU: counting on the GPU in the training step would stall the launch queue.

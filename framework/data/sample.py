@@ -27,6 +27,9 @@ class Sample:
         facts: For caption and longcall: short phrases that a good answer must contain. Each one is an exact
             substring of ``answer``.
         source: Provenance for error messages, e.g. ``"autofill#17"`` or ``"data/train.jsonl:12"``.
+        glyphs: For rendered images: every printed character as ``(character, x, y)``, its centre in image pixels
+            (the character as printed, e.g. uppercase); ``[]`` for an image known to hold no text, ``None`` when
+            unknown (user images). Per-patch reading targets are built from it (`framework.processing`).
     """
 
     task: str
@@ -36,6 +39,7 @@ class Sample:
     fields: dict[str, str] | None = None
     facts: list[str] | None = None
     source: str = ""
+    glyphs: list[tuple[str, float, float]] | None = None
 
 
 def parse_fields(text: str) -> dict[str, str]:

@@ -145,6 +145,15 @@ def _jitter(rgb: tuple[int, int, int], rng: random.Random, amount: int) -> tuple
     return tuple(min(255, max(0, c + rng.randint(-amount, amount))) for c in rgb)  # type: ignore[return-value]
 
 
+def _text_glyphs(text: str, x: float, y: float, font: ImageFont.FreeTypeFont) -> list[tuple[str, float, float]]:
+    """The centres of the non-space characters of ``text`` drawn at ``(x, y)`` with anchor ``"lm"``."""
+    glyphs = []
+    for i, char in enumerate(text):
+        if not char.isspace():
+            glyphs.append((char, x + font.getlength(text[:i]) + font.getlength(char) / 2, y))
+    return glyphs
+
+
 class SyntheticTask:
     """Base of the synthetic tasks: an infinite, deterministic, map-style dataset of `Sample`s.
 
@@ -319,6 +328,7 @@ class CaptionTask(SyntheticTask):
             image=image,
             facts=facts,
             source=source,
+            glyphs=[],  # shapes only, no text
         )
 
 
@@ -431,12 +441,14 @@ class AutofillTask(SyntheticTask):
         draw.text(
             (left + pad, (top + header_bottom) / 2), card_type.upper(), fill=(250, 250, 250), font=font, anchor="lm"
         )
+        glyphs = _text_glyphs(card_type.upper(), left + pad, (top + header_bottom) / 2, font)
         text_rgb = _jitter((30, 30, 40), rng, 10)
         y = header_bottom + round(size * 0.04) + line_height / 2
         for key in keys:
             # Digit groups get a double space so the gap stays visible in the narrow font.
             line = _CARD_LABELS.get(key, "") + fields[key].upper().replace(" ", "  " if key in _GROUPED else " ")
             draw.text((left + pad, y), line, fill=text_rgb, font=font, anchor="lm")
+            glyphs += _text_glyphs(line, left + pad, y, font)
             y += line_height
         image = _add_noise(image, rng, self.noise)
 
@@ -447,6 +459,7 @@ class AutofillTask(SyntheticTask):
             image=image,
             fields=fields,
             source=source,
+            glyphs=glyphs,
         )
 
 
@@ -527,8 +540,10 @@ class ReadingTask(SyntheticTask):
         draw.rounded_rectangle((margin, margin, size - margin, size - margin), radius=round(size * 0.05),
                                fill=_jitter((242, 240, 232), rng, 8))
         text_rgb = _jitter((30, 30, 40), rng, 10)
+        glyphs = []
         for i, (_, shown) in enumerate(lines):
             draw.text((left, top + i * line_height), shown, fill=text_rgb, font=font, anchor="lm")
+            glyphs += _text_glyphs(shown, left, top + i * line_height, font)
         image = _add_noise(image, rng, self.noise)
         return Sample(
             task=self.name,
@@ -536,6 +551,7 @@ class ReadingTask(SyntheticTask):
             answer="\n".join(text for text, _ in lines),
             image=image,
             source=source,
+            glyphs=glyphs,
         )
 
 
