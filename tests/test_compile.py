@@ -40,6 +40,7 @@ PLUGINS: dict[str, list[dict[str, Any]]] = {
         "pattern": "2:4", "start": 0.25, "end": 0.75, "update_every": 2}}],
     "ablation": [{"class_path": "plugins.channel_ablation.ChannelAblation",
                   "init_args": {"fraction": 0.25, "start_step": 4, "seed": 3}}],
+    "glyphs": [{"class_path": "plugins.glyph_supervision.GlyphSupervision", "init_args": {"weight": 0.5}}],
 }
 # Stacked: one phase change each (the magnitude 2:4 ramp; the activation score also toggles its statistics hook,
 # which multiplies the variants, a fixed set however many layers there are).
@@ -165,7 +166,8 @@ def test_cuda_graph_modes_compile_training_steps_only(mode: str, monkeypatch: py
         assert out.shape[1] == prompt["input_ids"].shape[1] + 3
 
 
-@pytest.mark.parametrize("plugin", ["qat", "l0", "ramp", "ramp_2of4", "ablation", "qat+ramp", "qat_shared_inputs"])
+@pytest.mark.parametrize("plugin", ["qat", "l0", "ramp", "ramp_2of4", "ablation", "qat+ramp", "qat_shared_inputs",
+                                    "glyphs"])
 def test_plugin_keeps_blocks_compiled(plugin: str, baseline: dict[str, int], tmp_path: Path,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
     counts = _compiled_fit(tmp_path, monkeypatch, PLUGINS[plugin])
@@ -234,3 +236,16 @@ def test_qat_trains_under_cuda_graphs_on_a_gpu(dynamic: str, tmp_path: Path) -> 
                          precision="bf16-mixed", val_check_interval=3, logger=False)
     main(["fit", "--config", str(config), "--model.init_args.compile=true",
           "--model.init_args.compile_mode=reduce-overhead", f"--model.init_args.compile_dynamic={dynamic}"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_glyph_supervision_trains_under_cuda_graphs_on_a_gpu(tmp_path: Path) -> None:
+    """The reading head reads the vision tower's last block output, a CUDA-graph output buffer, in the same step."""
+    from framework.cli import main
+
+    data = {**DATA, "init_args": {**DATA["init_args"], "batch_size": 8}}
+    config = tiny_config(tmp_path, max_steps=6, data=data, accelerator="gpu", devices=1, callbacks=PLUGINS["glyphs"],
+                         precision="bf16-mixed", val_check_interval=3, logger=False)
+    main(["fit", "--config", str(config), "--model.init_args.compile=true",
+          "--model.init_args.compile_mode=reduce-overhead"])
