@@ -32,7 +32,8 @@ class GlyphSupervision(CompressionPlugin):
     ``len(GLYPH_CLASSES)``) logits per patch) is a submodule of the model, so it trains with it and is saved and
     restored with it; it reads the vision layer the projector reads (``vision_feature_layer``). Validation logs
     ``compression/<name>/char_accuracy``: the share of printed characters (non-empty target slots) the head reads
-    right. Export removes the head.
+    right. Export removes the head; checkpoints keep it, so resume or validate them with the plugin in the config
+    (or export first: the export is the plain HF model).
 
     Args:
         weight: factor of the reading loss (> 0); the task loss keeps weight 1.
