@@ -106,7 +106,8 @@ def test_fit_learns_to_read_patches_and_logs_accuracy(tmp_path: Path) -> None:
     assert len(losses) >= 25
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:3]) / 3, losses
     accuracy = float(cli.trainer.callback_metrics["compression/glyphs/char_accuracy"])
-    assert 0.0 <= accuracy <= 1.0
+    digits = float(cli.trainer.callback_metrics["compression/glyphs/digit_accuracy"])
+    assert 0.0 <= accuracy <= 1.0 and 0.0 <= digits <= 1.0
     assert any(key.startswith("glyph_head.") for key in cli.model.model.state_dict())
     checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True, map_location="cpu")
     assert "model.glyph_head.weight" in checkpoint["state_dict"]
@@ -143,3 +144,19 @@ def test_stacks_with_a_sparsity_ramp(tmp_path: Path) -> None:
     weight = cli.model.model.get_submodule("model.vision_tower.encoder.layers.0.mlp.fc1").weight
     assert float((weight == 0).float().mean()) == pytest.approx(0.5, abs=0.02)
     assert torch.isfinite(cli.trainer.callback_metrics["compression/glyphs/loss_reading"])
+
+
+def test_validation_accuracy_counts_by_hand() -> None:
+    """Characters and digits read right, counted over non-empty target slots only."""
+    from types import SimpleNamespace
+
+    plugin = GlyphSupervision()
+    module = SimpleNamespace(device=torch.device("cpu"), model=None)
+    plugin.on_validation_epoch_start(None, module)
+    # One image, two patches, GLYPH_SLOTS slots: targets "4", "A", empty / "7", empty, empty.
+    targets = torch.tensor([[[5, 11, 0], [8, 0, 0]]])
+    predicted = torch.tensor([[[5, 12, 0], [9, 3, 0]]])  # "4" right, "A" wrong, "7" wrong; empty slots not counted
+    plugin._logits = lambda model: torch.nn.functional.one_hot(predicted, 1 + len(GLYPH_CLASSES)).float()
+    plugin._features = torch.zeros(1)
+    plugin.on_validation_batch_end(None, module, None, {"pixel_values": torch.zeros(1), "glyph_targets": targets}, 0)
+    assert [int(count) for count in plugin._read] == [1, 3, 1, 2]  # chars right / printed, digits right / printed

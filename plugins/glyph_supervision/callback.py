@@ -32,7 +32,7 @@ class GlyphSupervision(CompressionPlugin):
     ``len(GLYPH_CLASSES)``) logits per patch) is a submodule of the model, so it trains with it and is saved and
     restored with it; it reads the vision layer the projector reads (``vision_feature_layer``). Validation logs
     ``compression/<name>/char_accuracy``: the share of printed characters (non-empty target slots) the head reads
-    right. Export removes the head; checkpoints keep it, so resume or validate them with the plugin in the config
+    right, and ``digit_accuracy``, the same over digits (what the cards' random ids and numbers need). Export removes the head; checkpoints keep it, so resume or validate them with the plugin in the config
     (or export first: the export is the plain HF model).
 
     Args:
@@ -62,7 +62,7 @@ class GlyphSupervision(CompressionPlugin):
         self._hook: Any = None
         self._layer = -1
         self._patches = 0
-        self._read: list[torch.Tensor] = []  # characters read right, characters printed (this validation)
+        self._read: list[torch.Tensor] = []  # this validation's counts (see on_validation_epoch_start)
 
     # ------------------------------------------------------------------ structure
     @override
@@ -121,7 +121,8 @@ class GlyphSupervision(CompressionPlugin):
     # ------------------------------------------------------------------ validation
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._read = [torch.zeros((), dtype=torch.long, device=pl_module.device) for _ in range(2)]
+        # characters read right, characters printed, digits read right, digits printed
+        self._read = [torch.zeros((), dtype=torch.long, device=pl_module.device) for _ in range(4)]
 
     @override
     def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
@@ -141,17 +142,22 @@ class GlyphSupervision(CompressionPlugin):
         if not self._read:
             self.on_validation_epoch_start(trainer, pl_module)
         # Counted on the device and read once per validation (no sync per batch).
-        self._read[0] += (predicted == targets)[printed].sum()
+        right = predicted == targets
+        digits = printed & (targets <= 10)  # class ids 1-10 are "0"-"9"
+        self._read[0] += right[printed].sum()
         self._read[1] += printed.sum()
+        self._read[2] += right[digits].sum()
+        self._read[3] += digits.sum()
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._read:
             return
-        correct, printed = trainer.strategy.reduce(torch.stack(self._read).float(), reduce_op="sum")
-        if printed > 0:
-            self.log_metric(pl_module, "char_accuracy", correct / printed, on_step=False, on_epoch=True,
-                            sync_dist=False)
+        correct, printed, digits_correct, digits = trainer.strategy.reduce(torch.stack(self._read).float(),
+                                                                           reduce_op="sum").tolist()
+        for metric, right, total in (("char_accuracy", correct, printed), ("digit_accuracy", digits_correct, digits)):
+            if total > 0:
+                self.log_metric(pl_module, metric, right / total, on_step=False, on_epoch=True, sync_dist=False)
 
     # ------------------------------------------------------------------ state and export
     @override
