@@ -260,27 +260,13 @@ class FieldExactMatch(Metric):
         return self.matches.float() / self.samples.float()
 
 
-class FieldAccuracy(Metric):
-    """Per-key recall of ``(key, value)`` fields, for autofill: which fields a model gets wrong.
-
-    For each key of ``keys``, the share of the target fields with that key whose value the prediction has under
-    the same key (parsing and normalisation as :class:`FieldF1`). Keys outside ``keys`` are not counted; a key no
-    target had is reported as NaN. :meth:`compute` returns ``{key: value}``.
-
-    Example:
-        >>> metric = FieldAccuracy(["name", "id"])
-        >>> metric.update(["name: ada\\nid: 123", "name: bob\\nid: 99"], [{"name": "ada", "id": "124"},
-        ...                                                                {"name": "bob", "id": "99"}])
-        >>> {k: round(v, 2) for k, v in metric.compute().items()}
-        {'name': 1.0, 'id': 0.5}
-    """
+class _PerFieldMetric(Metric):
+    """Base of the per-key field metrics: ``keys`` and their order, the matching of target fields to predicted
+    ones, and ``compute`` as the ratio of two per-key count states (``_states``: numerator, denominator)."""
 
     is_differentiable = False
-    higher_is_better = True
     full_state_update = False
-
-    correct: Tensor
-    total: Tensor
+    _states: tuple[str, str] = ("", "")
 
     def __init__(self, keys: Sequence[str] | None = None, **kwargs: Any) -> None:
         """Creates the metric.
@@ -300,41 +286,73 @@ class FieldAccuracy(Metric):
             keys = ["type", *dict.fromkeys(key for fields, _ in CARD_TYPES.values() for key in fields)]
         self.keys = [_collapse(str(key)) for key in keys]
         if not self.keys or len(set(self.keys)) != len(self.keys):
-            raise ValueError(f"FieldAccuracy keys must be non-empty and distinct, got {list(keys)!r}")
+            raise ValueError(f"{type(self).__name__} keys must be non-empty and distinct, got {list(keys)!r}")
         self._index = {key: i for i, key in enumerate(self.keys)}
-        for name in ("correct", "total"):
+        for name in self._states:
             self.add_state(name, default=torch.zeros(len(self.keys), dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, preds: Sequence[str], targets: Sequence[Mapping[str, str] | str]) -> None:
-        """Accumulates one batch (see :meth:`FieldF1.update`)."""
+    def _keyed_fields(self, preds: Sequence[str],
+                      targets: Sequence[Mapping[str, str] | str]) -> list[tuple[int, str | None, str]]:
+        """``(key index, predicted value or None, reference value)`` for every target field with a reported key."""
         _check_same_length(preds, targets, "targets")
-        correct = [0] * len(self.keys)
-        total = [0] * len(self.keys)
+        keyed = []
         for pred, target in zip(preds, targets):
             pred_fields = parse_fields(pred)
             for key, value in _as_fields(target).items():
                 index = self._index.get(key)
                 if index is not None:
-                    total[index] += 1
-                    correct[index] += pred_fields.get(key) == value
-        self.correct += torch.tensor(correct, device=self.correct.device)
-        self.total += torch.tensor(total, device=self.total.device)
+                    keyed.append((index, pred_fields.get(key), value))
+        return keyed
 
     def compute(self) -> dict[str, float]:  # type: ignore[override]
-        """Returns ``{key: recall}`` (NaN for a key no target had)."""
-        values = self.correct.float() / self.total.float()  # 0/0 -> NaN
+        """Returns ``{key: value}`` (NaN for a key no target had)."""
+        numerator, denominator = (getattr(self, name) for name in self._states)
+        values = numerator.float() / denominator.float()  # 0/0 -> NaN
         return dict(zip(self.keys, values.tolist()))
 
 
-class FieldCharErrorRate(Metric):
+class FieldAccuracy(_PerFieldMetric):
+    """Per-key recall of ``(key, value)`` fields, for autofill: which fields a model gets wrong.
+
+    For each key of ``keys`` (default: the built-in autofill task's keys, ``type`` first), the share of the target
+    fields with that key whose value the prediction has under the same key (parsing and normalisation as
+    :class:`FieldF1`). Keys outside ``keys`` are not counted; a key no target had is reported as NaN.
+    :meth:`compute` returns ``{key: value}``.
+
+    Example:
+        >>> metric = FieldAccuracy(["name", "id"])
+        >>> metric.update(["name: ada\\nid: 123", "name: bob\\nid: 99"], [{"name": "ada", "id": "124"},
+        ...                                                                {"name": "bob", "id": "99"}])
+        >>> {k: round(v, 2) for k, v in metric.compute().items()}
+        {'name': 1.0, 'id': 0.5}
+    """
+
+    higher_is_better = True
+    _states = ("correct", "total")
+
+    correct: Tensor
+    total: Tensor
+
+    def update(self, preds: Sequence[str], targets: Sequence[Mapping[str, str] | str]) -> None:
+        """Accumulates one batch (see :meth:`FieldF1.update`)."""
+        correct = [0] * len(self.keys)
+        total = [0] * len(self.keys)
+        for index, predicted, reference in self._keyed_fields(preds, targets):
+            total[index] += 1
+            correct[index] += predicted == reference
+        self.correct += torch.tensor(correct, device=self.correct.device)
+        self.total += torch.tensor(total, device=self.total.device)
+
+
+class FieldCharErrorRate(_PerFieldMetric):
     """Per-key character error rate of ``(key, value)`` fields, for autofill: how far a wrong field is from right.
 
-    For each key of ``keys``, the Levenshtein distance between the predicted and the reference value (a key the
-    prediction lacks counts as an empty value) summed over samples, divided by the summed reference lengths.
-    Field recall (:class:`FieldAccuracy`) scores an 8-digit id as wrong until all eight digits are; this shows
-    whether the digits are being learned (1.0: nothing right, 0.0: all right) long before whole fields are.
-    Parsing and normalisation as :class:`FieldF1`; a key no target had is NaN. :meth:`compute` returns
-    ``{key: value}``.
+    For each key of ``keys`` (as for :class:`FieldAccuracy`), the Levenshtein distance between the predicted and
+    the reference value (a key the prediction lacks counts as an empty value) summed over samples, divided by the
+    summed reference lengths. Field recall (:class:`FieldAccuracy`) scores an 8-digit id as wrong until all eight
+    digits are; this shows whether the digits are being learned (1.0: nothing right, 0.0: all right) long before
+    whole fields are. Parsing and normalisation as :class:`FieldF1`; a key no target had is NaN. :meth:`compute`
+    returns ``{key: value}``.
 
     Example:
         >>> metric = FieldCharErrorRate(["name", "id"])
@@ -344,55 +362,23 @@ class FieldCharErrorRate(Metric):
         {'name': 0.0, 'id': 0.5}
     """
 
-    is_differentiable = False
     higher_is_better = False
-    full_state_update = False
+    _states = ("errors", "chars")
 
     errors: Tensor
     chars: Tensor
 
-    def __init__(self, keys: Sequence[str] | None = None, **kwargs: Any) -> None:
-        """Creates the metric.
-
-        Args:
-            keys: Field keys to report, as for :class:`FieldAccuracy` (default: the built-in autofill task's keys).
-            **kwargs: Passed to :class:`torchmetrics.Metric`.
-
-        Raises:
-            ValueError: If ``keys`` is empty or has duplicates after normalisation.
-        """
-        super().__init__(**kwargs)
-        self.keys = FieldAccuracy(keys).keys
-        self._index = {key: i for i, key in enumerate(self.keys)}
-        for name in ("errors", "chars"):
-            self.add_state(name, default=torch.zeros(len(self.keys), dtype=torch.long), dist_reduce_fx="sum")
-
     def update(self, preds: Sequence[str], targets: Sequence[Mapping[str, str] | str]) -> None:
         """Accumulates one batch (see :meth:`FieldF1.update`)."""
-        _check_same_length(preds, targets, "targets")
-        indices: list[int] = []
-        predicted: list[str] = []
-        references: list[str] = []
-        for pred, target in zip(preds, targets):
-            pred_fields = parse_fields(pred)
-            for key, value in _as_fields(target).items():
-                index = self._index.get(key)
-                if index is not None:
-                    indices.append(index)
-                    predicted.append(pred_fields.get(key, ""))
-                    references.append(value)
-        if not indices:
+        keyed = self._keyed_fields(preds, targets)
+        if not keyed:
             return
+        indices, predicted, references = zip(*keyed)
         index = torch.tensor(indices, device=self.errors.device)
-        errors = edit_distance(predicted, references, reduction="none").to(self.errors)
+        errors = edit_distance([p or "" for p in predicted], list(references), reduction="none").to(self.errors)
         lengths = torch.tensor([len(reference) for reference in references], device=self.chars.device)
         self.errors.index_add_(0, index, errors)
         self.chars.index_add_(0, index, lengths)
-
-    def compute(self) -> dict[str, float]:  # type: ignore[override]
-        """Returns ``{key: character error rate}`` (NaN for a key no target had)."""
-        values = self.errors.float() / self.chars.float()  # 0/0 -> NaN
-        return dict(zip(self.keys, values.tolist()))
 
 
 class FactRecall(Metric):
@@ -782,7 +768,7 @@ class TaskMetrics(nn.Module):
         """Returns ``{metric name: value}`` over everything seen since the last reset (synced across ranks)."""
         results: dict[str, float] = {}
         for name, metric in self.metrics.items():
-            if isinstance(metric, (FieldAccuracy, FieldCharErrorRate)):  # one value per key; unseen keys stay out
+            if isinstance(metric, _PerFieldMetric):  # one value per key; keys no sample had stay out
                 results.update((f"{name}/{key}", value) for key, value in metric.compute().items()
                                if value == value)
             elif name not in self._optional:
