@@ -53,7 +53,9 @@ def test_targets_of_images_without_text_and_of_unknown_ones() -> None:
 
 def test_the_processor_batches_targets_per_image_for_fixed_grid_families() -> None:
     loaded = load_vlm(str(FAMILY_SPECS["llava"]))
-    processor = VLMProcessor(family_for(loaded.model.config, loaded.tokenizer, loaded.image_processor), 1024)
+    family = family_for(loaded.model.config, loaded.tokenizer, loaded.image_processor)
+    assert "glyph_targets" not in VLMProcessor(family, 1024).encode([make_task("reading", seed=0, image_size=64)[0]])
+    processor = VLMProcessor(family, 1024, glyph_targets=True)
     samples = [make_task("reading", seed=0, image_size=64)[0],
                make_task("longcall", seed=0, min_words=320, max_words=330)[0],
                make_task("caption", seed=0, image_size=64)[0]]
@@ -62,7 +64,8 @@ def test_the_processor_batches_targets_per_image_for_fixed_grid_families() -> No
     assert (batch["glyph_targets"][0] > 0).any() and (batch["glyph_targets"][1] == 0).all()
     assert "glyph_targets" not in processor.encode(samples, with_answer=False)
     qwen = load_vlm(str(FAMILY_SPECS["qwen2_vl"]))
-    qwen_processor = VLMProcessor(family_for(qwen.model.config, qwen.tokenizer, qwen.image_processor), 1024)
+    qwen_processor = VLMProcessor(family_for(qwen.model.config, qwen.tokenizer, qwen.image_processor), 1024,
+                                  glyph_targets=True)
     assert "glyph_targets" not in qwen_processor.encode(samples)  # dynamic resolution: no fixed grid
     # The plugin: no term for a text-only batch, a clear error for images without targets.
     plugin = GlyphSupervision()

@@ -83,6 +83,13 @@ class GlyphSupervision(CompressionPlugin):
             self._hook.remove()
         self._hook = tower.register_forward_hook(self._capture)
 
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Before the dataloaders exist: the processor builds the targets only when a plugin asks for them.
+        processor = getattr(pl_module, "processor", None)
+        if processor is not None:
+            processor.glyph_targets = True
+
     def _capture(self, module: nn.Module, args: Any, output: Any) -> None:
         # The first vision forward of a step (validation then also generates, with the same images).
         if self._features is None:
@@ -99,8 +106,8 @@ class GlyphSupervision(CompressionPlugin):
             return None  # a text-only batch
         targets = batch.get("glyph_targets")
         if targets is None:
-            raise ValueError(f"{self.name}: the batch has images but no 'glyph_targets' (the processor builds them for "
-                             "families with a fixed patch grid, in batches with answers)")
+            raise ValueError(f"{self.name}: the batch has images but no 'glyph_targets' (the processor builds them, when "
+                             "asked, for families with a fixed patch grid, in batches with answers)")
         return targets
 
     # ------------------------------------------------------------------ training
