@@ -62,7 +62,7 @@ class GlyphSupervision(CompressionPlugin):
         self._hook: Any = None
         self._layer = -1
         self._patches = 0
-        self._read: list[torch.Tensor] = []  # this validation's counts (see on_validation_epoch_start)
+        self._read: torch.Tensor | None = None  # this validation's counts (see on_validation_epoch_start)
 
     # ------------------------------------------------------------------ structure
     @override
@@ -129,7 +129,7 @@ class GlyphSupervision(CompressionPlugin):
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # characters read right, characters printed, digits read right, digits printed
-        self._read = [torch.zeros((), dtype=torch.long, device=pl_module.device) for _ in range(4)]
+        self._read = torch.zeros(4, dtype=torch.long, device=pl_module.device)
 
     @override
     def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
@@ -145,23 +145,19 @@ class GlyphSupervision(CompressionPlugin):
         with torch.no_grad():
             predicted = self._logits(pl_module.model).argmax(-1)
         self._features = None
-        printed = targets > 0
-        if not self._read:
+        if self._read is None:
             self.on_validation_epoch_start(trainer, pl_module)
-        # Counted on the device and read once per validation (no sync per batch).
+        # Counted on the device with masks (no boolean indexing) and read once per validation: no sync per batch.
         right = predicted == targets
+        printed = targets > 0
         digits = printed & (targets <= 10)  # class ids 1-10 are "0"-"9"
-        self._read[0] += right[printed].sum()
-        self._read[1] += printed.sum()
-        self._read[2] += right[digits].sum()
-        self._read[3] += digits.sum()
+        self._read += torch.stack([(right & printed).sum(), printed.sum(), (right & digits).sum(), digits.sum()])
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._read:
+        if self._read is None:
             return
-        correct, printed, digits_correct, digits = trainer.strategy.reduce(torch.stack(self._read).float(),
-                                                                           reduce_op="sum").tolist()
+        correct, printed, digits_correct, digits = trainer.strategy.reduce(self._read.float(), reduce_op="sum").tolist()
         for metric, right, total in (("char_accuracy", correct, printed), ("digit_accuracy", digits_correct, digits)):
             if total > 0:
                 self.log_metric(pl_module, metric, right / total, on_step=False, on_epoch=True, sync_dist=False)
