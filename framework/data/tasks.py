@@ -522,14 +522,12 @@ class ReadingTask(SyntheticTask):
         margin, pad = round(size * 0.04), round(size * 0.06)
         width = size - 2 * (margin + pad)
         # Shrink until the longest line and all lines fit (never below the card font).
-        while font_size > autofill_font_size(size):
-            font = _font(font_size)
-            line_height = round(font_size * 1.4)
-            if max(font.getlength(shown) for _, shown in lines) <= width and line_height * len(lines) <= width:
+        while True:
+            font, line_height = _font(font_size), round(font_size * 1.4)
+            fits = max(font.getlength(shown) for _, shown in lines) <= width and line_height * len(lines) <= width
+            if fits or font_size <= autofill_font_size(size):
                 break
             font_size -= 1
-        font = _font(font_size)
-        line_height = round(font_size * 1.4)
         shift = size // 64
         left = margin + pad + rng.randint(-shift, shift)
         free = size - 2 * (margin + pad) - line_height * len(lines)
