@@ -10,6 +10,7 @@
 #   RECIPE_STEPS=5400 RECIPES="256:8.0e-4:cudagraphs" bash experiments/run_gpu_studies.sh recipes  # no sizing benchmark
 #   RECIPE_MAX_TIME=00:00:08:40 ...  # trainer.max_time of a recipe's fit (default 9 minutes)
 #   RECIPE_ARGS="--model.init_args.compile_dynamic=false" ...  # more CLI arguments for every recipe
+#   RECIPE_GPU_OFFSET=2 ...  # recipes on GPUs 2, 3, ... (other work holds the first ones)
 #   RECIPES="256:8.0e-4:::digits" ...  # with the digit-splitting tokenizer (framework/assets/tokenizer_digits.json)
 #   RECIPES="256:8.0e-4::::vision_tower=0.5" ...  # model.lr_multipliers: the vision tower at half the learning rate
 #   RECIPES="128:6.0e-4:cudagraphs::::256px:3500" ...  # a reading variant (experiments/pretrain/reading/256px.yaml),
@@ -122,11 +123,11 @@ recipe_entry() {
   recipe "recipe_b${batch}${mode:+_$mode}${decay:+_wsd$decay}${tokenizer:+_$tokenizer}${multipliers:+_lr${multipliers//[=,]/_}}${variant:+_$variant}" \
     "$2" "$batch" "$lr" "$mode" "$decay" "$tokenizer" "$multipliers" "$variant" "$steps"
 }
-# RECIPES only, one per GPU (0, 1, ...), side by side: `bash experiments/run_gpu_studies.sh recipes`.
+# RECIPES only, one per GPU (0, 1, ... after RECIPE_GPU_OFFSET), side by side: `bash experiments/run_gpu_studies.sh recipes`.
 if [ "${1:-}" = recipes ]; then
   read -r -a recipes <<< "${RECIPES:-256:8.0e-4 256:8.0e-4::0.3}"
   for i in "${!recipes[@]}"; do
-    recipe_entry "${recipes[$i]}" "$i" &
+    recipe_entry "${recipes[$i]}" "$((i + ${RECIPE_GPU_OFFSET:-0}))" &
   done
   wait
   log "recipes done"

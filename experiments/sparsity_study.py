@@ -229,6 +229,7 @@ class Study:
         if o.smoke:
             overrides.append(f"--model.init_args.model={ROOT / 'experiments/models/llava-test.json'}")
         overrides.append(f"--data.init_args.num_workers={max(self.opts.workers, self.opts.base_workers if not o.smoke else 0)}")
+        overrides += shlex.split(o.base_args)
         return Job("dense_base", "fit", overrides=overrides, export_to=self.base_export, gpu=0)
 
     def scratch_job(self, spec: Path, *, with_base: bool = True) -> Job:
@@ -424,6 +425,10 @@ def add_shared_arguments(parser: argparse.ArgumentParser, *, out: str, work: str
     parser.add_argument("--base_config", default=str(BASE_CONFIG),
                         help="the run config every job starts from (e.g. experiments/quickstart.yaml on a CPU)")
     parser.add_argument("--base_steps", type=int, default=2800)
+    parser.add_argument("--base_args", default="",
+                        help="more CLI arguments of the base pretraining run only, one string (e.g. its compile mode: "
+                        "'--model.init_args.compile=true --model.init_args.compile_mode=reduce-overhead "
+                        "--data.init_args.pad_to_max_length=true')")
     parser.add_argument("--ft_batch", type=int, default=128)
     # Each run at batch 128 holds 8-12 GB of GPU memory: eight plus the from-scratch baseline overflowed an 80 GB H100.
     parser.add_argument("--parallel", type=int, default=5, help="training runs sharing the GPU at once")

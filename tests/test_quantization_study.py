@@ -24,7 +24,7 @@ def _study(tmp_path: Path):
     spec.loader.exec_module(module)
     opts = Namespace(out=str(tmp_path / "out"), work=str(tmp_path / "work"), base_export=None, base_steps=10,
                      qat_steps=20, qat_lr=1e-4, lora_steps=20, lora_lr=2e-4, ft_batch=8, parallel=1, workers=0,
-                     base_workers=0, smoke=True, rerun=False, gpus=1, sensitivity_metric="kl", sensitivity_batches=8,
+                     base_workers=0, base_args="", smoke=True, rerun=False, gpus=1, sensitivity_metric="kl", sensitivity_batches=8,
                      mixed_ptq_only=False, mixed_bits=[2, 3, 4, 8], sensitivity_context_bits=None,
                      base_config=str(ROOT / "experiments" / "pretrain" / "gpu_base.yaml"),
                      settings=["w8a8", "w4a8", "w4a16", "w2a8"], granularities=["ch", "g32"])

@@ -20,7 +20,7 @@ def _study(tmp_path: Path, seeds: tuple[int, ...] = ()):
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     opts = Namespace(out=str(tmp_path / "out"), work=str(tmp_path / "work"), base_steps=10, ft_steps=20, l0_steps=30,
-                     ft_lr=1e-4, ft_batch=8, parallel=1, workers=0, base_workers=0, smoke=True, rerun=False, gpus=1,
+                     ft_lr=1e-4, ft_batch=8, parallel=1, workers=0, base_workers=0, base_args="", smoke=True, rerun=False, gpus=1,
                      seeds=list(seeds),
                      base_config=str(ROOT / "experiments" / "pretrain" / "gpu_base.yaml"))
     return module.Study(opts)
@@ -45,6 +45,14 @@ def test_every_run_has_a_unique_name_and_valid_plugin_arguments(tmp_path: Path) 
                 args["targets"] = ModuleSelection(**args["targets"])
             cls(**args)  # raises on a misspelt or out-of-range argument
         assert job.verb in ("fit", "validate")
+
+
+def test_base_arguments_reach_the_base_run_and_its_export_only(tmp_path: Path) -> None:
+    study = _study(tmp_path)
+    study.opts.base_args = "--model.init_args.compile=true --data.init_args.pad_to_max_length=true"
+    base = study.base_job()
+    assert base.overrides[-2:] == ["--model.init_args.compile=true", "--data.init_args.pad_to_max_length=true"]
+    assert not any("compile" in o for job in study.sweep_jobs() for o in job.overrides)
 
 
 def test_seed_replicas_pair_a_ramp_with_its_reference(tmp_path: Path) -> None:
