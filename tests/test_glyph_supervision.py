@@ -149,6 +149,26 @@ def test_stacks_with_a_sparsity_ramp(tmp_path: Path) -> None:
     assert torch.isfinite(cli.trainer.callback_metrics["compression/glyphs/loss_reading"])
 
 
+def test_a_deep_copy_of_the_model_leaves_the_plugin_alone() -> None:
+    """``vlmc bench`` deep-copies the trained model for its bf16 decode; a captured activation (not a graph leaf)
+    once made that copy fail on an H100, and the copy's forwards must not feed the plugin."""
+    import copy
+
+    model = load_vlm("experiments/models/llava-test.json").model
+    plugin = GlyphSupervision()
+    plugin.transform(model)
+    size = model.config.vision_config.image_size
+    pixels = torch.randn(2, 3, size, size, requires_grad=True)
+    vision = model.get_submodule("model.vision_tower")
+    vision(pixel_values=pixels * 2, output_hidden_states=True)  # a captured, non-leaf activation
+    assert plugin._features is not None and plugin._features.grad_fn is not None
+    captured = plugin._features
+    twin = copy.deepcopy(model)
+    assert hasattr(twin, "glyph_head")
+    twin.get_submodule("model.vision_tower")(pixel_values=torch.randn(1, 3, size, size), output_hidden_states=True)
+    assert plugin._features is captured
+
+
 def test_validation_accuracy_counts_by_hand() -> None:
     """Characters and digits read right, counted over non-empty target slots only."""
     from types import SimpleNamespace

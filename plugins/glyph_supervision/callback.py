@@ -25,6 +25,21 @@ def vision_tower_of(model: nn.Module) -> nn.Module:
     return towers[0]
 
 
+class _FeatureCapture:
+    """The vision tower's forward hook. A deep copy of the model (``vlmc bench``'s bf16 decode copy, a teacher)
+    gets an inert one: the copy must not feed the plugin, nor drag it and its captured activations along."""
+
+    def __init__(self, plugin: GlyphSupervision | None) -> None:
+        self.plugin = plugin
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self.plugin is not None:
+            self.plugin._capture(module, args, output)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _FeatureCapture:
+        return _FeatureCapture(None)
+
+
 class GlyphSupervision(CompressionPlugin):
     """Add ``weight * CE(head(patch features), glyph_targets)`` to every training step.
 
@@ -81,7 +96,7 @@ class GlyphSupervision(CompressionPlugin):
             model.add_module(HEAD, head.to(next(model.parameters()).device))
         if self._hook is not None:
             self._hook.remove()
-        self._hook = tower.register_forward_hook(self._capture)
+        self._hook = tower.register_forward_hook(_FeatureCapture(self))
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
