@@ -20,6 +20,8 @@
 
     python experiments/sparsity_study.py --out experiments/results/sparsity            # on one CUDA GPU
     python experiments/sparsity_study.py --out /tmp/smoke --smoke                       # wiring check on a CPU
+    python experiments/sparsity_study.py --base_steps 3600 --base_args "--config experiments/pretrain/gpu_reading.yaml"
+        # the base that reads its cards (glyph supervision, CUDA graphs); fine-tunes stay plain
 
 Each run's log, summary and export land under ``--work``; summaries, tables and benchmark JSONs under ``--out``.
 """
