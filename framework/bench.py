@@ -4,7 +4,7 @@ Training is timed through the same Trainer a run uses (model, plugins, precision
 with the device synchronised around each timed step. Model FLOPs per step are counted once with
 ``torch.utils.flop_counter`` (forward + backward of a real batch); MFU divides achieved FLOP/s by the device's
 peak for the run's precision (known for data-centre GPUs only). Generation is greedy, batch 1, timed per new token.
-``--profile N`` runs N more steps under ``torch.profiler`` after the timed ones and reports where the step goes:
+``--loader N`` builds N training batches in-process and reports what one loader worker delivers. ``--profile N`` runs N more steps under ``torch.profiler`` after the timed ones and reports where the step goes:
 the share of wall time the device is busy (far below 1: the step waits on the host, i.e. launch- or
 Python-bound), the share of device time in matrix multiplies, and the most expensive operators.
 """
@@ -210,6 +210,20 @@ EXTRA_PEAK_FLOPS = {"h200": {torch.bfloat16: 989.4e12, torch.float16: 989.4e12, 
                              torch.float32: 66.9e12}}
 
 
+def loader_speed(datamodule: Any, batches: int, steps_per_s: float) -> dict[str, float]:
+    """Time ``batches`` training batches built in this process, as one loader worker builds them.
+
+    ``loader_workers_needed`` is how many such workers keep up with ``steps_per_s`` (cores permitting): far below the
+    configured ``num_workers`` means the loader does not bound the step rate.
+    """
+    datamodule.training_batch(0)  # fonts, tokenizer and caches warm
+    start = time.perf_counter()
+    samples = sum(int(datamodule.training_batch(position)["input_ids"].shape[0]) for position in range(1, batches + 1))
+    seconds = time.perf_counter() - start
+    return {"loader_batch_ms": 1e3 * seconds / batches, "loader_samples_per_s_per_worker": samples / seconds,
+            "loader_workers_needed": steps_per_s * seconds / batches}
+
+
 def peak_flops(device: torch.device, precision: str) -> float | None:
     if device.type != "cuda":
         return None
@@ -313,10 +327,13 @@ def main(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="after the timed steps, profile N more and report device busy time, the matmul share "
                              "and the top operators")
+    parser.add_argument("--loader", type=int, default=0, metavar="N",
+                        help="also build N training batches in this process (rendering, tokenizing, collating, as one "
+                             "loader worker does) and report samples/s per worker and the workers the step rate needs")
     parser.add_argument("--out", help="write the numbers as JSON here")
     opts, rest = parser.parse_known_args(argv)
-    if opts.steps < 1 or opts.warmup < 0 or opts.profile < 0:
-        raise SystemExit("vlmc bench: --steps must be >= 1, --warmup and --profile >= 0")
+    if opts.steps < 1 or opts.warmup < 0 or opts.profile < 0 or opts.loader < 0:
+        raise SystemExit("vlmc bench: --steps must be >= 1, --warmup, --profile and --loader >= 0")
 
     args = [a for c in opts.config for a in ("--config", c)] + rest
     profile = OpProfile(opts.warmup + opts.steps, opts.profile) if opts.profile else None
@@ -361,6 +378,8 @@ def main(argv: list[str]) -> dict[str, Any]:
         "compute_step_ms": [round(1e3 * t, 3) for t in timer.compute_times],
         **results_plain,
     }
+    if opts.loader:
+        results.update(loader_speed(datamodule, opts.loader, results["steps_per_s"]))
     if opts.without_plugins:
         results.update(plugin_overhead(args, opts.steps, opts.warmup, timer, [type(p).__name__ for p in
                                                                               find_plugins(trainer)]))
