@@ -4,7 +4,8 @@ Training is timed through the same Trainer a run uses (model, plugins, precision
 with the device synchronised around each timed step. Model FLOPs per step are counted once with
 ``torch.utils.flop_counter`` (forward + backward of a real batch); MFU divides achieved FLOP/s by the device's
 peak for the run's precision (known for data-centre GPUs only). Generation is greedy, batch 1, timed per new token.
-``--loader N`` builds N training batches in-process and reports what one loader worker delivers. ``--profile N`` runs N more steps under ``torch.profiler`` after the timed ones and reports where the step goes:
+``--loader N`` builds N training batches in-process and reports what one loader worker delivers.
+``--profile N`` runs N more steps under ``torch.profiler`` after the timed ones and reports where the step goes:
 the share of wall time the device is busy (far below 1: the step waits on the host, i.e. launch- or
 Python-bound), the share of device time in matrix multiplies, and the most expensive operators.
 """
