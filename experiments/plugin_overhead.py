@@ -71,7 +71,9 @@ PLUGINS.update(_quantization_rows())
 def row_header(name: str, device: str, opts: argparse.Namespace) -> dict[str, Any]:
     """What a row was measured on: the plugin, the device and the run's settings."""
     return {"plugin": name, "device": device, "batch_size": opts.batch_size, "compiled": opts.compile,
-            "cudagraphs": opts.cudagraphs, "static_shapes": opts.static_shapes}
+            "cudagraphs": opts.cudagraphs,
+            # model.compile_dynamic's 'auto' compiles CUDA-graph runs with static sizes too
+            "static_shapes": opts.static_shapes or (opts.compile and opts.cudagraphs)}
 
 
 def in_one_process(name: str, result: dict[str, Any], opts: argparse.Namespace) -> dict[str, Any]:
@@ -123,8 +125,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         help="with --compile: CUDA graphs (compile_mode=reduce-overhead, every batch padded to "
                              "max_length), as the CUDA-graph recipes train")
     parser.add_argument("--static_shapes", action="store_true",
-                        help="with --compile: model.compile_dynamic=false (no symbolic sizes; padded CUDA-graph "
-                             "steps never change shape)")
+                        help="with --compile: model.compile_dynamic=false (no symbolic sizes). Without it the model's "
+                             "'auto' applies: static sizes with --cudagraphs (padded steps never change shape), "
+                             "symbolic ones without")
     parser.add_argument("--num_workers", type=int, default=None,
                         help="data workers (default: the config's); fewer leave the host's cores to the training loop")
     parser.add_argument("--isolated", action="store_true",

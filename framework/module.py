@@ -10,14 +10,14 @@ from __future__ import annotations
 import math
 import re
 import time
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 import torch.nn as nn
 from typing_extensions import override
 
-from framework.compiling import compile_blocks
+from framework.compiling import CUDA_GRAPH_MODES, compile_blocks
 from framework.metrics import MeanTokenLoss, TaskMetrics
 from framework.models import load_vlm
 from framework.plugin import check_plugins, find_plugins, writes_step_logs
@@ -82,11 +82,12 @@ class VLMModule(pl.LightningModule):
             kernel launches, for training steps only; pair it with ``data.init_args.pad_to_max_length`` so shapes
             stay fixed),
             ``max-autotune`` or ``max-autotune-no-cudagraphs``.
-        compile_dynamic: ``dynamic`` of those ``torch.compile`` calls: ``true`` (the default) compiles symbolic
-            sizes from the start, so generation's growing sequence does not recompile; ``false`` or ``null`` start
-            from the first shapes seen (``null`` turns a size symbolic once it changes). With CUDA graphs and padded
-            batches the training shapes never change, and static sizes keep size arithmetic (such as a plugin's
-            per-tensor gradient scale) out of the graphs as host-side kernels.
+        compile_dynamic: ``dynamic`` of those ``torch.compile`` calls. ``auto`` (the default): static sizes under
+            ``reduce-overhead``/``max-autotune`` with ``data.init_args.pad_to_max_length`` (the padded training steps
+            never change shape; static sizes compile in seconds and keep size arithmetic, such as a plugin's
+            per-tensor gradient scale, out of the graphs as host-side kernels), symbolic sizes otherwise. ``true``
+            compiles symbolic sizes from the start, so generation's growing sequence does not recompile; ``false``
+            or ``null`` start from the first shapes seen (``null`` turns a size symbolic once it changes).
 
     Example::
 
@@ -114,7 +115,7 @@ class VLMModule(pl.LightningModule):
         max_length: int = 512,
         compile: bool = False,
         compile_mode: str = "default",
-        compile_dynamic: bool | None = True,
+        compile_dynamic: bool | None | Literal["auto"] = "auto",
     ) -> None:
         super().__init__()
         if not (lr > 0 and math.isfinite(lr)):
@@ -143,6 +144,9 @@ class VLMModule(pl.LightningModule):
         if compile_mode not in COMPILE_MODES:
             raise ValueError(f"model.compile_mode: must be one of {', '.join(map(repr, COMPILE_MODES))}, "
                              f"got {compile_mode!r}")
+        if compile_dynamic not in (True, False, None, "auto") or isinstance(compile_dynamic, int) \
+                and not isinstance(compile_dynamic, bool):
+            raise ValueError(f"model.compile_dynamic: must be true, false, null or 'auto', got {compile_dynamic!r}")
         if generate_batches < -1:
             raise ValueError(f"model.generate_batches: must be -1 (all) or >= 0, got {generate_batches}")
         self.save_hyperparameters()
@@ -168,8 +172,18 @@ class VLMModule(pl.LightningModule):
         check_plugins(plugins, self.model)
         if self.hparams.compile and not self._compiled:
             # After the plugins: their masks and hooks are part of what gets compiled.
-            compile_blocks(self.model, self.hparams.compile_mode, dynamic=self.hparams.compile_dynamic)
+            compile_blocks(self.model, self.hparams.compile_mode, dynamic=self.compile_dynamic())
             self._compiled = True
+
+    def compile_dynamic(self) -> bool | None:
+        """``dynamic`` of the blocks' ``torch.compile``: ``model.compile_dynamic``, or for ``auto`` static sizes where
+        every compiled call has one shape (CUDA-graph modes run only padded training steps compiled) and symbolic
+        sizes otherwise (generation's growing sequence would recompile per length). Static sizes compiled the GPU
+        base in seconds instead of ~100 s, and QAT under CUDA graphs crashed or hung with symbolic ones."""
+        dynamic = self.hparams.get("compile_dynamic", True)  # checkpoints from before the option: symbolic
+        if dynamic != "auto":
+            return dynamic
+        return not (self.hparams.compile_mode in CUDA_GRAPH_MODES and self.processor.pad_to_max_length)
 
     @override
     def setup(self, stage: str) -> None:

@@ -192,6 +192,25 @@ def test_static_shapes_keep_blocks_compiled_with_qat(tmp_path: Path, monkeypatch
     assert static["graphs"] <= dynamic["graphs"] + 1, (static, dynamic)  # vision and text blocks: their own shapes
 
 
+@pytest.mark.parametrize(("mode", "padded", "expected"), [
+    ("reduce-overhead", True, False), ("max-autotune", True, False), ("reduce-overhead", False, True),
+    ("default", True, True), ("max-autotune-no-cudagraphs", True, True)])
+def test_auto_compiles_static_sizes_only_for_padded_cuda_graph_steps(mode: str, padded: bool, expected: bool,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _eager_backend(monkeypatch)
+    module = VLMModule(model="experiments/models/llava-test.json", compile=True, compile_mode=mode)
+    module.processor.pad_to_max_length = padded  # what setup() copies from the datamodule
+    assert module.hparams.compile_dynamic == "auto" and module.compile_dynamic() is expected
+    module.configure_model()
+    assert calls and all(call["dynamic"] is expected for call in calls)
+
+
+@pytest.mark.parametrize("value", [1, "yes", 0.5])
+def test_compile_dynamic_rejects_other_values(value: object) -> None:
+    with pytest.raises(ValueError, match="model.compile_dynamic: must be true, false, null or 'auto'"):
+        VLMModule(model="experiments/models/llava-test.json", compile_dynamic=value)
+
+
 @pytest.mark.parametrize("plugin", ["none", "qat", "l0"])
 def test_graph_count_does_not_grow_with_depth(plugin: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Twice the text layers (llava-tiny: 4, llava-test: 2), the same number of graphs."""
