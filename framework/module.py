@@ -144,8 +144,7 @@ class VLMModule(pl.LightningModule):
         if compile_mode not in COMPILE_MODES:
             raise ValueError(f"model.compile_mode: must be one of {', '.join(map(repr, COMPILE_MODES))}, "
                              f"got {compile_mode!r}")
-        if compile_dynamic not in (True, False, None, "auto") or isinstance(compile_dynamic, int) \
-                and not isinstance(compile_dynamic, bool):
+        if not (compile_dynamic is None or isinstance(compile_dynamic, bool) or compile_dynamic == "auto"):
             raise ValueError(f"model.compile_dynamic: must be true, false, null or 'auto', got {compile_dynamic!r}")
         if generate_batches < -1:
             raise ValueError(f"model.generate_batches: must be -1 (all) or >= 0, got {generate_batches}")
