@@ -65,6 +65,21 @@ class Job:
     after: str | None = None  # a job of the same stage whose export this one needs: it runs in a second round
 
 
+def absolute_config_paths(args: list[str]) -> list[str]:
+    """``args`` with each ``--config`` file made absolute: a run starts in a folder of its own, so a path relative
+    to where the study was started would not be found."""
+    out, expect_path = [], False
+    for arg in args:
+        if expect_path:
+            arg, expect_path = str(Path(arg).resolve()), False
+        elif arg == "--config":
+            expect_path = True
+        elif arg.startswith("--config="):
+            arg = "--config=" + str(Path(arg.split("=", 1)[1]).resolve())
+        out.append(arg)
+    return out
+
+
 def callback(class_path: str, **init_args: Any) -> dict[str, Any]:
     return {"class_path": class_path, "init_args": init_args}
 
@@ -231,7 +246,7 @@ class Study:
         if o.smoke:
             overrides.append(f"--model.init_args.model={ROOT / 'experiments/models/llava-test.json'}")
         overrides.append(f"--data.init_args.num_workers={max(self.opts.workers, self.opts.base_workers if not o.smoke else 0)}")
-        overrides += shlex.split(o.base_args)
+        overrides += absolute_config_paths(shlex.split(o.base_args))
         return Job("dense_base", "fit", overrides=overrides, export_to=self.base_export, gpu=0)
 
     def scratch_job(self, spec: Path, *, with_base: bool = True) -> Job:

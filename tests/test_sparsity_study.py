@@ -55,6 +55,16 @@ def test_base_arguments_reach_the_base_run_and_its_export_only(tmp_path: Path) -
     assert not any("compile" in o for job in study.sweep_jobs() for o in job.overrides)
 
 
+def test_base_argument_configs_resolve_from_where_the_study_starts(tmp_path: Path, monkeypatch) -> None:
+    # Each run starts in its own folder under --work: a relative --config in --base_args must not be read from there.
+    monkeypatch.chdir(ROOT)
+    study = _study(tmp_path)
+    study.opts.base_args = "--config experiments/pretrain/gpu_reading.yaml --config=experiments/csv_logger.yaml"
+    config, inline = study.base_job().overrides[-2], study.base_job().overrides[-1]
+    assert config == str(ROOT / "experiments/pretrain/gpu_reading.yaml")
+    assert inline == f"--config={ROOT / 'experiments/csv_logger.yaml'}"
+
+
 def test_seed_replicas_pair_a_ramp_with_its_reference(tmp_path: Path) -> None:
     jobs = {job.name: job for job in _study(tmp_path, seeds=(1, 2)).sweep_jobs()}
     for name in ("dense_finetune", "ramp75", "ramp2of4"):
