@@ -199,6 +199,8 @@ class Study(sparsity_study.Study):
             for gran in self.opts.granularities:
                 jobs.append(Job(f"ptq_{setting}_{gran}{self.table_suffix}", "validate",
                                 [self.ptq(bits, act_bits, gran)], self.on(self.base_export)))
+                if getattr(o, "ptq_only", False):
+                    continue
                 name = f"qat_{setting}_{gran}{self.table_suffix}"
                 jobs.append(Job(name, "fit", [self.qat(bits, act_bits, gran)],
                                 self.on(self.base_export, o.qat_steps, o.qat_lr), export_to=self.exports / name))
@@ -380,6 +382,8 @@ def main(argv: list[str] | None = None) -> None:
                              "to KL's at every budget: experiments/results/quantization/README.md)")
     parser.add_argument("--mixed_ptq_only", action="store_true",
                         help="the mixed stage compares plans with PTQ only (no QAT fine-tunes)")
+    parser.add_argument("--ptq_only", action="store_true",
+                        help="the table stage runs its PTQ rows only (no float fine-tune, no QAT fine-tunes)")
     parser.add_argument("--sensitivity_batches", type=int, default=8, help="batches the sensitivity is measured on")
     parser.add_argument("--sensitivity_context_bits", type=int, default=None,
                         help="measure each layer's sensitivity with the other layers quantized at this width "
@@ -413,7 +417,8 @@ def main(argv: list[str] | None = None) -> None:
                 codes["dense_base"] = study.run(study.base_job())
         qalft_alone = "qalft" in opts.stages and "table" not in opts.stages
         # The QAT runs are compared with a float fine-tune as long; PTQ-only runs are not.
-        float_stages = {"table", "stacked"} | (set() if opts.mixed_ptq_only else {"mixed"})
+        float_stages = ({"stacked"} | (set() if opts.ptq_only else {"table"})
+                        | (set() if opts.mixed_ptq_only else {"mixed"}))
         needs_float = float_stages & set(opts.stages) or (
             qalft_alone and not (study.qat_w4a8 / "qat.encodings").exists())
         if needs_float and not (study.float_finetune / "config.json").exists():

@@ -179,3 +179,12 @@ def test_mixed_stage_ptq_only_drops_the_fine_tunes(tmp_path: Path) -> None:
     ptq = {job.name for job in study.mixed_jobs()}
     assert ptq == {name for name in full if name.startswith("ptq_")} and "ptq_uniform_w4a8_ch" in ptq
     assert {"mixed_avg4", "qat_uniform_w3a8_ch"} <= full - ptq
+
+
+def test_ptq_only_table_has_no_fine_tunes(tmp_path: Path) -> None:
+    study = _study(tmp_path)
+    study.opts.ptq_only = True
+    jobs = study.table_jobs()
+    assert {job.verb for job in jobs} == {"validate"}
+    assert sorted(job.name for job in jobs) == sorted(["float"] + [f"ptq_{s}_{g}" for s in ("w8a8", "w4a8", "w4a16", "w2a8")
+                                                                   for g in ("ch", "g32")])
