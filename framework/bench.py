@@ -215,14 +215,27 @@ def loader_speed(datamodule: Any, batches: int, steps_per_s: float) -> dict[str,
     """Time ``batches`` training batches built in this process, as one loader worker builds them.
 
     ``loader_workers_needed`` is how many such workers keep up with ``steps_per_s`` (cores permitting): far below the
-    configured ``num_workers`` means the loader does not bound the step rate.
+    configured ``num_workers`` means the loader does not bound the step rate. The same batches are also built with
+    the HF image processor itself instead of the pixel lookup table (``loader_batch_ms_processor``), side by side.
     """
+    family = datamodule._processor().family
+
+    def seconds_for(lookup: bool) -> tuple[float, int]:
+        family.pixel_lookup = lookup
+        start = time.perf_counter()
+        built = sum(int(datamodule.training_batch(p)["input_ids"].shape[0]) for p in range(1, batches + 1))
+        return time.perf_counter() - start, built
+
     datamodule.training_batch(0)  # fonts, tokenizer and caches warm
-    start = time.perf_counter()
-    samples = sum(int(datamodule.training_batch(position)["input_ids"].shape[0]) for position in range(1, batches + 1))
-    seconds = time.perf_counter() - start
+    lookup = family.pixel_lookup
+    try:
+        plain, _ = seconds_for(False)
+        seconds, samples = seconds_for(lookup)
+    finally:
+        family.pixel_lookup = lookup
     return {"loader_batch_ms": 1e3 * seconds / batches, "loader_samples_per_s_per_worker": samples / seconds,
-            "loader_workers_needed": steps_per_s * seconds / batches}
+            "loader_workers_needed": steps_per_s * seconds / batches,
+            "loader_batch_ms_processor": 1e3 * plain / batches}
 
 
 def peak_flops(device: torch.device, precision: str) -> float | None:

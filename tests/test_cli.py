@@ -187,6 +187,7 @@ def test_bench_times_the_loader_in_process(tmp_path: Path) -> None:
     results = main_bench(["--config", str(tiny_config(tmp_path)), "--steps", "2", "--warmup", "1", "--new_tokens", "2",
                           "--repeats", "1", "--loader", "3"])
     assert results["loader_batch_ms"] > 0 and results["loader_samples_per_s_per_worker"] > 0
+    assert results["loader_batch_ms_processor"] > 0  # the same batches through the HF image processor
     # Workers needed = step rate x seconds per batch.
     assert results["loader_workers_needed"] == pytest.approx(results["steps_per_s"] * results["loader_batch_ms"] / 1e3)
     with pytest.raises(SystemExit, match="--loader >= 0"):

@@ -132,3 +132,26 @@ def test_pretrained_folder_round_trip(tmp_path: Path) -> None:
     loaded.model.eval()
     again.model.eval()
     torch.testing.assert_close(again.model(**batch).logits, loaded.model(**batch).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("spec", ["llava-test.json", "llava-base-gpu.json"])
+def test_pixel_lookup_matches_the_image_processor_bit_for_bit(spec: str) -> None:
+    from PIL import Image
+
+    from framework.processing import square_pixels_lookup
+
+    processor = load_vlm(str(MODELS / spec)).image_processor
+    side = processor.crop_size["height"]
+    images = [make_task(task, seed=3, image_size=side)[i].image for task in ("autofill", "caption") for i in range(4)]
+    rng = torch.Generator().manual_seed(0)
+    noise = torch.randint(0, 256, (side, side, 3), generator=rng, dtype=torch.uint8).numpy()
+    images.append(Image.fromarray(noise))  # every 8-bit level, not only the renderers' palette
+    reference = processor(images=images, return_tensors="pt")["pixel_values"]
+    fast = square_pixels_lookup(processor, images)
+    assert fast is not None and fast.dtype == reference.dtype
+    assert torch.equal(fast, reference)  # atol=0: the table is the processor's own arithmetic
+    # What the table does not cover goes to the processor: other sizes, other modes, other processors.
+    assert square_pixels_lookup(processor, [images[0].resize((side * 2, side * 2))]) is None
+    assert square_pixels_lookup(processor, [images[0].convert("L")]) is None
+    assert square_pixels_lookup(processor, [images[0].convert("RGBA")]) is None
+    assert square_pixels_lookup(object(), images) is None
