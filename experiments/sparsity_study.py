@@ -80,6 +80,21 @@ def absolute_config_paths(args: list[str]) -> list[str]:
     return out
 
 
+def split_configs(args: list[str]) -> tuple[list[str], list[str]]:
+    """``args`` as (its ``--config`` files, each with its flag; everything else), in their order."""
+    configs, rest, take_next = [], [], False
+    for arg in args:
+        if take_next or arg.startswith("--config="):
+            configs.append(arg)
+            take_next = False
+        elif arg == "--config":
+            configs.append(arg)
+            take_next = True
+        else:
+            rest.append(arg)
+    return configs, rest
+
+
 def callback(class_path: str, **init_args: Any) -> dict[str, Any]:
     return {"class_path": class_path, "init_args": init_args}
 
@@ -242,11 +257,14 @@ class Study:
 
     def base_job(self) -> Job:
         o = self.opts
-        overrides = self.steps(o.base_steps)
+        # Config files of --base_args first, so --base_steps and --base_workers are not silently undone by a recipe
+        # file's own max_steps and num_workers; its other arguments last, so they win over everything.
+        configs, extra = split_configs(absolute_config_paths(shlex.split(o.base_args)))
+        overrides = [*configs, *self.steps(o.base_steps)]
         if o.smoke:
             overrides.append(f"--model.init_args.model={ROOT / 'experiments/models/llava-test.json'}")
         overrides.append(f"--data.init_args.num_workers={max(self.opts.workers, self.opts.base_workers if not o.smoke else 0)}")
-        overrides += absolute_config_paths(shlex.split(o.base_args))
+        overrides += extra
         return Job("dense_base", "fit", overrides=overrides, export_to=self.base_export, gpu=0)
 
     def scratch_job(self, spec: Path, *, with_base: bool = True) -> Job:
@@ -443,7 +461,9 @@ def add_shared_arguments(parser: argparse.ArgumentParser, *, out: str, work: str
                         help="the run config every job starts from (e.g. experiments/quickstart.yaml on a CPU)")
     parser.add_argument("--base_steps", type=int, default=2800)
     parser.add_argument("--base_args", default="",
-                        help="more CLI arguments of the base pretraining run only, one string (e.g. its compile mode: "
+                        help="more CLI arguments of the base pretraining run only, one string; its --config files "
+                        "come before --base_steps/--base_workers (which win over them), its other arguments after "
+                        "(e.g. its compile mode: "
                         "'--model.init_args.compile=true --model.init_args.compile_mode=reduce-overhead "
                         "--data.init_args.pad_to_max_length=true')")
     parser.add_argument("--ft_batch", type=int, default=128)

@@ -59,10 +59,15 @@ def test_base_argument_configs_resolve_from_where_the_study_starts(tmp_path: Pat
     # Each run starts in its own folder under --work: a relative --config in --base_args must not be read from there.
     monkeypatch.chdir(ROOT)
     study = _study(tmp_path)
-    study.opts.base_args = "--config experiments/pretrain/gpu_reading.yaml --config=experiments/csv_logger.yaml"
-    config, inline = study.base_job().overrides[-2], study.base_job().overrides[-1]
-    assert config == str(ROOT / "experiments/pretrain/gpu_reading.yaml")
-    assert inline == f"--config={ROOT / 'experiments/csv_logger.yaml'}"
+    study.opts.base_args = ("--config experiments/pretrain/gpu_reading.yaml --data.init_args.num_workers=28 "
+                            "--config=experiments/csv_logger.yaml")
+    overrides = study.base_job().overrides
+    # The files first: --base_steps and --base_workers win over a recipe file's max_steps and num_workers ...
+    assert overrides[:3] == ["--config", str(ROOT / "experiments/pretrain/gpu_reading.yaml"),
+                             f"--config={ROOT / 'experiments/csv_logger.yaml'}"]
+    assert overrides[3] == f"--trainer.max_steps={study.opts.base_steps}"
+    # ... and explicit arguments of --base_args win over everything.
+    assert overrides[-1] == "--data.init_args.num_workers=28"
 
 
 def test_seed_replicas_pair_a_ramp_with_its_reference(tmp_path: Path) -> None:
