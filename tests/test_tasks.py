@@ -383,3 +383,56 @@ def test_reading_font_scale_and_fit():
     for i in range(40):
         right_padding = card(large[i].image)[:, -(pad - 6) :]
         assert (right_padding > 150).all(), f"reading#{i} draws text into the card's right padding"
+
+
+def _glyphs_by_prefix(text: str, x: float, y: float, font) -> list[tuple[str, float, float]]:
+    """Reference: every prefix measured by the font itself."""
+    return [(c, x + font.getlength(text[:i]) + font.getlength(c) / 2, y) for i, c in enumerate(text) if not c.isspace()]
+
+
+def test_glyph_centres_equal_measuring_every_prefix() -> None:
+    import random as random_module
+
+    from framework.data.tasks import _font, _text_glyphs
+
+    rng = random_module.Random(0)
+    alphabet = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz -:/.,éÄ"
+    for size in (5, 11, 22, 37):
+        font = _font(size)
+        for _ in range(200):
+            text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+            assert _text_glyphs(text, 3.5, 7.0, font) == _glyphs_by_prefix(text, 3.5, 7.0, font)
+
+
+def test_glyph_centres_of_a_kerned_pair_fall_back_to_measuring() -> None:
+    from PIL import ImageFont
+
+    from framework.data.tasks import _text_glyphs
+
+    class KernedFont:  # "AV" is kerned: its pair measures 1 px less than its two advances
+        layout_engine = ImageFont.Layout.BASIC
+
+        def getlength(self, text: str) -> float:
+            return 6.0 * len(text) - text.count("AV")
+
+    font = KernedFont()
+    assert _text_glyphs("WAVE AV", 0.0, 0.0, font) == _glyphs_by_prefix("WAVE AV", 0.0, 0.0, font)
+    assert _text_glyphs("WAVE", 0.0, 0.0, font)[3] == ("E", 6.0 * 3 - 1 + 3.0, 0.0)  # after the kerned pair
+
+
+def test_vertical_gradient_equals_resizing_the_two_pixels() -> None:
+    import random as random_module
+
+    from PIL import Image
+
+    from framework.data.tasks import _vertical_gradient
+
+    rng = random_module.Random(1)
+    for _ in range(300):
+        top, bottom = (tuple(rng.randint(0, 255) for _ in range(3)) for _ in range(2))
+        side = rng.choice([64, 128, 256, 512])
+        two = Image.new("RGB", (1, 2))
+        two.putpixel((0, 0), top)
+        two.putpixel((0, 1), bottom)
+        expected = two.resize((side, side), Image.Resampling.BILINEAR)
+        assert _vertical_gradient(top, bottom, side).tobytes() == expected.tobytes()

@@ -145,13 +145,68 @@ def _jitter(rgb: tuple[int, int, int], rng: random.Random, amount: int) -> tuple
     return tuple(min(255, max(0, c + rng.randint(-amount, amount))) for c in rgb)  # type: ignore[return-value]
 
 
+class _Advances:
+    """Character advances of one font, and which character pairs lay out as the sum of their advances.
+
+    Under Pillow's basic layout (no shaping, so no ligatures) a line's length is its characters' advances plus the
+    kerning of each adjacent pair, so a line whose pairs are all unkerned measures exactly the sum of its advances.
+    Pairs are checked once each, as lines bring them."""
+
+    def __init__(self, font: ImageFont.FreeTypeFont) -> None:
+        self.font = font
+        self.basic = font.layout_engine == ImageFont.Layout.BASIC
+        self.widths: dict[str, float] = {}
+        self.unkerned: dict[str, bool] = {}
+
+    def width(self, char: str) -> float:
+        if char not in self.widths:
+            self.widths[char] = self.font.getlength(char)
+        return self.widths[char]
+
+    def additive(self, text: str) -> bool:
+        if not self.basic:
+            return False
+        for pair in (text[i : i + 2] for i in range(len(text) - 1)):
+            if pair not in self.unkerned:
+                self.unkerned[pair] = self.font.getlength(pair) == self.width(pair[0]) + self.width(pair[1])
+            if not self.unkerned[pair]:
+                return False
+        return True
+
+
+@lru_cache(maxsize=64)
+def _advances(font: ImageFont.FreeTypeFont) -> _Advances:
+    return _Advances(font)
+
+
 def _text_glyphs(text: str, x: float, y: float, font: ImageFont.FreeTypeFont) -> list[tuple[str, float, float]]:
     """The centres of the non-space characters of ``text`` drawn at ``(x, y)`` with anchor ``"lm"``."""
+    advances = _advances(font)
     glyphs = []
+    if advances.additive(text):
+        # Advances are multiples of 1/64 px, so their running sum is exactly the prefix's measured length; measuring
+        # every prefix took a quarter of a card batch's time in the data workers.
+        offset = 0.0
+        for char in text:
+            if not char.isspace():
+                glyphs.append((char, x + offset + advances.width(char) / 2, y))
+            offset += advances.width(char)
+        return glyphs
     for i, char in enumerate(text):
         if not char.isspace():
             glyphs.append((char, x + font.getlength(text[:i]) + font.getlength(char) / 2, y))
     return glyphs
+
+
+def _vertical_gradient(top: tuple[int, int, int], bottom: tuple[int, int, int], side: int) -> Image.Image:
+    """A ``side`` x ``side`` RGB image fading from ``top`` to ``bottom``: a 1 x 2 image resized bilinearly.
+
+    Resized as one column, then widened by copying it: the same pixels as resizing the 1 x 2 image to the square
+    directly (a one-pixel-wide source takes each value with weight 1), at a fifth of the cost."""
+    image = Image.new("RGB", (1, 2))
+    image.putpixel((0, 0), top)
+    image.putpixel((0, 1), bottom)
+    return image.resize((1, side), Image.Resampling.BILINEAR).resize((side, side), Image.Resampling.NEAREST)
 
 
 class SyntheticTask:
@@ -299,10 +354,7 @@ class CaptionTask(SyntheticTask):
         top = _jitter((level, level, level), rng, 8)
         shade = rng.randint(-30, 30)
         bottom = _jitter(tuple(c + shade for c in top), rng, 4)  # type: ignore[arg-type]
-        image = Image.new("RGB", (1, 2))
-        image.putpixel((0, 0), top)
-        image.putpixel((0, 1), bottom)
-        image = image.resize((big, big), Image.Resampling.BILINEAR)
+        image = _vertical_gradient(top, bottom, big)
         draw = ImageDraw.Draw(image)
         cell = big / 3
         for position, color, shape in zip(cells, colors, shapes):
