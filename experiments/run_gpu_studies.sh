@@ -6,6 +6,7 @@
 #   REUSE=experiments/results/sparsity/summaries bash experiments/run_gpu_studies.sh   # only the missing sparsity runs
 #   REUSE=... RERUN="dense_finetune ramp75 ramp2of4" bash experiments/run_gpu_studies.sh   # and these again
 #   QUANT_STAGES="mixed qalft runtime collect" bash experiments/run_gpu_studies.sh      # some quantization stages
+#   bash experiments/run_gpu_studies.sh reading   # the studies on the base that reads (gpu_reading.yaml), see below
 #   RECIPES="256:8.0e-4 256:8.0e-4::0.3" bash experiments/run_gpu_studies.sh recipes    # only recipes, one per GPU
 #   RECIPE_STEPS=5400 RECIPES="256:8.0e-4:cudagraphs" bash experiments/run_gpu_studies.sh recipes  # no sizing benchmark
 #   RECIPE_MAX_TIME=00:00:08:40 ...  # trainer.max_time of a recipe's fit (default 9 minutes)
@@ -131,6 +132,32 @@ if [ "${1:-}" = recipes ]; then
   done
   wait
   log "recipes done"
+  exit
+fi
+# The studies on the base that reads (experiments/pretrain/gpu_reading.yaml): `bash experiments/run_gpu_studies.sh
+# reading`. The base first (GPU 0, $BASE_STEPS steps, $BASE_WORKERS loader workers: the recipe is loader-bound),
+# then at once: the sparsity goals' fine-tunes with a second seed, the one-shot references and the distillation-from-
+# fine-tune ramps; L0 50% with its dense reference; the quantization table (W8A8, W4A8, W2A8 per channel), the 75% +
+# 4-bit stack and QALFT. Each run takes the least busy GPU.
+if [ "${1:-}" = reading ]; then
+  SP=(experiments/sparsity_study.py --out "$RES/sparsity" --work "$WORK/sparsity")
+  log "reading base"
+  $PY "${SP[@]}" base --only dense_base --base_steps "${BASE_STEPS:-3000}" --base_workers "${BASE_WORKERS:-28}" \
+    --gpus "$GPUS" --base_args "--config experiments/pretrain/gpu_reading.yaml" > "$WORK/logs/base.log" 2>&1
+  log "base rc=$?"
+  base=$WORK/sparsity/exports/dense_base
+  [ -f "$base/config.json" ] || { log "no base export"; exit 1; }
+  $PY "${SP[@]}" sweep collect --only dense_finetune ramp50 ramp75 ramp2of4 ramp75_distill_ft ramp2of4_distill_ft dense \
+    oneshot_mag_50 oneshot_act_50 oneshot_mag_75 oneshot_act_75 oneshot_mag_2of4 oneshot_act_2of4 --seeds 1 \
+    --ft_steps "${FT_STEPS:-400}" --parallel "$((2 * GPUS))" --gpus "$GPUS" > "$WORK/logs/sparsity_study.log" 2>&1 &
+  $PY "${SP[@]}" sweep --only l0_50_improved dense_finetune_l0 --ft_steps "${FT_STEPS:-400}" --l0_steps "${L0_STEPS:-1500}" \
+    --parallel 2 --gpus "$GPUS" > "$WORK/logs/l0.log" 2>&1 &
+  $PY experiments/quantization_study.py table stacked qalft collect --base_export "$base" --out "$RES/quantization" \
+    --work "$WORK/quantization" --settings w8a8 w4a8 w2a8 --granularities ch --qat_steps "${FT_STEPS:-400}" \
+    --lora_steps "${FT_STEPS:-400}" --parallel "$((2 * GPUS))" --gpus "$GPUS" > "$WORK/logs/quantization_study.log" 2>&1 &
+  wait
+  $PY "${SP[@]}" collect > /dev/null 2>&1
+  log "reading studies done"
   exit
 fi
 log "sparsity study: base, sweep, latency"
