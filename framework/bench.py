@@ -4,7 +4,10 @@ Training is timed through the same Trainer a run uses (model, plugins, precision
 with the device synchronised around each timed step. Model FLOPs per step are counted once with
 ``torch.utils.flop_counter`` (forward + backward of a real batch); MFU divides achieved FLOP/s by the device's
 peak for the run's precision (known for data-centre GPUs only). Generation is greedy, batch 1, timed per new token.
-``--loader N`` builds N training batches in-process and reports what one loader worker delivers.
+``--loader N`` builds N training batches in-process and reports what one loader worker delivers; with
+``--loader_workers K`` it also times N batches out of the run's own DataLoader with K worker processes (after their
+prefetched batches), which counts what in-process timing misses: the workers sharing the cores, and the batches'
+way to the training process.
 ``--profile N`` runs N more steps under ``torch.profiler`` after the timed ones and reports where the step goes:
 the share of wall time the device is busy (far below 1: the step waits on the host, i.e. launch- or
 Python-bound), the share of device time in matrix multiplies, and the most expensive operators.
@@ -211,6 +214,29 @@ EXTRA_PEAK_FLOPS = {"h200": {torch.bfloat16: 989.4e12, torch.float16: 989.4e12, 
                              torch.float32: 66.9e12}}
 
 
+def loader_throughput(datamodule: Any, workers: int, batches: int) -> dict[str, float]:
+    """Batches per second out of the training DataLoader with ``workers`` worker processes, in steady state.
+
+    The workers first fill their prefetch queues (``prefetch_factor`` batches each, the DataLoader's default of 2),
+    which a short run mistakes for throughput, so that many batches are taken untimed first; the next ``batches``
+    are timed. This is the step rate the loader alone allows (``loader_steps_per_s_bound``)."""
+    configured = datamodule.num_workers
+    datamodule.num_workers = workers
+    try:
+        loader = datamodule.train_dataloader()
+        iterator = iter(loader)
+        for _ in range(max(1, 2 * workers)):
+            next(iterator)
+        start = time.perf_counter()
+        for _ in range(batches):
+            next(iterator)
+        seconds = time.perf_counter() - start
+        del iterator, loader  # stops the workers
+    finally:
+        datamodule.num_workers = configured
+    return {"loader_workers": workers, "loader_steps_per_s_bound": batches / seconds}
+
+
 def loader_speed(datamodule: Any, batches: int, steps_per_s: float) -> dict[str, float]:
     """Time ``batches`` training batches built in this process, as one loader worker builds them.
 
@@ -344,10 +370,15 @@ def main(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--loader", type=int, default=0, metavar="N",
                         help="also build N training batches in this process (rendering, tokenizing, collating, as one "
                              "loader worker does) and report samples/s per worker and the workers the step rate needs")
+    parser.add_argument("--loader_workers", type=int, default=0, metavar="K",
+                        help="with --loader N: also time N batches out of the training DataLoader with K worker "
+                             "processes, after their prefetched ones, and report the step rate the loader allows")
     parser.add_argument("--out", help="write the numbers as JSON here")
     opts, rest = parser.parse_known_args(argv)
-    if opts.steps < 1 or opts.warmup < 0 or opts.profile < 0 or opts.loader < 0:
-        raise SystemExit("vlmc bench: --steps must be >= 1, --warmup, --profile and --loader >= 0")
+    if opts.steps < 1 or opts.warmup < 0 or opts.profile < 0 or opts.loader < 0 or opts.loader_workers < 0:
+        raise SystemExit("vlmc bench: --steps must be >= 1, --warmup, --profile, --loader and --loader_workers >= 0")
+    if opts.loader_workers and not opts.loader:
+        raise SystemExit("vlmc bench: --loader_workers K needs --loader N (the number of batches to time)")
 
     args = [a for c in opts.config for a in ("--config", c)] + rest
     profile = OpProfile(opts.warmup + opts.steps, opts.profile) if opts.profile else None
@@ -394,6 +425,9 @@ def main(argv: list[str]) -> dict[str, Any]:
     }
     if opts.loader:
         results.update(loader_speed(datamodule, opts.loader, results["steps_per_s"]))
+    if opts.loader_workers:
+        datamodule._next_position = 0
+        results.update(loader_throughput(datamodule, opts.loader_workers, opts.loader))
     if opts.without_plugins:
         results.update(plugin_overhead(args, opts.steps, opts.warmup, timer, [type(p).__name__ for p in
                                                                               find_plugins(trainer)]))

@@ -179,7 +179,7 @@ def test_bench_profile_reports_where_the_step_goes(tmp_path: Path, capsys: pytes
     assert len(ops) == 15 and any(op.startswith(("aten::mm", "aten::addmm", "aten::bmm")) for op in ops)
     assert sum(row["share"] for row in profile["top_ops"]) <= 1.0 + 1e-9
     assert "matmul share" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="--profile and --loader >= 0"):
+    with pytest.raises(SystemExit, match="--profile, --loader and --loader_workers >= 0"):
         main_bench(["--config", str(tiny_config(tmp_path, name="p.yaml")), "--profile", "-1"])
 
 
@@ -190,8 +190,16 @@ def test_bench_times_the_loader_in_process(tmp_path: Path) -> None:
     assert results["loader_batch_ms_processor"] > 0  # the same batches through the HF image processor
     # Workers needed = step rate x seconds per batch.
     assert results["loader_workers_needed"] == pytest.approx(results["steps_per_s"] * results["loader_batch_ms"] / 1e3)
-    with pytest.raises(SystemExit, match="--loader >= 0"):
+    with pytest.raises(SystemExit, match="--loader and --loader_workers >= 0"):
         main_bench(["--config", str(tiny_config(tmp_path, name="l.yaml")), "--loader", "-1"])
+
+
+def test_bench_times_the_loader_with_worker_processes(tmp_path: Path) -> None:
+    results = main_bench(["--config", str(tiny_config(tmp_path)), "--steps", "1", "--warmup", "0", "--new_tokens", "1",
+                          "--repeats", "1", "--loader", "3", "--loader_workers", "1"])
+    assert results["loader_workers"] == 1 and results["loader_steps_per_s_bound"] > 0
+    with pytest.raises(SystemExit, match="--loader_workers K needs --loader N"):
+        main_bench(["--config", str(tiny_config(tmp_path, name="w.yaml")), "--loader_workers", "2"])
 
 
 def test_bench_measures_plugin_overhead_side_by_side(tmp_path: Path) -> None:
