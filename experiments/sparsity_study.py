@@ -65,28 +65,18 @@ class Job:
     after: str | None = None  # a job of the same stage whose export this one needs: it runs in a second round
 
 
-def absolute_config_paths(args: list[str]) -> list[str]:
-    """``args`` with each ``--config`` file made absolute: a run starts in a folder of its own, so a path relative
-    to where the study was started would not be found."""
-    out, expect_path = [], False
-    for arg in args:
-        if expect_path:
-            arg, expect_path = str(Path(arg).resolve()), False
-        elif arg == "--config":
-            expect_path = True
-        elif arg.startswith("--config="):
-            arg = "--config=" + str(Path(arg.split("=", 1)[1]).resolve())
-        out.append(arg)
-    return out
-
-
 def split_configs(args: list[str]) -> tuple[list[str], list[str]]:
-    """``args`` as (its ``--config`` files, each with its flag; everything else), in their order."""
+    """``args`` as (its ``--config`` files, each with its flag and made absolute; everything else), in their order.
+
+    Absolute, because a run starts in a folder of its own, where a path relative to where the study was started
+    would not be found."""
     configs, rest, take_next = [], [], False
     for arg in args:
-        if take_next or arg.startswith("--config="):
-            configs.append(arg)
+        if take_next:
+            configs.append(str(Path(arg).resolve()))
             take_next = False
+        elif arg.startswith("--config="):
+            configs.append("--config=" + str(Path(arg.split("=", 1)[1]).resolve()))
         elif arg == "--config":
             configs.append(arg)
             take_next = True
@@ -259,7 +249,7 @@ class Study:
         o = self.opts
         # Config files of --base_args first, so --base_steps and --base_workers are not silently undone by a recipe
         # file's own max_steps and num_workers; its other arguments last, so they win over everything.
-        configs, extra = split_configs(absolute_config_paths(shlex.split(o.base_args)))
+        configs, extra = split_configs(shlex.split(o.base_args))
         overrides = [*configs, *self.steps(o.base_steps)]
         if o.smoke:
             overrides.append(f"--model.init_args.model={ROOT / 'experiments/models/llava-test.json'}")

@@ -217,15 +217,14 @@ EXTRA_PEAK_FLOPS = {"h200": {torch.bfloat16: 989.4e12, torch.float16: 989.4e12, 
 def loader_throughput(datamodule: Any, workers: int, batches: int) -> dict[str, float]:
     """Batches per second out of the training DataLoader with ``workers`` worker processes, in steady state.
 
-    The workers first fill their prefetch queues (``prefetch_factor`` batches each, the DataLoader's default of 2),
-    which a short run mistakes for throughput, so that many batches are taken untimed first; the next ``batches``
-    are timed. This is the step rate the loader alone allows (``loader_steps_per_s_bound``)."""
+    The workers first fill their prefetch queues (the DataLoader's ``prefetch_factor`` batches each), which a short
+    run mistakes for throughput, so that many batches are taken untimed first; the next ``batches`` are timed. This is the step rate the loader alone allows (``loader_steps_per_s_bound``)."""
     configured = datamodule.num_workers
     datamodule.num_workers = workers
     try:
         loader = datamodule.train_dataloader()
         iterator = iter(loader)
-        for _ in range(max(1, 2 * workers)):
+        for _ in range(loader.prefetch_factor * workers):
             next(iterator)
         start = time.perf_counter()
         for _ in range(batches):
