@@ -57,6 +57,10 @@ def main() -> None:
     cli.trainer.callbacks.append(SaveRankState(out))
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
     cli.after_fit()  # what `vlmc fit` runs next: the run summary (summary.json in OUT_DIR)
+    # The process group's threads torn down before the interpreter's exit: once in a CI run, a rank whose fit had
+    # finished aborted at exit ("terminate called without an active exception").
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
