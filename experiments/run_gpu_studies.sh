@@ -7,6 +7,7 @@
 #   REUSE=... RERUN="dense_finetune ramp75 ramp2of4" bash experiments/run_gpu_studies.sh   # and these again
 #   QUANT_STAGES="mixed qalft runtime collect" bash experiments/run_gpu_studies.sh      # some quantization stages
 #   bash experiments/run_gpu_studies.sh reading   # the studies on the base that reads (gpu_reading.yaml), see below
+#   bash experiments/run_gpu_studies.sh reading_goals   # its goals' runs that fit 10 minutes on two GPUs, see below
 #   RECIPES="256:8.0e-4 256:8.0e-4::0.3" bash experiments/run_gpu_studies.sh recipes    # only recipes, one per GPU
 #   RECIPE_STEPS=5400 RECIPES="256:8.0e-4:cudagraphs" bash experiments/run_gpu_studies.sh recipes  # no sizing benchmark
 #   RECIPE_MAX_TIME=00:00:08:40 ...  # trainer.max_time of a recipe's fit (default 9 minutes)
@@ -158,6 +159,31 @@ if [ "${1:-}" = reading ]; then
   wait
   $PY "${SP[@]}" collect > /dev/null 2>&1
   log "reading studies done"
+  exit
+fi
+# The goals' runs that fit one 10-minute call on a host of two GPUs (32 cores): `bash experiments/run_gpu_studies.sh
+# reading_goals`. The base (GPU 0, 28 workers), then at once: the sparsity goals' fine-tunes (50%, 75%, 2:4 and their
+# dense reference) with the one-shot references, and W2A8 per channel (PTQ, and QAT against a float fine-tune as
+# long) with the 75% + W4A8 stack. Thirteenth run: 269 s for the base, 236 s for the rest, on two H200s.
+if [ "${1:-}" = reading_goals ]; then
+  SP=(experiments/sparsity_study.py --out "$RES/sparsity" --work "$WORK/sparsity")
+  log "reading base"
+  $PY "${SP[@]}" base --only dense_base --base_steps "${BASE_STEPS:-3000}" --base_workers "${BASE_WORKERS:-28}" \
+    --gpus 1 --base_args "--config experiments/pretrain/gpu_reading.yaml" > "$WORK/logs/base.log" 2>&1
+  log "base rc=$?"
+  base=$WORK/sparsity/exports/dense_base
+  [ -f "$base/config.json" ] || { log "no base export"; exit 1; }
+  $PY "${SP[@]}" sweep collect --only dense_finetune ramp50 ramp75 ramp2of4 dense oneshot_mag_50 oneshot_mag_75 \
+    oneshot_act_75 oneshot_mag_2of4 oneshot_act_2of4 --ft_steps "${FT_STEPS:-400}" --parallel 5 --workers 4 \
+    --gpus "$GPUS" > "$WORK/logs/sparsity_study.log" 2>&1 &
+  $PY experiments/quantization_study.py table stacked collect --base_export "$base" --out "$RES/quantization" \
+    --work "$WORK/quantization" --settings w2a8 --granularities ch --qat_steps "${QAT_STEPS:-300}" --parallel 2 \
+    --workers 3 --gpus "$GPUS" > "$WORK/logs/quantization_study.log" 2>&1 &
+  wait
+  for f in "$WORK"/{sparsity,quantization}/runs/*/runs/csv/version_*/metrics.csv; do  # each run's validation history
+    run=${f#"$WORK"/}; study=${run%%/*}; run=${run#*/runs/}; cp "$f" "$RES/$study/metrics_${run%%/*}.csv"
+  done 2>/dev/null
+  log "reading goals done"
   exit
 fi
 log "sparsity study: base, sweep, latency"

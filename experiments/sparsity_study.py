@@ -109,7 +109,9 @@ class Study:
                     "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"),
                     # Each run's main process would otherwise start one CPU thread per core: with several runs on
                     # one host the spinning thread pools starved the GPUs (load 195 on 64 cores, GPUs mostly idle).
-                    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(run_threads(opts.parallel)))}
+                    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(run_threads(opts.parallel))),
+                    # Runs start in their own folders: a checkout that is not pip-installed must still import.
+                    "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         self._gpu_lock = threading.Lock()
         self._gpu_load: dict[int, int] = {}
 

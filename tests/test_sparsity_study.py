@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import subprocess
 import sys
 from argparse import Namespace
 from pathlib import Path
@@ -53,6 +54,15 @@ def test_base_arguments_reach_the_base_run_and_its_export_only(tmp_path: Path) -
     base = study.base_job()
     assert base.overrides[-2:] == ["--model.init_args.compile=true", "--data.init_args.pad_to_max_length=true"]
     assert not any("compile" in o for job in study.sweep_jobs() for o in job.overrides)
+
+
+def test_runs_import_the_checkout_from_their_own_folders(tmp_path: Path) -> None:
+    # Each run starts in a folder under --work; a checkout that is not pip-installed must still be importable there.
+    # -S leaves out site-packages (where an editable install would be found), so only the study's PYTHONPATH can.
+    study = _study(tmp_path)
+    found = subprocess.run([sys.executable, "-S", "-c", "import importlib.util as u; print(u.find_spec('framework').origin)"],
+                           env=study.env, cwd=tmp_path, capture_output=True, text=True, check=True).stdout.strip()
+    assert Path(found) == ROOT / "framework" / "__init__.py"
 
 
 def test_base_argument_configs_resolve_from_where_the_study_starts(tmp_path: Path, monkeypatch) -> None:
