@@ -323,10 +323,16 @@ class Study(sparsity_study.Study):
         """Each export's ``*_bpv.json`` summary (bits per weight over the packed layers) into ``bpv.json``."""
         rows = {}
         for path in sorted(self.exports.glob("*/*_bpv.json")):
-            rows.setdefault(path.parent.name, {})[path.name] = json.loads(path.read_text()).get("summary", {})
+            report = json.loads(path.read_text())
+            # The packed layers' figure, and the whole model's where the export reports it (the rest at 16 bits).
+            whole = report.get("model", {}).get("bits_per_weight")
+            rows.setdefault(path.parent.name, {})[path.name] = {**report.get("summary", {}),
+                                                                **({"model_bits_per_weight": whole} if whole else {})}
         (self.out / "bpv.json").write_text(json.dumps(rows, indent=2))
         for name, files in rows.items():
-            print(f"bpv {name}: " + ", ".join(f"{f} {s.get('bpv', float('nan')):.3f}" for f, s in files.items()),
+            print(f"bpv {name}: " + ", ".join(f"{f} {s.get('bpv', float('nan')):.3f}"
+                                              + (f" (whole model {s['model_bits_per_weight']:.3f})"
+                                                 if "model_bits_per_weight" in s else "") for f, s in files.items()),
                   flush=True)
 
     def runtime_checks(self) -> int:

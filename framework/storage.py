@@ -844,6 +844,32 @@ def bpv_summary(rows: list[dict]) -> dict:
     }
 
 
+def model_bits(rows: list[dict], parameters: int, *, rest_bits: int = 16) -> dict:
+    """Bits per weight of the whole model: the packed tensors (``rows``) at their storage bits, every other one of
+    its ``parameters`` at ``rest_bits`` (16: the bf16/fp16 a device runtime keeps unquantized tensors in).
+
+    The packed layers' own figure (:func:`bpv_summary`) leaves out what no plugin packed, e.g. the embeddings and a
+    vision tower outside the selection; this is the figure a model's size on the device follows.
+
+    Returns:
+        ``parameters``, ``packed_parameters``, ``rest_parameters``, ``rest_bits``, ``storage_bits`` and
+        ``bits_per_weight``.
+
+    Raises:
+        ValueError: if the rows hold more elements than ``parameters`` or ``rest_bits`` is not positive.
+    """
+    packed = sum(r["numel"] for r in rows)
+    if packed > parameters:
+        raise ValueError(f"model_bits: the packed tensors hold {packed:,} elements, more than the model's "
+                         f"{parameters:,} parameters")
+    if rest_bits <= 0:
+        raise ValueError(f"model_bits: rest_bits must be positive, got {rest_bits}")
+    storage = sum(r["storage_bits"] for r in rows) + (parameters - packed) * rest_bits
+    return {"parameters": parameters, "packed_parameters": packed, "rest_parameters": parameters - packed,
+            "rest_bits": rest_bits, "storage_bits": storage,
+            "bits_per_weight": storage / parameters if parameters else 0.0}
+
+
 def format_bpv_table(rows: list[dict], summary: dict | None = None) -> str:
     """A plain-text table of BPV rows (and a total line) that reads aligned on a console and renders as markdown."""
     header = ["tensor", "format", "numel", "sparsity", "bits", "bpv", "bitmask", "floor", "ratio"]

@@ -792,6 +792,12 @@ def test_stacks_with_sparsity_on_the_same_layers(tmp_path: Path) -> None:
         assert row["sparsity"] >= 0.75 and row["format"] == "bitmask", row["name"]
         assert row["bpv"] <= row["bitmask_bound"] <= 2.0 + 1e-9, row["name"]
     assert report["summary"]["bpv"] <= 2.0
+    # The whole model: the packed layers at their storage bits, everything outside the selection at 16 bits.
+    whole, parameters = report["model"], sum(p.numel() for p in load_vlm(str(out)).model.parameters())
+    assert whole["parameters"] == parameters and whole["packed_parameters"] == report["summary"]["numel"]
+    rest = parameters - report["summary"]["numel"]
+    assert whole["bits_per_weight"] == pytest.approx((report["summary"]["storage_bits"] + 16 * rest) / parameters)
+    assert report["summary"]["bpv"] < whole["bits_per_weight"] < 16
 
 
 def test_stacked_fit_with_sparsity(tmp_path: Path) -> None:

@@ -386,6 +386,9 @@ def test_export_round_trip_and_bpv(tmp_path: Path, family: str) -> None:
     # float32 values at 75% sparsity: about 0.25 * 32 + (mask <= 1 bit) = 9 bits, far under 32.
     assert total["bpv"] < total["bitmask_bound"] + 1e-9 and total["bpv"] < 0.5 * total["value_bits"]
     assert total["bpv"] >= total["entropy_floor"] - 0.05
+    whole = report["model"]  # the rest of the model (embeddings, vision tower, ...) at 16 bits
+    assert whole["packed_parameters"] == total["numel"] < whole["parameters"]
+    assert whole["parameters"] == sum(p.numel() for p in exported.parameters())
     manifest = json.loads((out / "vlmc_export.json").read_text())
     assert manifest["plugins"]["sparsity"]["files"] == ["sparsity.safetensors", "sparsity_bpv.json"]
     assert all(weight_mask_of(m) is not None for m in plugin.layers.values()), "export works on a copy"

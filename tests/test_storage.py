@@ -18,6 +18,7 @@ from framework.storage import (
     format_bpv_table,
     load_packed,
     load_unpacked,
+    model_bits,
     pack,
     save_packed,
     unpack,
@@ -274,6 +275,19 @@ def test_bpv_summary_and_table() -> None:
     assert len({len(line) for line in lines}) == 1  # aligned
     assert "bitmask/bits" in table
     assert bpv_summary([])["numel"] == 0
+
+
+def test_model_bits_counts_what_no_plugin_packed() -> None:
+    rows = [bpv_row("a", pack(_codes((16, 16), 0.25, 4), value_bits=4))]
+    whole = model_bits(rows, 1256)  # 256 packed + 1000 others at 16 bits
+    assert whole["rest_parameters"] == 1000 and whole["packed_parameters"] == 256
+    assert whole["storage_bits"] == rows[0]["storage_bits"] + 16_000
+    assert whole["bits_per_weight"] == pytest.approx(whole["storage_bits"] / 1256)
+    assert model_bits(rows, 256, rest_bits=8)["bits_per_weight"] == pytest.approx(rows[0]["bpv"])
+    with pytest.raises(ValueError, match="more than the model's"):
+        model_bits(rows, 100)
+    with pytest.raises(ValueError, match="rest_bits"):
+        model_bits(rows, 1256, rest_bits=0)
 
 
 def test_save_load_round_trip(tmp_path: Path) -> None:

@@ -388,4 +388,5 @@ class QuantizedModules(CompressionPlugin):
             raise RuntimeError(f"{self.name}: export_artifacts before prepare_export")
         cached, self._export = self._export, None
         return write_quantized_export(cached["encodings"], cached["codes"], cached["bits"], directory, self.name,
-                                      extra={"plugin": type(self).__name__, "weight_bits": self.weight_bits()})
+                                      extra={"plugin": type(self).__name__, "weight_bits": self.weight_bits()},
+                                      parameters=sum(p.numel() for p in model.parameters()))

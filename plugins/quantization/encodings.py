@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 
 from framework.io import atomic_write_json
-from framework.storage import bpv_row, bpv_summary, pack, save_packed
+from framework.storage import bpv_row, bpv_summary, model_bits, pack, save_packed
 from plugins.quantization.placement import quantized_module, quantizers_of, sharing_of
 from plugins.quantization.quantizer import FakeQuantizer
 
@@ -117,17 +117,22 @@ def weight_codes(model: nn.Module, names: set[str] | None = None) -> dict[str, t
 
 
 def write_quantized_export(encodings: dict[str, Any], codes: dict[str, torch.Tensor], bits: dict[str, int],
-                           directory: Path, name: str, extra: dict | None = None) -> list[str]:
+                           directory: Path, name: str, extra: dict | None = None,
+                           parameters: int | None = None) -> list[str]:
     """Write ``<name>.encodings``, ``<name>_int_weights.safetensors`` (bit-packed codes, dense or bitmask,
     whichever is smaller, values Huffman-coded where that saves at least 1%) and ``<name>_bpv.json`` (one
-    :func:`~framework.storage.bpv_row` per weight and the :func:`~framework.storage.bpv_summary`); return the three
+    :func:`~framework.storage.bpv_row` per weight and the :func:`~framework.storage.bpv_summary`; given the model's
+    ``parameters``, also its whole-model :func:`~framework.storage.model_bits` under ``model``); return the three
     file names."""
     atomic_write_json(directory / f"{name}.encodings", encodings)
     # Sparse or skewed codes (e.g. the kept weights of a pruned layer) take Huffman-coded values where that pays.
     packed = {key: pack(value, "auto", value_bits=bits[key], value_coding="auto") for key, value in codes.items()}
     save_packed(packed, directory / f"{name}_int_weights.safetensors")
     rows = [bpv_row(key, value) for key, value in packed.items()]
-    atomic_write_json(directory / f"{name}_bpv.json", {**(extra or {}), "summary": bpv_summary(rows), "layers": rows})
+    report = {**(extra or {}), "summary": bpv_summary(rows)}
+    if parameters is not None:
+        report["model"] = model_bits(rows, parameters)
+    atomic_write_json(directory / f"{name}_bpv.json", {**report, "layers": rows})
     return [f"{name}.encodings", f"{name}_int_weights.safetensors", f"{name}_bpv.json"]
 
 

@@ -175,4 +175,5 @@ class MaskedLinears(CompressionPlugin):
             weight = layer.weight.detach() if mask is None else layer.weight.detach().masked_fill(~mask, 0.0)
             weights[f"{name}.weight"] = weight
         return write_sparse_export(weights, self.pattern, directory, self.name, index_coding=self.index_coding,
-                                   extra={"plugin": type(self).__name__, "target_sparsity": self.target})
+                                   extra={"plugin": type(self).__name__, "target_sparsity": self.target},
+                                   parameters=sum(p.numel() for p in model.parameters()))
