@@ -29,6 +29,7 @@ Each run's log, summary and export land under ``--work``; summaries, tables and 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import shlex
@@ -419,7 +420,7 @@ class Study:
                 self.collect()
             except (FileNotFoundError, ValueError) as err:  # keep the run's own error visible
                 print(f"collect: {err}", flush=True)
-        (self.out / "study_status.json").write_text(json.dumps({"codes": codes, "argv": sys.argv[1:]}, indent=2))
+        record_status(self.out / "study_status.json", codes, sys.argv[1:])
         if opts.pack:
             self.pack(Path(opts.pack))
         failed = {k: v for k, v in codes.items() if v}
@@ -443,6 +444,23 @@ def non_embedding_params(spec: Path | None) -> int:
 
     model = load_vlm(str(spec or ROOT / "experiments/models/llava-test.json")).model
     return sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "lm_head" not in n)
+
+
+def record_status(path: Path, codes: dict[str, int], argv: list[str]) -> None:
+    """Merge one invocation's exit codes into ``path`` (``codes``: the latest code of every run; ``invocations``:
+    each invocation's arguments and codes). Studies started side by side on one --out (a sweep beside the L0 runs)
+    each keep theirs: the read-merge-write is locked and the file replaced atomically."""
+    from framework.io import atomic_write_json
+
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            status = json.loads(path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            status = {}
+        merged = {**status.get("codes", {}), **codes}
+        invocations = [*status.get("invocations", []), {"argv": argv, "codes": codes}]
+        atomic_write_json(path, {"codes": merged, "invocations": invocations})
 
 
 def add_shared_arguments(parser: argparse.ArgumentParser, *, out: str, work: str) -> None:

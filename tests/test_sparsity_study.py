@@ -65,6 +65,23 @@ def test_runs_import_the_checkout_from_their_own_folders(tmp_path: Path) -> None
     assert Path(found) == ROOT / "framework" / "__init__.py"
 
 
+def test_studies_side_by_side_keep_each_others_status(tmp_path: Path) -> None:
+    # `run_gpu_studies.sh reading` starts the sweep and the L0 runs at once on one --out: neither may erase the other.
+    from concurrent.futures import ThreadPoolExecutor
+
+    _study(tmp_path)  # loads the study's module
+    module = sys.modules["sparsity_study"]
+    path = tmp_path / "study_status.json"
+    calls = [({f"run{i}": i % 2}, [f"--only run{i}"]) for i in range(16)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(lambda call: module.record_status(path, *call), calls))
+    status = json.loads(path.read_text())
+    assert status["codes"] == {f"run{i}": i % 2 for i in range(16)}
+    assert len(status["invocations"]) == 16
+    module.record_status(path, {"run3": 0}, ["--only run3"])  # a re-run's latest code wins
+    assert json.loads(path.read_text())["codes"]["run3"] == 0
+
+
 def test_base_argument_configs_resolve_from_where_the_study_starts(tmp_path: Path, monkeypatch) -> None:
     # Each run starts in its own folder under --work: a relative --config in --base_args must not be read from there.
     monkeypatch.chdir(ROOT)
