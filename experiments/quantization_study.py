@@ -153,7 +153,7 @@ class Study(sparsity_study.Study):
     def qat(self, bits: int, act_bits: int = 8, granularity: str = "ch", plan: Path | None = None) -> dict[str, Any]:
         args = dict(targets=LANGUAGE_MODEL, weights=weight_spec(bits, granularity, "mse" if bits <= 2 else None),
                     **activation_args(act_bits, self.shared_inputs), start_step=0, calibration_batches=self.calibration,
-                    freeze_observers_at=0.9, scale_lr=1e-4, float_reference=str(self.float_finetune))
+                    freeze_observers_at=0.9, scale_lr=1e-4, float_reference=str(self.qat_reference))
         if plan is not None:
             args["plan"] = str(plan)
         return callback(QAT, **args)
@@ -185,6 +185,11 @@ class Study(sparsity_study.Study):
     def float_finetune(self) -> Path:
         """The float model QAT rows are compared with: the base fine-tuned like them, without quantization."""
         return self.exports / "float_finetune"
+
+    @property
+    def qat_reference(self) -> Path:
+        """The float model QAT runs measure top-1 agreement against (``--qat_reference``)."""
+        return self.base_export if getattr(self.opts, "qat_reference", "float_finetune") == "base" else self.float_finetune
 
     def float_finetune_job(self) -> Job:
         o = self.opts
@@ -397,6 +402,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mixed_bits", type=int, nargs="+", default=[2, 3, 4, 8],
                         help="the weight widths a mixed plan chooses from (a 5-bit average with 2/3/4/8 must pair 4 "
                              "and 8 bits where uniform W5 needs neither)")
+    parser.add_argument("--qat_reference", choices=["float_finetune", "base"], default="float_finetune",
+                        help="what QAT runs' top-1 agreement is measured against: a float fine-tune as long as they "
+                        "are (trained first; the table's fair comparison) or the base itself (no float fine-tune; "
+                        "enough where only QALFT needs the QAT export)")
     parser.add_argument("--qalft_setting", choices=list(SETTINGS), default="w4a8",
                         help="the width of the QALFT stage's quantized base (its table QAT export, per channel) and "
                              "PTQ; runs other than W4A8 carry it in their names")
@@ -425,8 +434,8 @@ def main(argv: list[str] | None = None) -> None:
         # The QAT runs are compared with a float fine-tune as long; PTQ-only runs are not.
         float_stages = ({"stacked"} | (set() if opts.ptq_only else {"table"})
                         | (set() if opts.mixed_ptq_only else {"mixed"}))
-        needs_float = float_stages & set(opts.stages) or (
-            qalft_alone and not (study.qat_w4a8 / "qat.encodings").exists())
+        needs_float = opts.qat_reference == "float_finetune" and (float_stages & set(opts.stages) or (
+            qalft_alone and not (study.qat_w4a8 / "qat.encodings").exists()))
         if needs_float and not (study.float_finetune / "config.json").exists():
             need_base("float_finetune")
             # Every QAT run measures agreement against the float fine-tune, so it comes first.

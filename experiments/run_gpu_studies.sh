@@ -8,6 +8,7 @@
 #   QUANT_STAGES="mixed qalft runtime collect" bash experiments/run_gpu_studies.sh      # some quantization stages
 #   bash experiments/run_gpu_studies.sh reading   # the studies on the base that reads (gpu_reading.yaml), see below
 #   bash experiments/run_gpu_studies.sh reading_goals   # its goals' runs that fit 10 minutes on two GPUs, see below
+#   bash experiments/run_gpu_studies.sh reading_rest    # L0 50% and QALFT on that base, the next 10 minutes on two
 #   RECIPES="256:8.0e-4 256:8.0e-4::0.3" bash experiments/run_gpu_studies.sh recipes    # only recipes, one per GPU
 #   RECIPE_STEPS=5400 RECIPES="256:8.0e-4:cudagraphs" bash experiments/run_gpu_studies.sh recipes  # no sizing benchmark
 #   RECIPE_MAX_TIME=00:00:08:40 ...  # trainer.max_time of a recipe's fit (default 9 minutes)
@@ -49,6 +50,14 @@ CORES=$(nproc); export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( CORES / (2 * GPUS 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$RES/gpu/gpu.txt" 2>/dev/null || true
 last=$((GPUS - 1)); second_last=$((GPUS > 1 ? GPUS - 2 : 0))
 log() { echo "[$(date +%T)] $*" | tee -a "$WORK/driver.log"; }
+# Each study run's validation history (CSV logger) beside its summary: $RES/<study>/metrics_<run>.csv.
+copy_run_metrics() {
+  local f run study
+  for f in "$WORK"/{sparsity,quantization}/runs/*/runs/csv/version_*/metrics.csv; do
+    [ -f "$f" ] || continue
+    run=${f#"$WORK"/}; study=${run%%/*}; run=${run#*/runs/}; cp "$f" "$RES/$study/metrics_${run%%/*}.csv"
+  done
+}
 
 # REUSE=experiments/results/sparsity/summaries: runs with a committed summary are not run again (the base always is:
 # the sweep needs its export). Studies are deterministic on one GPU type: a re-run reproduced every metric.
@@ -180,10 +189,31 @@ if [ "${1:-}" = reading_goals ]; then
     --work "$WORK/quantization" --settings w2a8 --granularities ch --qat_steps "${QAT_STEPS:-300}" --parallel 2 \
     --workers 3 --gpus "$GPUS" > "$WORK/logs/quantization_study.log" 2>&1 &
   wait
-  for f in "$WORK"/{sparsity,quantization}/runs/*/runs/csv/version_*/metrics.csv; do  # each run's validation history
-    run=${f#"$WORK"/}; study=${run%%/*}; run=${run#*/runs/}; cp "$f" "$RES/$study/metrics_${run%%/*}.csv"
-  done 2>/dev/null
+  copy_run_metrics
   log "reading goals done"
+  exit
+fi
+# What the goals' call leaves, sized for a second 10-minute call on two GPUs (not yet run): `bash
+# experiments/run_gpu_studies.sh reading_rest`. The base again, then at once: L0 50% (improved) with its dense
+# reference fine-tuned as long ($L0_STEPS, default 1000), and QALFT on both tasks against float LoRA then PTQ and
+# QAT + PTQ, its QAT W4A8 export measured against the base (no float fine-tune in front: the chain base -> QAT ->
+# LoRA -> PTQ is what has to fit).
+if [ "${1:-}" = reading_rest ]; then
+  SP=(experiments/sparsity_study.py --out "$RES/sparsity" --work "$WORK/sparsity")
+  log "reading base"
+  $PY "${SP[@]}" base --only dense_base --base_steps "${BASE_STEPS:-3000}" --base_workers "${BASE_WORKERS:-28}" \
+    --gpus 1 --base_args "--config experiments/pretrain/gpu_reading.yaml" > "$WORK/logs/base.log" 2>&1
+  log "base rc=$?"
+  base=$WORK/sparsity/exports/dense_base
+  [ -f "$base/config.json" ] || { log "no base export"; exit 1; }
+  $PY "${SP[@]}" sweep collect --only l0_50_improved dense_finetune_l0 --ft_steps "${FT_STEPS:-400}" \
+    --l0_steps "${L0_STEPS:-1000}" --parallel 2 --workers 4 --gpus "$GPUS" > "$WORK/logs/l0.log" 2>&1 &
+  $PY experiments/quantization_study.py qalft collect --base_export "$base" --out "$RES/quantization" \
+    --work "$WORK/quantization" --qat_reference base --qat_steps "${QAT_STEPS:-300}" --lora_steps "${LORA_STEPS:-300}" \
+    --parallel 4 --workers 3 --gpus "$GPUS" > "$WORK/logs/quantization_study.log" 2>&1 &
+  wait
+  copy_run_metrics
+  log "reading rest done"
   exit
 fi
 log "sparsity study: base, sweep, latency"

@@ -155,6 +155,33 @@ def test_qalft_alone_first_runs_the_qat_export_it_starts_from(tmp_path: Path, mo
     assert {"lora_float_autofill", "qalft_caption", "lora_float_ptq_w4a8_caption"} <= set(ran)
 
 
+def test_qalft_against_the_base_skips_the_float_finetune(tmp_path: Path, monkeypatch: Any) -> None:
+    """`--qat_reference base`: the QAT export QALFT starts from measures agreement against the base, so the chain
+    base -> QAT -> LoRA has no float fine-tune in front of it."""
+    module = type(_study(tmp_path))
+    ran: list[Any] = []
+
+    def run_all(self: Any, jobs: list, parallel: int) -> dict[str, int]:
+        for job in jobs:
+            ran.append(job)
+            if job.export_to == self.qat_w4a8:
+                job.export_to.mkdir(parents=True, exist_ok=True)
+                (job.export_to / "qat.encodings").write_text("{}")
+        return {job.name: 0 for job in jobs}
+
+    monkeypatch.setattr(module, "run", lambda self, job: ran.append(job) or 0)
+    monkeypatch.setattr(module, "run_all", run_all)
+    monkeypatch.setattr(module, "merge_adapters", lambda self: 0)
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    sys.modules["quantization_study"].main(["qalft", "--smoke", "--base_export", str(base), "--qat_reference", "base",
+                                            "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")])
+    assert ran[0].name == "qat_w4a8_ch" and "float_finetune" not in [job.name for job in ran]
+    qat = next(cb for cb in ran[0].callbacks if cb["class_path"].endswith("QuantizationAwareTraining"))
+    assert Path(qat["init_args"]["float_reference"]) == base.resolve()
+
+
 @pytest.mark.parametrize("metric", ["loss", "kl"])
 def test_sensitivity_stage_passes_its_metric(metric: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     study = _study(tmp_path)
