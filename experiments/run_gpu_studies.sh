@@ -144,19 +144,24 @@ if [ "${1:-}" = recipes ]; then
   log "recipes done"
   exit
 fi
+# The base every `reading*` mode starts from: experiments/pretrain/gpu_reading.yaml on GPU 0 for $BASE_STEPS steps
+# with $BASE_WORKERS loader workers (the recipe is loader-bound), exported to $base; stops the script without one.
+SP=(experiments/sparsity_study.py --out "$RES/sparsity" --work "$WORK/sparsity")
+base=$WORK/sparsity/exports/dense_base
+reading_base() {
+  log "reading base"
+  $PY "${SP[@]}" base --only dense_base --base_steps "${BASE_STEPS:-3000}" --base_workers "${BASE_WORKERS:-28}" \
+    --gpus 1 --base_args "--config experiments/pretrain/gpu_reading.yaml" > "$WORK/logs/base.log" 2>&1
+  log "base rc=$?"
+  [ -f "$base/config.json" ] || { log "no base export"; exit 1; }
+}
 # The studies on the base that reads (experiments/pretrain/gpu_reading.yaml): `bash experiments/run_gpu_studies.sh
 # reading`. The base first (GPU 0, $BASE_STEPS steps, $BASE_WORKERS loader workers: the recipe is loader-bound),
 # then at once: the sparsity goals' fine-tunes with a second seed, the one-shot references and the distillation-from-
 # fine-tune ramps; L0 50% with its dense reference; the quantization table (W8A8, W4A8, W2A8 per channel), the 75% +
 # 4-bit stack and QALFT. Each run takes the least busy GPU.
 if [ "${1:-}" = reading ]; then
-  SP=(experiments/sparsity_study.py --out "$RES/sparsity" --work "$WORK/sparsity")
-  log "reading base"
-  $PY "${SP[@]}" base --only dense_base --base_steps "${BASE_STEPS:-3000}" --base_workers "${BASE_WORKERS:-28}" \
-    --gpus "$GPUS" --base_args "--config experiments/pretrain/gpu_reading.yaml" > "$WORK/logs/base.log" 2>&1
-  log "base rc=$?"
-  base=$WORK/sparsity/exports/dense_base
-  [ -f "$base/config.json" ] || { log "no base export"; exit 1; }
+  reading_base
   $PY "${SP[@]}" sweep collect --only dense_finetune ramp50 ramp75 ramp2of4 ramp75_distill_ft ramp2of4_distill_ft dense \
     oneshot_mag_50 oneshot_act_50 oneshot_mag_75 oneshot_act_75 oneshot_mag_2of4 oneshot_act_2of4 --seeds 1 \
     --ft_steps "${FT_STEPS:-400}" --parallel "$((2 * GPUS))" --gpus "$GPUS" > "$WORK/logs/sparsity_study.log" 2>&1 &
@@ -175,13 +180,7 @@ fi
 # dense reference) with the one-shot references, and W2A8 per channel (PTQ, and QAT against a float fine-tune as
 # long) with the 75% + W4A8 stack. Thirteenth run: 269 s for the base, 236 s for the rest, on two H200s.
 if [ "${1:-}" = reading_goals ]; then
-  SP=(experiments/sparsity_study.py --out "$RES/sparsity" --work "$WORK/sparsity")
-  log "reading base"
-  $PY "${SP[@]}" base --only dense_base --base_steps "${BASE_STEPS:-3000}" --base_workers "${BASE_WORKERS:-28}" \
-    --gpus 1 --base_args "--config experiments/pretrain/gpu_reading.yaml" > "$WORK/logs/base.log" 2>&1
-  log "base rc=$?"
-  base=$WORK/sparsity/exports/dense_base
-  [ -f "$base/config.json" ] || { log "no base export"; exit 1; }
+  reading_base
   $PY "${SP[@]}" sweep collect --only dense_finetune ramp50 ramp75 ramp2of4 dense oneshot_mag_50 oneshot_mag_75 \
     oneshot_act_75 oneshot_mag_2of4 oneshot_act_2of4 --ft_steps "${FT_STEPS:-400}" --parallel 5 --workers 4 \
     --gpus "$GPUS" > "$WORK/logs/sparsity_study.log" 2>&1 &
@@ -199,13 +198,7 @@ fi
 # QAT + PTQ, its QAT W4A8 export measured against the base (no float fine-tune in front: the chain base -> QAT ->
 # LoRA -> PTQ is what has to fit).
 if [ "${1:-}" = reading_rest ]; then
-  SP=(experiments/sparsity_study.py --out "$RES/sparsity" --work "$WORK/sparsity")
-  log "reading base"
-  $PY "${SP[@]}" base --only dense_base --base_steps "${BASE_STEPS:-3000}" --base_workers "${BASE_WORKERS:-28}" \
-    --gpus 1 --base_args "--config experiments/pretrain/gpu_reading.yaml" > "$WORK/logs/base.log" 2>&1
-  log "base rc=$?"
-  base=$WORK/sparsity/exports/dense_base
-  [ -f "$base/config.json" ] || { log "no base export"; exit 1; }
+  reading_base
   $PY "${SP[@]}" sweep collect --only l0_50_improved dense_finetune_l0 --ft_steps "${FT_STEPS:-400}" \
     --l0_steps "${L0_STEPS:-1000}" --parallel 2 --workers 4 --gpus "$GPUS" > "$WORK/logs/l0.log" 2>&1 &
   $PY experiments/quantization_study.py qalft collect --base_export "$base" --out "$RES/quantization" \
@@ -226,7 +219,6 @@ release() {  # gpu: the studies may use it again
   [ -f "$RESERVED" ] && echo "$(tr ' ' '\n' < "$RESERVED" | grep -vx "$1" | tr '\n' ' ')" > "$RESERVED.tmp" && mv "$RESERVED.tmp" "$RESERVED"
   log "gpu $1 released"
 }
-base=$WORK/sparsity/exports/dense_base
 if [ "$GPUS" -ge 4 ]; then
   # Batch 512 and 1024 (2026-11-27) did not start reading sooner: reading needs optimizer steps, so the next
   # recipes buy steps per second (CUDA graphs) at the batch that worked and at half of it.
