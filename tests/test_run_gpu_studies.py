@@ -1,0 +1,58 @@
+"""The GPU study driver's two-GPU modes start the runs they document, in order, from one base (a stub stands in
+for Python, so nothing trains)."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+STUB = """#!/bin/bash
+echo "$*" >> "$WORK/calls.txt"
+[ -n "${STUB_FAIL:-}" ] && [[ "$*" == *"$STUB_FAIL"* ]] && exit 1
+case "$*" in *"base --only dense_base"*) mkdir -p "$WORK/sparsity/exports/dense_base"
+  echo {} > "$WORK/sparsity/exports/dense_base/config.json";; esac
+exit 0
+"""
+
+
+def _drive(tmp_path: Path, mode: str, **env: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    stub = tmp_path / "python"
+    stub.write_text(STUB)
+    stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
+    work = tmp_path / "work"
+    result = subprocess.run(["bash", str(ROOT / "experiments" / "run_gpu_studies.sh"), mode], cwd=ROOT,
+                            env={**os.environ, "PYTHON": str(stub), "GPUS": "2", "WORK": str(work), **env},
+                            capture_output=True, text=True, timeout=60, check=False)
+    calls = (work / "calls.txt").read_text().splitlines() if (work / "calls.txt").exists() else []
+    return result, calls
+
+
+@pytest.mark.parametrize(("mode", "expected"), [
+    ("reading_goals", ["sweep collect --only dense_finetune ramp50 ramp75 ramp2of4",
+                       "quantization_study.py table stacked collect"]),
+    ("reading_rest", ["sweep collect --only l0_50_improved dense_finetune_l0",
+                      "quantization_study.py qalft collect"]),
+])
+def test_two_gpu_modes_train_the_base_then_start_their_studies(tmp_path: Path, mode: str, expected: list[str]) -> None:
+    result, calls = _drive(tmp_path, mode)
+    assert result.returncode == 0, result.stderr
+    assert "base --only dense_base" in calls[0] and "--config experiments/pretrain/gpu_reading.yaml" in calls[0]
+    base = str(tmp_path / "work" / "sparsity" / "exports" / "dense_base")
+    for fragment in expected:
+        assert sum(fragment in call for call in calls[1:]) == 1, (fragment, calls)
+    quantization = next(call for call in calls if "quantization_study.py" in call)
+    assert f"--base_export {base}" in quantization
+    if mode == "reading_rest":
+        assert "--qat_reference base" in quantization
+
+
+def test_no_studies_without_a_base_export(tmp_path: Path) -> None:
+    # The base run fails before it exports: the studies must not start on a missing base.
+    result, calls = _drive(tmp_path, "reading_goals", STUB_FAIL="base --only dense_base")
+    assert result.returncode == 1 and len(calls) == 1
+    assert "base rc=1" in result.stdout and "no base export" in result.stdout
