@@ -189,7 +189,8 @@ class Study(sparsity_study.Study):
     @property
     def qat_reference(self) -> Path:
         """The float model QAT runs measure top-1 agreement against (``--qat_reference``)."""
-        return self.base_export if getattr(self.opts, "qat_reference", "float_finetune") == "base" else self.float_finetune
+        base = getattr(self.opts, "qat_reference", "float_finetune") == "base"
+        return self.base_export if base else self.float_finetune
 
     def float_finetune_job(self) -> Job:
         o = self.opts

@@ -870,6 +870,15 @@ def model_bits(rows: list[dict], parameters: int, *, rest_bits: int = 16) -> dic
             "bits_per_weight": storage / parameters if parameters else 0.0}
 
 
+def bpv_report(rows: list[dict], parameters: int | None = None, **fields: object) -> dict:
+    """The ``*_bpv.json`` report of one export: ``fields`` (the plugin, its settings), ``summary``
+    (:func:`bpv_summary`), given the model's ``parameters`` also ``model`` (:func:`model_bits`), and ``layers``."""
+    report = {**fields, "summary": bpv_summary(rows)}
+    if parameters is not None:
+        report["model"] = model_bits(rows, parameters)
+    return {**report, "layers": rows}
+
+
 def format_bpv_table(rows: list[dict], summary: dict | None = None) -> str:
     """A plain-text table of BPV rows (and a total line) that reads aligned on a console and renders as markdown."""
     header = ["tensor", "format", "numel", "sparsity", "bits", "bpv", "bitmask", "floor", "ratio"]

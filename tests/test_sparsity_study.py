@@ -60,8 +60,9 @@ def test_runs_import_the_checkout_from_their_own_folders(tmp_path: Path) -> None
     # Each run starts in a folder under --work; a checkout that is not pip-installed must still be importable there.
     # -S leaves out site-packages (where an editable install would be found), so only the study's PYTHONPATH can.
     study = _study(tmp_path)
-    found = subprocess.run([sys.executable, "-S", "-c", "import importlib.util as u; print(u.find_spec('framework').origin)"],
-                           env=study.env, cwd=tmp_path, capture_output=True, text=True, check=True).stdout.strip()
+    code = "import importlib.util as u; print(u.find_spec('framework').origin)"
+    found = subprocess.run([sys.executable, "-S", "-c", code], env=study.env, cwd=tmp_path, capture_output=True,
+                           text=True, check=True).stdout.strip()
     assert Path(found) == ROOT / "framework" / "__init__.py"
 
 

@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 
 from framework.io import atomic_write_json
-from framework.storage import bpv_row, bpv_summary, model_bits, pack, save_packed
+from framework.storage import bpv_report, bpv_row, pack, save_packed
 from plugins.quantization.placement import quantized_module, quantizers_of, sharing_of
 from plugins.quantization.quantizer import FakeQuantizer
 
@@ -121,18 +121,14 @@ def write_quantized_export(encodings: dict[str, Any], codes: dict[str, torch.Ten
                            parameters: int | None = None) -> list[str]:
     """Write ``<name>.encodings``, ``<name>_int_weights.safetensors`` (bit-packed codes, dense or bitmask,
     whichever is smaller, values Huffman-coded where that saves at least 1%) and ``<name>_bpv.json`` (one
-    :func:`~framework.storage.bpv_row` per weight and the :func:`~framework.storage.bpv_summary`; given the model's
-    ``parameters``, also its whole-model :func:`~framework.storage.model_bits` under ``model``); return the three
-    file names."""
+    :func:`~framework.storage.bpv_row` per weight, their summary and, given the model's ``parameters``, its
+    whole-model figure: :func:`~framework.storage.bpv_report`); return the three file names."""
     atomic_write_json(directory / f"{name}.encodings", encodings)
     # Sparse or skewed codes (e.g. the kept weights of a pruned layer) take Huffman-coded values where that pays.
     packed = {key: pack(value, "auto", value_bits=bits[key], value_coding="auto") for key, value in codes.items()}
     save_packed(packed, directory / f"{name}_int_weights.safetensors")
     rows = [bpv_row(key, value) for key, value in packed.items()]
-    report = {**(extra or {}), "summary": bpv_summary(rows)}
-    if parameters is not None:
-        report["model"] = model_bits(rows, parameters)
-    atomic_write_json(directory / f"{name}_bpv.json", {**report, "layers": rows})
+    atomic_write_json(directory / f"{name}_bpv.json", bpv_report(rows, parameters, **(extra or {})))
     return [f"{name}.encodings", f"{name}_int_weights.safetensors", f"{name}_bpv.json"]
 
 

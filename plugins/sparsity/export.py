@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from framework.io import atomic_write_json
-from framework.storage import INDEX_CODINGS, PackedTensor, bpv_row, bpv_summary, model_bits, pack, save_packed
+from framework.storage import INDEX_CODINGS, PackedTensor, bpv_report, bpv_row, pack, save_packed
 from plugins.sparsity.config import Pattern
 from plugins.sparsity.layer import follows_nm
 
@@ -42,17 +42,15 @@ def pack_sparse_weights(weights: dict[str, torch.Tensor], pattern: Pattern,
 
 
 def write_sparse_export(weights: dict[str, torch.Tensor], pattern: Pattern, directory: Path, name: str,
-                        extra: dict | None = None, index_coding: str = "auto", parameters: int | None = None) -> list[str]:
+                        extra: dict | None = None, index_coding: str = "auto",
+                        parameters: int | None = None) -> list[str]:
     """Write ``<name>.safetensors`` (packed weights, see :func:`framework.storage.save_packed`) and
-    ``<name>_bpv.json`` (``layers``: one :func:`~framework.storage.bpv_row` per weight; ``summary``: the
-    selection's totals; given the model's ``parameters``, ``model``: its whole-model
-    :func:`~framework.storage.model_bits`) into ``directory``; return the two file names."""
+    ``<name>_bpv.json`` (:func:`~framework.storage.bpv_report`: one :func:`~framework.storage.bpv_row` per weight,
+    the selection's totals and, given the model's ``parameters``, the whole model's) into ``directory``; return the
+    two file names."""
     packed = pack_sparse_weights(weights, pattern, index_coding)
     save_packed(packed, directory / f"{name}.safetensors")
     rows = [bpv_row(key, value) for key, value in packed.items()]
-    report = {"pattern": str(pattern), **(extra or {}), "summary": bpv_summary(rows)}
-    if parameters is not None:
-        report["model"] = model_bits(rows, parameters)
-    report["layers"] = rows
+    report = bpv_report(rows, parameters, pattern=str(pattern), **(extra or {}))
     atomic_write_json(directory / f"{name}_bpv.json", report)
     return [f"{name}.safetensors", f"{name}_bpv.json"]
