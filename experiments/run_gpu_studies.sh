@@ -148,7 +148,9 @@ fi
 # with $BASE_WORKERS loader workers (the recipe is loader-bound), exported to $base; stops the script without one.
 SP=(experiments/sparsity_study.py --out "$RES/sparsity" --work "$WORK/sparsity")
 base=$WORK/sparsity/exports/dense_base
+# KEEP_BASE=1: a base exported by an earlier call in the same $WORK is used as it is (a follow-up call on one host).
 reading_base() {
+  if [ -n "${KEEP_BASE:-}" ] && [ -f "$base/config.json" ]; then log "reading base kept: $base"; return; fi
   log "reading base"
   $PY "${SP[@]}" base --only dense_base --base_steps "${BASE_STEPS:-3000}" --base_workers "${BASE_WORKERS:-28}" \
     --gpus 1 --base_args "--config experiments/pretrain/gpu_reading.yaml" > "$WORK/logs/base.log" 2>&1

@@ -56,3 +56,14 @@ def test_no_studies_without_a_base_export(tmp_path: Path) -> None:
     result, calls = _drive(tmp_path, "reading_goals", STUB_FAIL="base --only dense_base")
     assert result.returncode == 1 and len(calls) == 1
     assert "base rc=1" in result.stdout and "no base export" in result.stdout
+
+
+def test_keep_base_reuses_an_exported_base(tmp_path: Path) -> None:
+    _drive(tmp_path, "reading_rest")
+    (tmp_path / "work" / "calls.txt").unlink()
+    result, calls = _drive(tmp_path, "reading_rest", KEEP_BASE="1")
+    assert result.returncode == 0, result.stderr
+    assert not any("base --only dense_base" in call for call in calls) and "reading base kept" in result.stdout
+    # Without KEEP_BASE the base trains again (its export is what every study starts from).
+    _, calls = _drive(tmp_path, "reading_rest")
+    assert "base --only dense_base" in calls[-3]
