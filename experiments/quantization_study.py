@@ -28,7 +28,8 @@ on one GPU. The machinery (jobs, shared arguments, parallel runs, ``--pack``) is
    ``qat_uniform_w5a8_ch``; 4 bits is the table's ``qat_w4a8_ch``), and the same without training: PTQ with each
    plan (``ptq_mixed_avg3`` ...) against uniform PTQ (``ptq_uniform_w3a8_ch``, ``_w4a8_ch``, ``_w5a8_ch``).
    Layers are ranked by the KL divergence from the float model (``--sensitivity_metric loss``: by the loss change).
-5. ``stacked``: the sparsity ramp to 75% and QAT W4A8 in one fine-tune of the base (``stacked_ramp75_qat_w4a8``),
+5. ``stacked``: the sparsity ramp to 75% and QAT W4A8 in one fine-tune of the base (``stacked_ramp75_qat_w4a8``;
+   with ``--stack_scopes whole`` also over every Linear and the token table: ``stacked_whole_ramp75_qat_w4a8``),
    exported; ``bpv.json`` under ``--out`` gathers the ``summary`` of every export's ``*_bpv.json``: bits per weight
    over the layers each plugin packs (the language model's Linear layers here). ``qat_bpv.json`` of the stacked
    export counts the sparse integer codes with a bitmask when that is smaller, i.e. sparsity and quantization
@@ -92,6 +93,16 @@ SETTINGS = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a16": (4, 16), "w2a8": (2, 8)}
 #: Weight granularities: name -> spec keys.
 GRANULARITY = {"ch": {"granularity": "channel"}, "g32": {"granularity": "group", "group_size": 32}}
 TASKS = ("autofill", "caption")
+#: What the stacked stage sparsifies and quantizes: the language model's Linear layers (not its head), or every
+#: Linear and the token table (vision tower, projector, head too; only norms, biases, the patch convolution and
+#: position embeddings stay 16-bit), or that with the head dense (4-bit, not pruned: a second ramp leaves it out).
+_WHOLE = {"include": ".*", "exclude": "position_embedding", "types": ["Linear", "Embedding"]}
+#: scope -> (the ramp's targets, QAT's targets)
+STACK_SCOPES = {
+    "language_model": (LANGUAGE_MODEL, LANGUAGE_MODEL),
+    "whole": (_WHOLE, _WHOLE),
+    "whole_dense_head": ({**_WHOLE, "exclude": "position_embedding|lm_head"}, _WHOLE),
+}
 BUDGETS = (3, 4, 5)
 
 
@@ -319,11 +330,17 @@ class Study(sparsity_study.Study):
 
     def stacked_jobs(self) -> list[Job]:
         o = self.opts
-        ramp = callback(RAMP, final_sparsity=0.75, schedule="cubic", start=0.0, end=0.7,
-                        update_every=max(1, o.qat_steps // 50), targets=LANGUAGE_MODEL)
-        name = "stacked_ramp75_qat_w4a8"
-        return [Job(name, "fit", [ramp, self.qat(4)], self.on(self.base_export, o.qat_steps, o.qat_lr),
-                    export_to=self.exports / name)]
+        jobs = []
+        for scope in o.stack_scopes:
+            ramp_targets, qat_targets = STACK_SCOPES[scope]
+            ramp = callback(RAMP, final_sparsity=0.75, schedule="cubic", start=0.0, end=0.7,
+                            update_every=max(1, o.qat_steps // 50), targets=ramp_targets)
+            qat = self.qat(4)
+            qat["init_args"]["targets"] = qat_targets
+            name = "stacked_ramp75_qat_w4a8" if scope == "language_model" else f"stacked_{scope}_ramp75_qat_w4a8"
+            jobs.append(Job(name, "fit", [ramp, qat], self.on(self.base_export, o.qat_steps, o.qat_lr),
+                            export_to=self.exports / name))
+        return jobs
 
     def bpv(self) -> None:
         """Each export's ``*_bpv.json`` summary (bits per weight over the packed layers) into ``bpv.json``."""
@@ -407,6 +424,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="what QAT runs' top-1 agreement is measured against: a float fine-tune as long as they "
                         "are (trained first; the table's fair comparison) or the base itself (no float fine-tune; "
                         "enough where only QALFT needs the QAT export)")
+    parser.add_argument("--stack_scopes", nargs="+", choices=list(STACK_SCOPES), default=["language_model"],
+                        help="the stacked stage's runs: 75%% sparse + W4A8 over the language model's Linear layers "
+                             "(stacked_ramp75_qat_w4a8) and/or over every Linear and the token table "
+                             "(stacked_whole_ramp75_qat_w4a8; whole_dense_head: the LM head 4-bit but not pruned), "
+                             "whose export's whole-model bits per weight is the size a device stores")
     parser.add_argument("--qalft_setting", choices=list(SETTINGS), default="w4a8",
                         help="the width of the QALFT stage's quantized base (its table QAT export, per channel) and "
                              "PTQ; runs other than W4A8 carry it in their names")

@@ -8,6 +8,7 @@
 #   QUANT_STAGES="mixed qalft runtime collect" bash experiments/run_gpu_studies.sh      # some quantization stages
 #   bash experiments/run_gpu_studies.sh reading   # the studies on the base that reads (gpu_reading.yaml), see below
 #   bash experiments/run_gpu_studies.sh reading_goals   # its goals' runs that fit 10 minutes on two GPUs, see below
+#   bash experiments/run_gpu_studies.sh reading_stack   # 75% + W4A8 over the whole model on that base (two GPUs)
 #   bash experiments/run_gpu_studies.sh reading_rest    # L0 50% and QALFT on that base, the next 10 minutes on two
 #   RECIPES="256:8.0e-4 256:8.0e-4::0.3" bash experiments/run_gpu_studies.sh recipes    # only recipes, one per GPU
 #   RECIPE_STEPS=5400 RECIPES="256:8.0e-4:cudagraphs" bash experiments/run_gpu_studies.sh recipes  # no sizing benchmark
@@ -209,6 +210,18 @@ if [ "${1:-}" = reading_rest ]; then
   wait
   copy_run_metrics
   log "reading rest done"
+  exit
+fi
+# The 75% + W4A8 stack over the whole model (every Linear and the token table, with and without pruning the head)
+# beside the language-model-only stack, against a float fine-tune as long: `bash experiments/run_gpu_studies.sh
+# reading_stack`. Sized for one 10-minute call on two GPUs (the base, then the float fine-tune, then three runs).
+if [ "${1:-}" = reading_stack ]; then
+  reading_base
+  $PY experiments/quantization_study.py stacked collect --base_export "$base" --out "$RES/quantization" \
+    --work "$WORK/quantization" --stack_scopes language_model whole whole_dense_head --qat_steps "${QAT_STEPS:-300}" \
+    --parallel 3 --workers "${STACK_WORKERS:-8}" --gpus "$GPUS" > "$WORK/logs/quantization_study.log" 2>&1
+  log "stack rc=$?"
+  copy_run_metrics
   exit
 fi
 log "sparsity study: base, sweep, latency"

@@ -861,3 +861,130 @@ def test_initialized_flag_follows_calibration_and_loaded_state() -> None:
     assert not calibrated.is_initialized  # an uncalibrated state loaded over it
     with pytest.raises(RuntimeError, match="used before calibration"):
         calibrated(w)
+
+
+# ---------------------------------------------------------------------------------------------- token embeddings
+EMBEDDINGS_AND_LINEARS = {"include": "language_model", "types": ["Linear", "Embedding"]}
+
+
+def test_embedding_table_is_quantized_per_row_and_looked_up_on_the_grid() -> None:
+    from plugins.quantization.placement import QuantEmbedding, remove_quantizers
+
+    loaded = load_vlm(str(FAMILY_SPECS["llava"]))
+    model = loaded.model
+    plugin = PostTrainingQuantization(weights=QuantSpec(bits=4, granularity="channel"),
+                                      activations=QuantSpec(bits=8, granularity="tensor", symmetric=False),
+                                      targets=ModuleSelection(**EMBEDDINGS_AND_LINEARS))
+    plugin.transform(model)
+    embed = model.model.language_model.embed_tokens
+    assert type(embed) is QuantEmbedding and "model.language_model.embed_tokens.weight" in plugin.quantizers
+    # Token ids are not an activation: the embedding gets no input quantizer.
+    assert "model.language_model.embed_tokens.input" not in plugin.quantizers
+    plugin.init_weight_quantizers(model)
+    quantizer = plugin.quantizers["model.language_model.embed_tokens.weight"]
+    quantizer.enabled = True
+    assert quantizer.scale.numel() == embed.num_embeddings  # one scale per token row
+    ids = torch.tensor([[0, 5, 17, 2047]])
+    scale, zero_point = quantizer.qparams(embed.weight)
+    codes = quantizer.codes(embed.weight.detach())
+    assert codes.min() >= -8 and codes.max() <= 7
+    torch.testing.assert_close(embed(ids)[0], ((codes - zero_point) * scale)[ids[0]].float(), atol=0, rtol=0)
+    with quantization_disabled(model):
+        torch.testing.assert_close(embed(ids), torch.nn.functional.embedding(ids, embed.weight), atol=0, rtol=0)
+    remove_quantizers(model)
+    assert type(embed) is nn.Embedding
+    torch.testing.assert_close(embed.weight[ids[0]], ((codes - zero_point) * scale)[ids[0]].float(), atol=0, rtol=0)
+
+
+def test_embedding_quantization_refuses_tied_tables_and_bad_groups() -> None:
+    loaded = load_vlm(str(FAMILY_SPECS["llava"]))
+    model = loaded.model
+    model.lm_head.weight = model.model.language_model.embed_tokens.weight  # tie_word_embeddings
+    everything = ModuleSelection(include="language_model|lm_head", types=["Linear", "Embedding"])
+    with pytest.raises(ValueError, match=r"embed_tokens.weight is the same tensor as lm_head.weight \(tied"):
+        attach_quantizers(model, QuantSpec(bits=4), targets=everything, key="qat")
+    assert not quantizers_of(model), "nothing attached on an error"
+    # The table alone is refused too: baking it would quantize the head's weight behind its back.
+    with pytest.raises(ValueError, match="tied embeddings"):
+        attach_quantizers(model, QuantSpec(bits=4), targets=ModuleSelection(include="embed_tokens",
+                                                                            types=["Embedding"]))
+    with pytest.raises(ValueError, match=r"qat.weights.group_size: 24 does not divide the 32 inputs of .*embed_tokens"):
+        attach_quantizers(load_vlm(str(FAMILY_SPECS["llava"])).model,
+                          QuantSpec(bits=4, granularity="group", group_size=24),
+                          targets=ModuleSelection(include="embed_tokens", types=["Embedding"]), key="qat")
+
+
+def test_integer_runtime_looks_up_the_quantized_table(tmp_path: Path) -> None:
+    loaded = load_vlm(str(FAMILY_SPECS["llava"]))
+    model = loaded.model.eval()
+    plugin = PostTrainingQuantization(weights=QuantSpec(bits=4, granularity="group", group_size=16),
+                                      activations=QuantSpec(bits=8, granularity="tensor", symmetric=False),
+                                      targets=ModuleSelection(**EMBEDDINGS_AND_LINEARS), integer_eval=True)
+    plugin.transform(model)
+    batch = _batch(loaded)
+    plugin.init_weight_quantizers(model)
+    pending = list(plugin.static_quantizers("activation").values())
+    for q in plugin.quantizers.values():
+        q.enabled, q.observing = not q.static or q.is_initialized, q in pending
+    model(**batch)
+    freeze_observers(pending)
+    for q in plugin.quantizers.values():
+        q.enabled, q.observing = True, False
+    ids = batch["input_ids"][:, :12]  # text only: the runtime embeds the ids itself
+    with torch.no_grad():
+        embedded = model.get_input_embeddings()(ids)
+        fake = model.model.language_model(input_ids=ids).last_hidden_state
+        fake = model.lm_head(fake)
+    out = export_model(model, loaded.tokenizer, loaded.image_processor, tmp_path / "export", [plugin])
+    runtime = IntegerRuntime(out)
+    torch.testing.assert_close(runtime.embed(ids), embedded, atol=0, rtol=0)
+    torch.testing.assert_close(runtime(input_ids=ids), fake, atol=0, rtol=0)  # integer-exact: bit for bit
+    encodings = json.loads((out / "ptq.encodings").read_text())
+    entries = encodings["param_encodings"]["model.language_model.embed_tokens.weight"]
+    assert len(entries) == 2048 * 32 // 16 and encodings["vlmc"]["layouts"][
+        "model.language_model.embed_tokens.weight"]["shape"] == [2048, 32]
+    # The table is packed, so it counts at its storage bits in the whole-model figure.
+    report = json.loads((out / "ptq_bpv.json").read_text())
+    table = next(r for r in report["layers"] if r["name"] == "model.language_model.embed_tokens.weight")
+    assert table["numel"] == 2048 * 32 and table["bpv"] <= 4.0
+    assert report["model"]["packed_parameters"] == report["summary"]["numel"] >= 2048 * 32
+    # Loading the encodings back onto a fresh model with the same placement reproduces the lookup.
+    fresh = load_vlm(str(FAMILY_SPECS["llava"])).model.eval()
+    attach_quantizers(fresh, plugin.weights, plugin.activations, plugin.targets)
+    fresh.load_state_dict(load_vlm(str(out)).model.state_dict(), strict=False)
+    load_encodings(fresh, out / "ptq.encodings")
+    torch.testing.assert_close(fresh.get_input_embeddings()(ids), embedded, atol=0, rtol=0)
+
+
+def test_whole_model_stack_packs_every_table_and_layer(tmp_path: Path) -> None:
+    """75% sparse + 4-bit over every Linear and the token table (vision tower, projector and head too): the whole-
+    model figure then leaves only norms, biases, the patch convolution and position embeddings at 16 bits."""
+    from plugins.sparsity.layer import weight_mask_of
+
+    whole = {"include": ".*", "exclude": "position_embedding", "types": ["Linear", "Embedding"]}
+    ramp = {"class_path": "plugins.sparsity.SparsityRamp",
+            "init_args": {"final_sparsity": 0.75, "start_step": 0, "end_step": 2, "targets": whole}}
+    qat = _qat({"bits": 4, "granularity": "channel"}, {"bits": 8, "granularity": "tensor", "symmetric": False},
+               targets=whole, calibration_batches=1)
+    config = tiny_config(tmp_path, max_steps=3, callbacks=[ramp, qat], **NO_VAL)
+    cli = make_cli(config)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    model = cli.model.model
+    embed = model.get_input_embeddings()
+    assert float((~weight_mask_of(embed)).float().mean()) == pytest.approx(0.75, abs=1e-3)
+    assert (embed.weight[~weight_mask_of(embed)] == 0).all()
+    main(["export", "--config", str(config), "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt"),
+          "--out", str(tmp_path / "export")])
+    report = json.loads((tmp_path / "export" / "qat_bpv.json").read_text())
+    names = {row["name"] for row in report["layers"]}
+    assert {"model.language_model.embed_tokens.weight", "lm_head.weight"} <= names
+    assert any("vision_tower" in n for n in names) and any("multi_modal_projector" in n for n in names)
+    for row in report["layers"]:
+        assert row["sparsity"] >= 0.75 and row["bpv"] <= 2.0 + 1e-9, row["name"]
+    exported = load_vlm(str(tmp_path / "export")).model
+    packed = sum(m.weight.numel() for n, m in exported.named_modules()
+                 if isinstance(m, (nn.Linear, nn.Embedding)) and "position_embedding" not in n)
+    figure = report["model"]
+    assert figure["packed_parameters"] == packed and figure["parameters"] == sum(p.numel() for p in exported.parameters())
+    assert figure["bits_per_weight"] == pytest.approx(
+        (report["summary"]["storage_bits"] + 16 * (figure["parameters"] - packed)) / figure["parameters"])

@@ -27,7 +27,8 @@ def _study(tmp_path: Path):
                      base_workers=0, base_args="", smoke=True, rerun=False, gpus=1, sensitivity_metric="kl", sensitivity_batches=8,
                      mixed_ptq_only=False, mixed_bits=[2, 3, 4, 8], sensitivity_context_bits=None,
                      base_config=str(ROOT / "experiments" / "pretrain" / "gpu_base.yaml"),
-                     settings=["w8a8", "w4a8", "w4a16", "w2a8"], granularities=["ch", "g32"])
+                     settings=["w8a8", "w4a8", "w4a16", "w2a8"], granularities=["ch", "g32"],
+                     stack_scopes=["language_model", "whole", "whole_dense_head"])
     return module.Study(opts)
 
 
@@ -77,7 +78,8 @@ def test_every_run_has_a_unique_name_and_valid_plugin_arguments(tmp_path: Path) 
     assert {"float", "ptq_w4a8_ch", "qat_w2a8_g32", "qat_w4a16_ch", "lora_float_autofill",
             "lora_float_ptq_w4a8_caption", "lora_qat_ptq_w4a8_autofill", "qalft_caption", "mixed_avg3",
             "mixed_avg5", "qat_uniform_w3a8_ch", "ptq_mixed_avg3", "ptq_uniform_w5a8_ch",
-            "stacked_ramp75_qat_w4a8"} <= set(names)
+            "stacked_ramp75_qat_w4a8", "stacked_whole_ramp75_qat_w4a8",
+            "stacked_whole_dense_head_ramp75_qat_w4a8"} <= set(names)
     kinds = set()
     for job in jobs:
         assert job.verb in ("fit", "validate")
@@ -215,3 +217,21 @@ def test_ptq_only_table_has_no_fine_tunes(tmp_path: Path) -> None:
     assert {job.verb for job in jobs} == {"validate"}
     assert sorted(job.name for job in jobs) == sorted(["float"] + [f"ptq_{s}_{g}" for s in ("w8a8", "w4a8", "w4a16", "w2a8")
                                                                    for g in ("ch", "g32")])
+
+
+def test_whole_model_stacks_cover_every_table_and_layer(tmp_path: Path) -> None:
+    import torch.nn as nn
+    from conftest import FAMILY_SPECS
+
+    from framework.models import load_vlm
+
+    model = load_vlm(str(FAMILY_SPECS["llava"])).model
+    jobs = {job.name: job for job in _study(tmp_path).stacked_jobs()}
+    weights = {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
+    for name, pruned_head in (("stacked_whole_ramp75_qat_w4a8", True),
+                              ("stacked_whole_dense_head_ramp75_qat_w4a8", False)):
+        ramp, qat = (ModuleSelection(**c["init_args"]["targets"]) for c in jobs[name].callbacks)
+        pruned = {n for n, m in model.named_modules() if ramp.matches(n, m)}
+        quantized = {n for n, m in model.named_modules() if qat.matches(n, m)}
+        assert quantized == weights - {"model.vision_tower.embeddings.position_embedding"}
+        assert pruned == quantized - (set() if pruned_head else {"lm_head"})

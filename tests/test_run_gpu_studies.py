@@ -37,6 +37,7 @@ def _drive(tmp_path: Path, mode: str, **env: str) -> tuple[subprocess.CompletedP
                        "quantization_study.py table stacked collect"]),
     ("reading_rest", ["sweep collect --only l0_50_improved dense_finetune_l0",
                       "quantization_study.py qalft collect"]),
+    ("reading_stack", ["quantization_study.py stacked collect"]),
 ])
 def test_two_gpu_modes_train_the_base_then_start_their_studies(tmp_path: Path, mode: str, expected: list[str]) -> None:
     result, calls = _drive(tmp_path, mode)
@@ -49,6 +50,8 @@ def test_two_gpu_modes_train_the_base_then_start_their_studies(tmp_path: Path, m
     assert f"--base_export {base}" in quantization
     if mode == "reading_rest":
         assert "--qat_reference base" in quantization
+    if mode == "reading_stack":
+        assert "--stack_scopes language_model whole whole_dense_head" in quantization
 
 
 def test_no_studies_without_a_base_export(tmp_path: Path) -> None:

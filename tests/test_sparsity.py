@@ -449,3 +449,26 @@ def test_nm_export_index_codings(pattern: str, index_coding: str, expected: tupl
     assert row["bpv"] - 0.5 * 32 >= row["index_floor"]
     with pytest.raises(ValueError, match="index_coding: must be one of"):
         pack_sparse_weights({"w": weight}, Pattern(n=n, m=m), "huffman")
+
+
+# ---------------------------------------------------------------------------------------------- token embeddings
+def test_embedding_table_is_pruned_by_magnitude_and_stays_zero(tmp_path: Path) -> None:
+    table = {"include": "embed_tokens", "types": ["Embedding"]}
+    model = load_vlm(str(FAMILY_SPECS["llava"])).model
+    with pytest.raises(ValueError, match=r"ramp.targets: model.language_model.embed_tokens is an Embedding; "
+                                         r"activation-aware scores need a Linear's inputs"):
+        SparsityRamp(targets=ModuleSelection(**table), score="activation", name="ramp").transform(model)
+    with pytest.raises(ValueError, match="oneshot_pruning.targets: .*embed_tokens is an Embedding"):
+        OneShotPruning(targets=ModuleSelection(**table), method="activation").transform(model)
+    with pytest.raises(ValueError, match=r"ramp.targets: .*layer_norm1 is a LayerNorm, expected Linear \(or Embedding"):
+        SparsityRamp(targets=ModuleSelection(include="layer_norm1", types=["LayerNorm"]), name="ramp").transform(model)
+    ramp = {"class_path": RAMP, "init_args": {"final_sparsity": 0.75, "start_step": 0, "end_step": 4,
+                                              "update_every": 2, "targets": table}}
+    cli = _fit(tmp_path, [ramp], "--model.init_args.weight_decay=0.5", max_steps=6)
+    plugin = _plugin(cli)
+    (mask,) = plugin.masks().values()
+    assert int((~mask).sum()) == round(0.75 * mask.numel())
+    _assert_masked_weights_are_zero(plugin)
+    embed = cli.model.model.get_input_embeddings()
+    ids = torch.arange(embed.num_embeddings)
+    assert (embed(ids)[~mask] == 0).all(), "a pruned entry is looked up as zero"

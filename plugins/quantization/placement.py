@@ -2,7 +2,9 @@
 
 Parameter names of the HF model never change. A quantized Linear keeps its ``weight`` and ``bias``; its class
 becomes :class:`QuantLinear` (a subclass of ``nn.Linear`` whose forward multiplies by the fake-quantized weight),
-so PEFT still recognises and wraps it. Activation quantizers run in forward pre-hooks (inputs) and forward hooks
+so PEFT still recognises and wraps it. A quantized Embedding (token embeddings: at 4 bits the table of a small
+model is a tenth of its bits, so a whole-model size goal needs it) becomes :class:`QuantEmbedding` the same way;
+its rows are its channels (one scale per token, or per group of a row). Activation quantizers run in forward pre-hooks (inputs) and forward hooks
 (outputs) of the existing modules, which works on any module (the KV projections, the vision projector).
 Quantizers are submodules named ``weight_quantizer``, ``input_quantizer`` and ``output_quantizer``, so their
 scales are checkpointed beside the weights. A quantized tensor is named by its module and point:
@@ -60,6 +62,36 @@ class QuantLinear(nn.Linear):
             return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
         weight = self.weight if quantizer is None else quantizer(self.weight)
         return F.linear(x, weight, self.bias)
+
+
+class QuantEmbedding(nn.Embedding):
+    """``nn.Embedding`` whose lookup reads its ``weight_quantizer``'s fake-quantized table (names unchanged).
+
+    A looked-up row is ``(code - zero_point) * scale`` exactly, in float32 before the cast to the table's dtype,
+    which is what :class:`~plugins.quantization.runtime.IntegerRuntime` computes from the exported codes.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 (nn.Embedding's argument name)
+        quantizer = self._modules.get(WEIGHT)
+        weight = self.weight if quantizer is None else quantizer(self.weight)
+        return F.embedding(input, weight, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq,
+                           self.sparse)
+
+
+_QUANT_CLASS = {nn.Linear: QuantLinear, nn.Embedding: QuantEmbedding}
+_FLOAT_CLASS = {QuantLinear: nn.Linear, QuantEmbedding: nn.Embedding}
+
+
+def tied_weights(model: nn.Module) -> dict[str, list[str]]:
+    """``{module: [other modules holding the same weight tensor]}`` for every weight shared between modules (tied
+    input and output embeddings)."""
+    holders: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        weight = module._parameters.get("weight") if hasattr(module, "_parameters") else None
+        if weight is not None:
+            holders.setdefault(id(weight), []).append(name)
+    return {name: [other for other in names if other != name]
+            for names in holders.values() if len(names) > 1 for name in names}
 
 
 def set_integer_exact(model: nn.Module, enabled: bool) -> int:
@@ -150,8 +182,9 @@ def attach_quantizers(
     *,
     key: str = "quantization",
 ) -> dict[str, FakeQuantizer]:
-    """Put weight quantizers on the chosen Linear layers and activation quantizers at ``activation_points`` of
-    every chosen module. Idempotent (a quantizer with the same spec is kept).
+    """Put weight quantizers on the chosen Linear and Embedding layers and activation quantizers at
+    ``activation_points`` of every chosen module. Idempotent (a quantizer with the same spec is kept). An
+    Embedding's input is token ids, not an activation: it gets no input quantizer (its output can have one).
 
     Args:
         model: any ``nn.Module`` (an HF VLM, a bare text model).
@@ -165,8 +198,9 @@ def attach_quantizers(
         ``{tensor name: quantizer}`` for this call (``<module>.weight`` / ``.input`` / ``.output``).
 
     Raises:
-        ValueError: nothing matched, weights asked of a module that is not a Linear, a group size that does not
-            divide a layer's inputs (naming the layer), or a point already quantized with another spec.
+        ValueError: nothing matched, weights asked of a module that is not a Linear or Embedding, a group size that
+            does not divide a layer's inputs (an embedding's width), a weight tied to another module's (naming
+            both), or a point already quantized with another spec.
 
     Example::
 
@@ -182,23 +216,33 @@ def attach_quantizers(
         activation_points = check_points(list(activation_points), f"{key}.activation_points")
     chosen = targets.select(model, owner=f"{key}.targets")
     if weights is not None:
+        tied = tied_weights(model)
         for name, module in chosen.items():
-            if not isinstance(module, nn.Linear):
+            if not isinstance(module, (nn.Linear, nn.Embedding)):
                 raise ValueError(f"{key}.targets: {name} is a {type(module).__name__}; weights are quantized on Linear "
-                                 "layers (use activation_sites for other modules)")
-            if weights.granularity == "group" and module.in_features % weights.group_size:
+                                 "and Embedding layers (use activation_sites for other modules)")
+            width = module.weight.shape[1]
+            if weights.granularity == "group" and width % weights.group_size:
                 raise ValueError(f"{key}.weights.group_size: {weights.group_size} does not divide the "
-                                 f"{module.in_features} inputs of {name}; choose a divisor or narrow `targets`")
-            if type(module) not in (nn.Linear, QuantLinear):
-                raise ValueError(f"{key}.targets: {name} is a {type(module).__name__}, a Linear subclass with its own "
-                                 "forward; quantize the plain nn.Linear before wrapping it")
+                                 f"{width} inputs of {name}; choose a divisor or narrow `targets`")
+            if type(module) not in (*_QUANT_CLASS, *_FLOAT_CLASS):
+                raise ValueError(f"{key}.targets: {name} is a {type(module).__name__}, a subclass with its own "
+                                 "forward; quantize the plain nn.Linear / nn.Embedding before wrapping it")
+            if name in tied:
+                # Baking its quantized weight would change the other module's weight too (and two quantizers on
+                # one tensor would bake it twice).
+                raise ValueError(f"{key}.targets: {name}.weight is the same tensor as {', '.join(tied[name])}.weight "
+                                 f"(tied embeddings); untie them (tie_word_embeddings: false) or leave {name} out of "
+                                 "`targets`")
     result: dict[str, FakeQuantizer] = {}
     for name, module in chosen.items():
         if weights is not None:
             result[f"{name}.weight"] = _attach(module, "weight", weights, tuple(module.weight.shape), name)
-            module.__class__ = QuantLinear
+            module.__class__ = _QUANT_CLASS.get(type(module), type(module))
         if activations is not None:
             for point in activation_points:
+                if point == "input" and isinstance(module, nn.Embedding):
+                    continue  # token ids
                 result[f"{name}.{point}"] = _attach(module, point, activations, None, name)
     return result
 
@@ -341,8 +385,8 @@ def set_quantizers(model: nn.Module, *, enabled: bool | None = None, observing: 
 @torch.no_grad()
 def remove_quantizers(model: nn.Module, *, bake_weights: bool = True, names: set[str] | None = None) -> None:
     """Remove every quantizer and hook (or those of the tensors in ``names``); with ``bake_weights`` write the
-    fake-quantized weights into the Linear layers first (what HF ``from_pretrained`` then loads). Linear layers
-    without quantizers left become plain ``nn.Linear`` again."""
+    fake-quantized weights into the layers first (what HF ``from_pretrained`` then loads). Linear and Embedding
+    layers without quantizers left become plain ``nn.Linear`` / ``nn.Embedding`` again."""
     modules = None if names is None else {n.rpartition(".")[0] for n in names}
     for name, module in list(model.named_modules()):
         if isinstance(module, FakeQuantizer) or (modules is not None and name not in modules):
@@ -356,5 +400,5 @@ def remove_quantizers(model: nn.Module, *, bake_weights: bool = True, names: set
         for hooks, fn in ((module._forward_pre_hooks, _input_hook), (module._forward_hooks, _output_hook)):
             for hook_id in [k for k, v in hooks.items() if v is fn]:
                 del hooks[hook_id]
-        if type(module) is QuantLinear:
-            module.__class__ = nn.Linear
+        if type(module) in _FLOAT_CLASS:
+            module.__class__ = _FLOAT_CLASS[type(module)]

@@ -31,7 +31,8 @@ class PostTrainingQuantization(QuantizedModules):
     Args:
         weights: spec of the weight quantizers (``null``: float weights); default 8-bit per channel.
         activations: spec of the activation quantizers at ``activation_points`` of ``targets``.
-        targets: which Linear layers; default the language model's, except ``lm_head``.
+        targets: which Linear (and Embedding: token tables, types [Linear, Embedding]) layers; default the language
+            model's Linear layers, except ``lm_head``.
         activation_points: ``input`` and/or ``output`` of each target.
         activation_sites: more activation quantizers (KV cache, projector output).
         calibration_batches: training batches observed for static activation ranges, >= 1.

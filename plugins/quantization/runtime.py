@@ -18,6 +18,8 @@ against the fake-quant model evaluated in integer-exact mode
 values) they differ by float rounding, which can move an activation across a code boundary and flip the argmax
 where the top two logits nearly tie.
 
+Quantized token embeddings are looked up from their integer table (code minus offset, times the row's scale).
+
 Scope: the vision tower and projector are not run here. Callers pass ``inputs_embeds`` produced by the
 (fake-quant) VLM, i.e. token embeddings with the image features (projector output, quantized when the
 projector's output has an encoding) merged in; text-only inputs may pass ``input_ids``. Qwen2-VL's M-RoPE and
@@ -110,7 +112,7 @@ class IntegerRuntime:
         codes = self.codes[name].to(torch.int64)
         scale, zero_point, _, _ = decode_entries(name, self.params[name])
         if codes.dim() != 2:
-            raise ValueError(f"{name}: integer codes of shape {tuple(codes.shape)}; a Linear weight is 2-D")
+            raise ValueError(f"{name}: integer codes of shape {tuple(codes.shape)}; a Linear or Embedding weight is 2-D")
         try:
             return integer_rows(codes, zero_point, scale)
         except ValueError as err:
@@ -169,6 +171,16 @@ class IntegerRuntime:
         y = self._fake_quant_output(y, f"{module}.output")
         return y.reshape(*shape[:-1], y.shape[-1])
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings: rows of the integer table times their scales where the table is quantized (the
+        fake-quant lookup's values exactly), else rows of the float table."""
+        name = f"{self.prefix}embed_tokens.weight"
+        table = self.weights.get(name)
+        if table is None:
+            return F.embedding(input_ids, self.floats[name])
+        scale = table.scale.expand(table.values.shape[0], -1)[input_ids].repeat_interleave(table.block, dim=-1)
+        return (table.values[input_ids].double() * scale).float()
+
     # ------------------------------------------------------------------ float parts, in HF's op order
     def _norm(self, x: torch.Tensor, key: str) -> torch.Tensor:
         """``LlamaRMSNorm`` / ``Qwen2RMSNorm``."""
@@ -208,8 +220,7 @@ class IntegerRuntime:
         padded keys. Rows of padded queries are meaningless, as in the HF model.
         """
         c, p = self.config, self.prefix
-        h = F.embedding(input_ids, self.floats[f"{p}embed_tokens.weight"]) if inputs_embeds is None \
-            else inputs_embeds.float()
+        h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.float()
         batch, seq, _ = h.shape
         heads = c["num_attention_heads"]
         dim = c.get("head_dim") or c["hidden_size"] // heads

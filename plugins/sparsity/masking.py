@@ -1,10 +1,11 @@
 """Lightning glue shared by the ramp and the one-shot pruner: masks on the selected layers, kept exact.
 
-:class:`MaskedLinears` registers a ``weight_mask`` on every selected Linear in ``transform``, claims those
-weights (two sparsity plugins on one layer fail at start-up), keeps pruned weights exactly zero through every
-optimizer step (gradient masked before the step, weight re-masked right after it, so AdamW's weight decay and
-momentum cannot revive them), computes new masks from scores on request, reports the sparsity reached and
-exports the baked weights with their packed form and BPV.
+:class:`MaskedLinears` registers a ``weight_mask`` on every selected Linear (or Embedding: a token table's rows
+are its channels, pruned by magnitude) in ``transform``, claims those weights (two sparsity plugins on one layer
+fail at start-up), keeps pruned weights exactly zero through every optimizer step (gradient masked before the
+step, weight re-masked right after it, so AdamW's weight decay and momentum cannot revive them), computes new
+masks from scores on request, reports the sparsity reached and exports the baked weights with their packed form
+and BPV.
 
 Under FSDP the weights and gradients a hook sees are flat shards while the masks are whole, so every hook that
 touches them does it inside :func:`framework.sharding.full_parameters` (a no-op elsewhere): the masks are computed
@@ -46,7 +47,7 @@ class MaskedLinears(CompressionPlugin):
     """Base of the sparsity plugins: selection, masks, exact zeros, summary and export (not used on its own).
 
     Args:
-        targets: which Linear layers; default: the language model's, except the LM head.
+        targets: which Linear (or Embedding) layers; default: the language model's Linear layers, except the LM head.
         pattern: parsed ``unstructured`` or N:M pattern.
         scope: ``layer`` or ``global``.
         score: ``magnitude`` or ``activation``.
@@ -71,11 +72,18 @@ class MaskedLinears(CompressionPlugin):
     def transform(self, model: nn.Module) -> None:
         layers = self.targets.select(model, owner=f"{self.name}.targets")
         for qualified, layer in layers.items():
-            if not isinstance(layer, nn.Linear):
-                raise ValueError(f"{self.name}.targets: {qualified} is a {type(layer).__name__}, expected Linear")
-            if self.pattern.is_nm and layer.in_features % self.pattern.m:
+            if not isinstance(layer, (nn.Linear, nn.Embedding)):
+                raise ValueError(f"{self.name}.targets: {qualified} is a {type(layer).__name__}, expected Linear "
+                                 "(or Embedding)")
+            if isinstance(layer, nn.Embedding) and self.score == "activation":
+                # An embedding's input is token ids: there is no input norm to weigh its weights by.
+                raise ValueError(f"{self.name}.targets: {qualified} is an Embedding; activation-aware scores need "
+                                 "a Linear's inputs, so prune embeddings by magnitude (a second plugin) or narrow "
+                                 "`targets`")
+            width = layer.weight.shape[1]
+            if self.pattern.is_nm and width % self.pattern.m:
                 raise ValueError(
-                    f"{self.name}.pattern: {qualified} has {layer.in_features} inputs, not divisible by M="
+                    f"{self.name}.pattern: {qualified} has {width} inputs, not divisible by M="
                     f"{self.pattern.m} of pattern {self.pattern}; narrow `targets` or choose another M"
                 )
         for layer in layers.values():

@@ -29,7 +29,8 @@ class OneShotPruning(MaskedLinears):
     again.
 
     Args:
-        targets: which Linear layers; default: every Linear of the language model except ``lm_head``.
+        targets: which Linear layers; default: every Linear of the language model except ``lm_head``; token
+            tables too (``types: [Linear, Embedding]``) with ``method: magnitude``.
         method: ``magnitude`` or ``activation``.
         sparsity: share of weights pruned, in [0, 1); default 0.5. Implied by an N:M pattern.
         pattern: ``unstructured`` or ``N:M`` (e.g. ``2:4``), along the input dimension.

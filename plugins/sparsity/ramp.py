@@ -34,7 +34,8 @@ class SparsityRamp(MaskedLinears):
 
     Args:
         targets: which Linear layers; default: every Linear of the language model except ``lm_head``. Any
-            selection works (``include: vision_tower`` or ``projector``).
+            selection works (``include: vision_tower`` or ``projector``); token tables too (``types: [Linear,
+            Embedding]``), by magnitude.
         final_sparsity: share of weights pruned at the end, in [0, 1); default 0.5. Implied by an N:M pattern
             (leave unset or give ``1 - N/M``).
         initial_sparsity: sparsity applied at ``start``, in [0, final_sparsity].
