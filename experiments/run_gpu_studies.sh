@@ -200,13 +200,17 @@ fi
 # reference fine-tuned as long ($L0_STEPS, default 1000), and QALFT on both tasks against float LoRA then PTQ and
 # QAT + PTQ, its QAT W4A8 export measured against the base (no float fine-tune in front: the chain base -> QAT ->
 # LoRA -> PTQ is what has to fit).
-if [ "${1:-}" = reading_rest ]; then
+# `reading_qalft`: the QALFT part alone, its runs with more loader workers each.
+if [ "${1:-}" = reading_rest ] || [ "${1:-}" = reading_qalft ]; then
   reading_base
-  $PY "${SP[@]}" sweep collect --only l0_50_improved dense_finetune_l0 --ft_steps "${FT_STEPS:-400}" \
-    --l0_steps "${L0_STEPS:-1000}" --parallel 2 --workers 4 --gpus "$GPUS" > "$WORK/logs/l0.log" 2>&1 &
+  if [ "$1" = reading_rest ]; then
+    $PY "${SP[@]}" sweep collect --only l0_50_improved dense_finetune_l0 --ft_steps "${FT_STEPS:-400}" \
+      --l0_steps "${L0_STEPS:-1000}" --parallel 2 --workers 4 --gpus "$GPUS" > "$WORK/logs/l0.log" 2>&1 &
+  fi
   $PY experiments/quantization_study.py qalft collect --base_export "$base" --out "$RES/quantization" \
     --work "$WORK/quantization" --qat_reference base --qat_steps "${QAT_STEPS:-300}" --lora_steps "${LORA_STEPS:-300}" \
-    --parallel 4 --workers 3 --gpus "$GPUS" > "$WORK/logs/quantization_study.log" 2>&1 &
+    --parallel 4 --workers "$([ "$1" = reading_rest ] && echo 3 || echo 6)" --gpus "$GPUS" \
+    > "$WORK/logs/quantization_study.log" 2>&1 &
   wait
   copy_run_metrics
   log "reading rest done"
