@@ -269,7 +269,10 @@ class Study:
         batch = 256 if not o.smoke else 4
         compute = (o.base_steps * batch if with_base else 0) + o.l0_steps * o.ft_batch
         steps = max(1, int(round(compute * dense / small / batch)))
-        overrides = [f"--model.init_args.model={spec}", *self.steps(steps)]
+        # Trained like the base: its recipe's config files (--base_args, e.g. the reading recipe's glyph supervision),
+        # at the pruned shape, for the steps of the compute.
+        configs, _ = split_configs(shlex.split(o.base_args))
+        overrides = [*configs, f"--model.init_args.model={spec}", *self.steps(steps)]
         if not with_base:  # a sweep-sized run, placed like the sweep's
             return Job("l0_scratch50_l0compute", "fit", overrides=overrides)
         # On the second GPU when there is one; the sweep's first jobs go to the others.

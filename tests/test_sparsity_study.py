@@ -123,6 +123,11 @@ def test_scratch_baseline_gets_the_same_compute(tmp_path: Path) -> None:
     assert alone.name == "l0_scratch50_l0compute" and alone.gpu is None
     steps_alone = int(next(o for o in alone.overrides if o.startswith("--trainer.max_steps=")).split("=")[1])
     assert 30 * 8 // 4 < steps_alone < steps  # the L0 run's compute only, on the smaller model
+    # Trained like the base: the base's recipe files come first, the pruned shape and the steps override them.
+    study.opts.base_args = f"--config {ROOT}/experiments/pretrain/gpu_reading.yaml --data.init_args.num_workers=28"
+    reading = study.scratch_job(spec, with_base=False).overrides
+    assert reading[:2] == ["--config", str(ROOT / "experiments/pretrain/gpu_reading.yaml")]
+    assert reading[2] == f"--model.init_args.model={spec}" and "--data.init_args.num_workers=28" not in reading
 
 
 def test_runs_take_the_least_busy_unreserved_gpu(tmp_path: Path) -> None:

@@ -106,7 +106,7 @@ def specs_from_encodings(model: nn.Module, encodings: dict[str, Any]) -> dict[st
 
     Raises:
         ValueError: naming the tensor: not an encodings file, a module the model does not have, a weight encoding
-            on a module that is not a Linear, a malformed entry.
+            on a module that is not a Linear or Embedding, a malformed entry.
     """
     for section in ("param_encodings", "activation_encodings"):
         if not isinstance(encodings.get(section), dict):
@@ -125,9 +125,9 @@ def specs_from_encodings(model: nn.Module, encodings: dict[str, Any]) -> dict[st
 
     for name, items in encodings["param_encodings"].items():
         module = module_of(name)
-        if not name.endswith(".weight") or not isinstance(module, nn.Linear):
+        if not name.endswith(".weight") or not isinstance(module, (nn.Linear, nn.Embedding)):
             raise ValueError(f"encodings: {name} is a param encoding but {type(module).__name__} "
-                             f"{name.rpartition('.')[0]} is not a Linear weight")
+                             f"{name.rpartition('.')[0]} is not a Linear or Embedding weight")
         specs[name] = _spec_of(name, items, layouts.get(name), module.weight)
     for name, items in encodings["activation_encodings"].items():
         module_of(name)
@@ -185,7 +185,7 @@ def attach_from_encodings(model: nn.Module, encodings: dict[str, Any] | str | Pa
     for name, spec in specs.items():
         module_name, _, point = name.rpartition(".")
         selection = ModuleSelection(include=f"^{re.escape(module_name)}$",
-                                    types=["Linear"] if point == "weight" else ["Module"])
+                                    types=["Linear", "Embedding"] if point == "weight" else ["Module"])
         if point == "weight":
             attach_quantizers(model, spec, None, selection, key=key)
         else:
