@@ -630,13 +630,14 @@ def test_agreement_against_a_float_reference_model(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- encodings
 def _quantized_model(weights: QuantSpec, activations: QuantSpec | None, kv: QuantSpec | None = None,  # noqa: ANN202
-                     shared_inputs: list[list[str]] | None = None):
+                     shared_inputs: list[list[str]] | None = None, targets: ModuleSelection | None = None,
+                     integer_eval: bool = False):
     loaded = load_vlm(str(FAMILY_SPECS["llava"]))
     torch.manual_seed(0)
     plugin = PostTrainingQuantization(
-        weights=weights, activations=activations, targets=ModuleSelection(include="language_model"),
+        weights=weights, activations=activations, targets=targets or ModuleSelection(include="language_model"),
         activation_sites=[ActivationSite(ModuleSelection(**KV), ["output"], kv)] if kv else None,
-        shared_inputs=shared_inputs)
+        shared_inputs=shared_inputs, integer_eval=integer_eval)
     plugin.transform(loaded.model)
     model = loaded.model.eval()
     batch = _batch(loaded)
@@ -915,21 +916,10 @@ def test_embedding_quantization_refuses_tied_tables_and_bad_groups() -> None:
 
 
 def test_integer_runtime_looks_up_the_quantized_table(tmp_path: Path) -> None:
-    loaded = load_vlm(str(FAMILY_SPECS["llava"]))
-    model = loaded.model.eval()
-    plugin = PostTrainingQuantization(weights=QuantSpec(bits=4, granularity="group", group_size=16),
-                                      activations=QuantSpec(bits=8, granularity="tensor", symmetric=False),
-                                      targets=ModuleSelection(**EMBEDDINGS_AND_LINEARS), integer_eval=True)
-    plugin.transform(model)
-    batch = _batch(loaded)
-    plugin.init_weight_quantizers(model)
-    pending = list(plugin.static_quantizers("activation").values())
-    for q in plugin.quantizers.values():
-        q.enabled, q.observing = not q.static or q.is_initialized, q in pending
-    model(**batch)
-    freeze_observers(pending)
-    for q in plugin.quantizers.values():
-        q.enabled, q.observing = True, False
+    loaded, plugin, batch = _quantized_model(QuantSpec(bits=4, granularity="group", group_size=16),
+                                             QuantSpec(bits=8, granularity="tensor", symmetric=False),
+                                             targets=ModuleSelection(**EMBEDDINGS_AND_LINEARS), integer_eval=True)
+    model = loaded.model
     ids = batch["input_ids"][:, :12]  # text only: the runtime embeds the ids itself
     with torch.no_grad():
         embedded = model.get_input_embeddings()(ids)
