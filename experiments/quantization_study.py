@@ -88,6 +88,7 @@ QAT = "plugins.quantization.QuantizationAwareTraining"
 PTQ = "plugins.quantization.PostTrainingQuantization"
 QALFT = "plugins.quantization.QALFT"
 RAMP = "plugins.sparsity.SparsityRamp"
+DISTILLATION = "plugins.distillation.Distillation"
 #: The table's settings: name -> (weight bits, activation bits).
 SETTINGS = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a16": (4, 16), "w2a8": (2, 8)}
 #: Weight granularities: name -> spec keys.
@@ -338,7 +339,12 @@ class Study(sparsity_study.Study):
             qat = self.qat(4)
             qat["init_args"]["targets"] = qat_targets
             name = "stacked_ramp75_qat_w4a8" if scope == "language_model" else f"stacked_{scope}_ramp75_qat_w4a8"
-            jobs.append(Job(name, "fit", [ramp, qat], self.on(self.base_export, o.qat_steps, o.qat_lr),
+            plugins = [ramp, qat]
+            if o.stack_distill:
+                # Recovery toward the float base's answer distributions as well as the labels.
+                plugins.append(callback(DISTILLATION, teacher=str(self.base_export), weight=1.0, temperature=2.0))
+                name += "_distill"
+            jobs.append(Job(name, "fit", plugins, self.on(self.base_export, o.qat_steps, o.qat_lr),
                             export_to=self.exports / name))
         return jobs
 
@@ -429,6 +435,9 @@ def main(argv: list[str] | None = None) -> None:
                              "(stacked_ramp75_qat_w4a8) and/or over every Linear and the token table "
                              "(stacked_whole_ramp75_qat_w4a8; whole_dense_head: the LM head 4-bit but not pruned), "
                              "whose export's whole-model bits per weight is the size a device stores")
+    parser.add_argument("--stack_distill", action="store_true",
+                        help="the stacked runs also distil from the float base (plugins.distillation, weight 1, "
+                             "temperature 2); their names end in _distill")
     parser.add_argument("--qalft_setting", choices=list(SETTINGS), default="w4a8",
                         help="the width of the QALFT stage's quantized base (its table QAT export, per channel) and "
                              "PTQ; runs other than W4A8 carry it in their names")

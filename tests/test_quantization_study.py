@@ -28,7 +28,7 @@ def _study(tmp_path: Path):
                      mixed_ptq_only=False, mixed_bits=[2, 3, 4, 8], sensitivity_context_bits=None,
                      base_config=str(ROOT / "experiments" / "pretrain" / "gpu_base.yaml"),
                      settings=["w8a8", "w4a8", "w4a16", "w2a8"], granularities=["ch", "g32"],
-                     stack_scopes=["language_model", "whole", "whole_dense_head"])
+                     stack_scopes=["language_model", "whole", "whole_dense_head"], stack_distill=False)
     return module.Study(opts)
 
 
@@ -235,3 +235,16 @@ def test_whole_model_stacks_cover_every_table_and_layer(tmp_path: Path) -> None:
         quantized = {n for n, m in model.named_modules() if qat.matches(n, m)}
         assert quantized == weights - {"model.vision_tower.embeddings.position_embedding"}
         assert pruned == quantized - (set() if pruned_head else {"lm_head"})
+
+
+def test_stacked_runs_can_distil_from_the_float_base(tmp_path: Path) -> None:
+    study = _study(tmp_path)
+    study.opts.stack_distill = True
+    jobs = {job.name: job for job in study.stacked_jobs()}
+    assert set(jobs) == {"stacked_ramp75_qat_w4a8_distill", "stacked_whole_ramp75_qat_w4a8_distill",
+                         "stacked_whole_dense_head_ramp75_qat_w4a8_distill"}
+    for job in jobs.values():
+        ramp, qat, distill = (_instantiate(c) for c in job.callbacks)
+        assert type(distill).__name__ == "Distillation"
+        assert job.callbacks[2]["init_args"]["teacher"] == str(study.base_export)
+        assert job.export_to.name == job.name
