@@ -14,7 +14,9 @@ on one GPU. The machinery (jobs, shared arguments, parallel runs, ``--pack``) is
    one input quantizer among q/k/v and among gate/up (one encoding per tensor, as a device quantizes it) and are
    named ``..._shared``.
 3. ``qalft``, per task (autofill, caption; ``data.init_args.tasks`` restricted to the task):
-   ``lora_float_<task>``: float LoRA on the float base, evaluated in float (the reference);
+   ``lora_float_<task>``: float LoRA on the float base, evaluated in float (the reference; with
+   ``--lora_float_base float_finetune`` on the float fine-tune as long as the QAT run instead, ``lora_float_ft_<task>``,
+   so it has had the same training as the quantized pipelines' base);
    ``lora_float_ptq_w4a8_<task>``: that adapter merged into the base, then PTQ W4A8 (float LoRA then PTQ);
    ``lora_qat_<task>`` / ``lora_qat_ptq_w4a8_<task>``: float LoRA on the QAT W4A8 model (its exported grid
    weights), merged, then PTQ W4A8 (the talk's "QAT + PTQ" pipeline);
@@ -204,6 +206,17 @@ class Study(sparsity_study.Study):
         base = getattr(self.opts, "qat_reference", "float_finetune") == "base"
         return self.base_export if base else self.float_finetune
 
+    @property
+    def float_lora(self) -> str:
+        """Name prefix of the float LoRA runs: ``lora_float`` on the base, ``lora_float_ft`` on the float fine-tune."""
+        return "lora_float" if self.opts.lora_float_base == "base" else "lora_float_ft"
+
+    @property
+    def float_lora_base(self) -> Path:
+        """What float LoRA starts from (``--lora_float_base``): the base, or the float fine-tune as long as the QAT
+        run the quantized pipelines start from, so both sides have had the same training before their adapters."""
+        return self.base_export if self.opts.lora_float_base == "base" else self.float_finetune
+
     def float_finetune_job(self) -> Job:
         o = self.opts
         return Job("float_finetune", "fit", overrides=self.on(self.base_export, o.qat_steps, o.qat_lr),
@@ -243,7 +256,7 @@ class Study(sparsity_study.Study):
         jobs = []
         for task in TASKS:
             restrict = self.task_only(task)
-            for prefix, model in (("lora_float", self.base_export), (self.qalft_name("lora_qat"), self.qat_w4a8)):
+            for prefix, model in ((self.float_lora, self.float_lora_base), (self.qalft_name("lora_qat"), self.qat_w4a8)):
                 name = f"{prefix}_{task}"
                 jobs.append(Job(name, "fit", [self.lora(task, base="float", mode="sft")],
                                 [*self.on(model, o.lora_steps, o.lora_lr), restrict], export_to=self.exports / name))
@@ -259,7 +272,7 @@ class Study(sparsity_study.Study):
         bits, act_bits = SETTINGS[self.qalft_setting]
         return [Job(f"{prefix}_ptq_{self.qalft_setting}_{task}", "validate", [self.ptq(bits, act_bits)],
                     [*self.on(self.exports / f"{prefix}_{task}_merged"), self.task_only(task)])
-                for task in TASKS for prefix in ("lora_float", self.qalft_name("lora_qat"))]
+                for task in TASKS for prefix in (self.float_lora, self.qalft_name("lora_qat"))]
 
     def merge_adapters(self) -> int:
         """Merge each float LoRA export's adapter into its base weights and save the result as an HF folder."""
@@ -269,7 +282,7 @@ class Study(sparsity_study.Study):
 
         code = 0
         for task in TASKS:
-            for prefix in ("lora_float", self.qalft_name("lora_qat")):
+            for prefix in (self.float_lora, self.qalft_name("lora_qat")):
                 source, target = self.exports / f"{prefix}_{task}", self.exports / f"{prefix}_{task}_merged"
                 if (target / "config.json").exists() and not self.opts.rerun:
                     continue
@@ -435,6 +448,10 @@ def main(argv: list[str] | None = None) -> None:
                              "(stacked_ramp75_qat_w4a8) and/or over every Linear and the token table "
                              "(stacked_whole_ramp75_qat_w4a8; whole_dense_head: the LM head 4-bit but not pruned), "
                              "whose export's whole-model bits per weight is the size a device stores")
+    parser.add_argument("--lora_float_base", choices=["base", "float_finetune"], default="base",
+                        help="what the qalft stage's float LoRA starts from: the base, or the float fine-tune as long "
+                             "as the QAT run under the quantized pipelines (trained first), so both sides have had the "
+                             "same training before their adapters; those runs are named lora_float_ft_<task>")
     parser.add_argument("--stack_distill", action="store_true",
                         help="the stacked runs also distil from the float base (plugins.distillation, weight 1, "
                              "temperature 2); their names end in _distill")
@@ -468,6 +485,7 @@ def main(argv: list[str] | None = None) -> None:
                         | (set() if opts.mixed_ptq_only else {"mixed"}))
         needs_float = opts.qat_reference == "float_finetune" and (float_stages & set(opts.stages) or (
             qalft_alone and not (study.qat_w4a8 / "qat.encodings").exists()))
+        needs_float = needs_float or ("qalft" in opts.stages and opts.lora_float_base == "float_finetune")
         if needs_float and not (study.float_finetune / "config.json").exists():
             need_base("float_finetune")
             # Every QAT run measures agreement against the float fine-tune, so it comes first.

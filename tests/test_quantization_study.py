@@ -28,7 +28,8 @@ def _study(tmp_path: Path):
                      mixed_ptq_only=False, mixed_bits=[2, 3, 4, 8], sensitivity_context_bits=None,
                      base_config=str(ROOT / "experiments" / "pretrain" / "gpu_base.yaml"),
                      settings=["w8a8", "w4a8", "w4a16", "w2a8"], granularities=["ch", "g32"],
-                     stack_scopes=["language_model", "whole", "whole_dense_head"], stack_distill=False)
+                     stack_scopes=["language_model", "whole", "whole_dense_head"], stack_distill=False,
+                     lora_float_base="base")
     return module.Study(opts)
 
 
@@ -248,3 +249,14 @@ def test_stacked_runs_can_distil_from_the_float_base(tmp_path: Path) -> None:
         assert type(distill).__name__ == "Distillation"
         assert job.callbacks[2]["init_args"]["teacher"] == str(study.base_export)
         assert job.export_to.name == job.name
+
+
+def test_float_lora_can_start_from_the_float_finetune(tmp_path: Path) -> None:
+    study = _study(tmp_path)
+    study.opts.lora_float_base = "float_finetune"
+    fits = {job.name: job for job in study.lora_fit_jobs()}
+    assert {"lora_float_ft_autofill", "lora_float_ft_caption"} <= set(fits) and "lora_float_autofill" not in fits
+    assert f"--model.init_args.model={study.float_finetune}" in fits["lora_float_ft_caption"].overrides
+    assert f"--model.init_args.model={study.qat_w4a8}" in fits["lora_qat_caption"].overrides
+    ptq = {job.name for job in study.lora_ptq_jobs()}
+    assert {"lora_float_ft_ptq_w4a8_autofill", "lora_qat_ptq_w4a8_caption"} <= ptq
