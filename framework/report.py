@@ -1,7 +1,8 @@
 """The end of a run: a table of task metrics on the console and a machine-readable ``summary.json``.
 
 Sweeps and notebooks read ``summary.json``; it holds the last evaluation's metrics, every plugin's
-:meth:`~framework.plugin.CompressionPlugin.summary`, and the run's step count and configuration name.
+:meth:`~framework.plugin.CompressionPlugin.summary`, the run's step count, and its environment (package versions,
+threads, device), so two runs whose numbers differ can be told apart by what they ran on.
 """
 
 from __future__ import annotations
@@ -17,6 +18,26 @@ from typing_extensions import override
 from framework.io import atomic_write_json
 from framework.plugin import find_plugins
 from framework.sharding import full_parameters
+
+
+#: Distributions whose versions a summary records: the numbers of a run depend on them as much as on the code.
+_PACKAGES = ("torch", "transformers", "lightning", "tokenizers", "peft", "pillow", "numpy")
+
+
+def environment() -> dict[str, Any]:
+    """Python, platform, package versions, torch's CPU threads and the accelerator a run ran with."""
+    import platform
+    from importlib import metadata
+
+    versions = {}
+    for package in _PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {"python": platform.python_version(), "platform": platform.platform(), "packages": versions,
+            "torch_threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
 
 
 def _scalar(value: Any) -> float | int | str:
@@ -66,6 +87,7 @@ class RunReport(pl.Callback):
             "parameters": params,
             "metrics": dict(sorted(self.eval_metrics.items())),
             "plugins": plugins,
+            "environment": environment(),
         }
 
     def write(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any] | None:

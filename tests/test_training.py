@@ -22,6 +22,10 @@ def test_fit_writes_summary_checkpoint_and_learns(tmp_path: Path, spec: str, cap
     summary_path = next(tmp_path.rglob("summary.json"))
     summary = json.loads(summary_path.read_text())
     assert summary["global_step"] == 12 and summary["eval_step"] == 12
+    # What the numbers ran on, so two runs that differ can be told apart.
+    env = summary["environment"]
+    assert env["packages"]["torch"] == torch.__version__ and env["packages"]["transformers"]
+    assert env["torch_threads"] == torch.get_num_threads() and env["device"] == "cpu" and env["python"]
     for key in ("val/autofill/field_f1", "val/autofill/exact_match", "val/caption/fact_recall",
                 "val/caption/rouge_l", "val/caption/loss", "val/caption/ppl", "val/autofill/fields/type"):
         assert key in summary["metrics"]
@@ -241,3 +245,27 @@ def test_lr_multipliers_resume_like_an_uninterrupted_run(tmp_path: Path) -> None
     straight, resumed = (model_state(runs[name].model) for name in ("straight", "resumed"))
     for key, value in straight.items():
         torch.testing.assert_close(resumed[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_two_processes_train_bit_identical_weights_whatever_the_hash_seed(tmp_path: Path) -> None:
+    """Seeded runs repeat exactly: two fresh processes, with different string-hash seeds (set and dict orders of
+    strings change with them), end with the same weights to the last bit."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    states = []
+    for hash_seed in ("0", "1"):
+        folder = tmp_path / f"hash{hash_seed}"
+        folder.mkdir()
+        config = tiny_config(folder, max_steps=6, limit_val_batches=0)
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed, "WANDB_MODE": "disabled",
+               "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        subprocess.run([sys.executable, "-m", "framework.cli", "fit", "--config", str(config)], cwd=folder, env=env,
+                       check=True, capture_output=True, timeout=600)
+        states.append(torch.load(folder / "ckpt" / "last.ckpt", weights_only=True)["state_dict"])
+    assert states[0].keys() == states[1].keys()
+    for name, tensor in states[0].items():
+        assert torch.equal(tensor, states[1][name]), name
