@@ -100,11 +100,13 @@ TASKS = ("autofill", "caption")
 #: Linear and the token table (vision tower, projector, head too; only norms, biases, the patch convolution and
 #: position embeddings stay 16-bit), or that with the head dense (4-bit, not pruned: a second ramp leaves it out).
 _WHOLE = {"include": ".*", "exclude": "position_embedding", "types": ["Linear", "Embedding"]}
-#: scope -> (the ramp's targets, QAT's targets)
+#: scope -> (the ramp's targets, QAT's targets, the ramp's scope). ``_global``: one magnitude ranking across all the
+#: pruned tensors, so the towers need not lose the same share each (75% overall, as in the others).
 STACK_SCOPES = {
-    "language_model": (LANGUAGE_MODEL, LANGUAGE_MODEL),
-    "whole": (_WHOLE, _WHOLE),
-    "whole_dense_head": ({**_WHOLE, "exclude": "position_embedding|lm_head"}, _WHOLE),
+    "language_model": (LANGUAGE_MODEL, LANGUAGE_MODEL, "layer"),
+    "whole": (_WHOLE, _WHOLE, "layer"),
+    "whole_dense_head": ({**_WHOLE, "exclude": "position_embedding|lm_head"}, _WHOLE, "layer"),
+    "whole_dense_head_global": ({**_WHOLE, "exclude": "position_embedding|lm_head"}, _WHOLE, "global"),
 }
 BUDGETS = (3, 4, 5)
 
@@ -346,9 +348,9 @@ class Study(sparsity_study.Study):
         o = self.opts
         jobs = []
         for scope in o.stack_scopes:
-            ramp_targets, qat_targets = STACK_SCOPES[scope]
+            ramp_targets, qat_targets, ramp_scope = STACK_SCOPES[scope]
             ramp = callback(RAMP, final_sparsity=0.75, schedule="cubic", start=0.0, end=0.7,
-                            update_every=max(1, o.qat_steps // 50), targets=ramp_targets)
+                            update_every=max(1, o.qat_steps // 50), targets=ramp_targets, scope=ramp_scope)
             qat = self.qat(4)
             qat["init_args"]["targets"] = qat_targets
             name = "stacked_ramp75_qat_w4a8" if scope == "language_model" else f"stacked_{scope}_ramp75_qat_w4a8"
@@ -446,7 +448,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stack_scopes", nargs="+", choices=list(STACK_SCOPES), default=["language_model"],
                         help="the stacked stage's runs: 75%% sparse + W4A8 over the language model's Linear layers "
                              "(stacked_ramp75_qat_w4a8) and/or over every Linear and the token table "
-                             "(stacked_whole_ramp75_qat_w4a8; whole_dense_head: the LM head 4-bit but not pruned), "
+                             "(stacked_whole_ramp75_qat_w4a8; whole_dense_head: the LM head 4-bit but not pruned; "
+                             "whole_dense_head_global: that with one sparsity ranking across all pruned tensors), "
                              "whose export's whole-model bits per weight is the size a device stores")
     parser.add_argument("--lora_float_base", choices=["base", "float_finetune"], default="base",
                         help="what the qalft stage's float LoRA starts from: the base, or the float fine-tune as long "

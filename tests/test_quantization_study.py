@@ -28,7 +28,8 @@ def _study(tmp_path: Path):
                      mixed_ptq_only=False, mixed_bits=[2, 3, 4, 8], sensitivity_context_bits=None,
                      base_config=str(ROOT / "experiments" / "pretrain" / "gpu_base.yaml"),
                      settings=["w8a8", "w4a8", "w4a16", "w2a8"], granularities=["ch", "g32"],
-                     stack_scopes=["language_model", "whole", "whole_dense_head"], stack_distill=False,
+                     stack_scopes=["language_model", "whole", "whole_dense_head", "whole_dense_head_global"],
+                     stack_distill=False,
                      lora_float_base="base")
     return module.Study(opts)
 
@@ -229,8 +230,10 @@ def test_whole_model_stacks_cover_every_table_and_layer(tmp_path: Path) -> None:
     model = load_vlm(str(FAMILY_SPECS["llava"])).model
     jobs = {job.name: job for job in _study(tmp_path).stacked_jobs()}
     weights = {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
-    for name, pruned_head in (("stacked_whole_ramp75_qat_w4a8", True),
-                              ("stacked_whole_dense_head_ramp75_qat_w4a8", False)):
+    for name, pruned_head, scope in (("stacked_whole_ramp75_qat_w4a8", True, "layer"),
+                                     ("stacked_whole_dense_head_ramp75_qat_w4a8", False, "layer"),
+                                     ("stacked_whole_dense_head_global_ramp75_qat_w4a8", False, "global")):
+        assert jobs[name].callbacks[0]["init_args"]["scope"] == scope
         ramp, qat = (ModuleSelection(**c["init_args"]["targets"]) for c in jobs[name].callbacks)
         pruned = {n for n, m in model.named_modules() if ramp.matches(n, m)}
         quantized = {n for n, m in model.named_modules() if qat.matches(n, m)}
@@ -243,7 +246,8 @@ def test_stacked_runs_can_distil_from_the_float_base(tmp_path: Path) -> None:
     study.opts.stack_distill = True
     jobs = {job.name: job for job in study.stacked_jobs()}
     assert set(jobs) == {"stacked_ramp75_qat_w4a8_distill", "stacked_whole_ramp75_qat_w4a8_distill",
-                         "stacked_whole_dense_head_ramp75_qat_w4a8_distill"}
+                         "stacked_whole_dense_head_ramp75_qat_w4a8_distill",
+                         "stacked_whole_dense_head_global_ramp75_qat_w4a8_distill"}
     for job in jobs.values():
         ramp, qat, distill = (_instantiate(c) for c in job.callbacks)
         assert type(distill).__name__ == "Distillation"
