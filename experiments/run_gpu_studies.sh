@@ -219,11 +219,15 @@ fi
 # The 75% + W4A8 stack over the whole model (every Linear and the token table, with and without pruning the head)
 # beside the language-model-only stack, against a float fine-tune as long: `bash experiments/run_gpu_studies.sh
 # reading_stack`. Sized for one 10-minute call on two GPUs (the base, then the float fine-tune, then three runs).
+# STACK_SCOPES picks the runs (quantization_study.py --stack_scopes), STACK_DISTILL=1 adds distillation from the base,
+# QAT_STEPS sets their length, e.g. STACK_SCOPES=whole_dense_head QAT_STEPS=1000 STACK_DISTILL=1.
 if [ "${1:-}" = reading_stack ]; then
   reading_base
+  read -r -a scopes <<< "${STACK_SCOPES:-language_model whole whole_dense_head}"
   $PY experiments/quantization_study.py stacked collect --base_export "$base" --out "$RES/quantization" \
-    --work "$WORK/quantization" --stack_scopes language_model whole whole_dense_head --qat_steps "${QAT_STEPS:-300}" \
-    --parallel 3 --workers "${STACK_WORKERS:-8}" --gpus "$GPUS" > "$WORK/logs/quantization_study.log" 2>&1
+    --work "$WORK/quantization" --stack_scopes "${scopes[@]}" --qat_steps "${QAT_STEPS:-300}" \
+    ${STACK_DISTILL:+--stack_distill} --parallel "${#scopes[@]}" --workers "${STACK_WORKERS:-8}" --gpus "$GPUS" \
+    > "$WORK/logs/quantization_study.log" 2>&1
   log "stack rc=$?"
   copy_run_metrics
   exit

@@ -70,3 +70,12 @@ def test_keep_base_reuses_an_exported_base(tmp_path: Path) -> None:
     # Without KEEP_BASE the base trains again (its export is what every study starts from).
     _, calls = _drive(tmp_path, "reading_rest")
     assert "base --only dense_base" in calls[-3]
+
+
+def test_reading_stack_takes_its_scopes_steps_and_distillation(tmp_path: Path) -> None:
+    result, calls = _drive(tmp_path, "reading_stack", STACK_SCOPES="whole_dense_head whole_dense_head_global",
+                           QAT_STEPS="1000", STACK_DISTILL="1")
+    assert result.returncode == 0, result.stderr
+    (stack,) = [call for call in calls if "quantization_study.py stacked" in call]
+    assert "--stack_scopes whole_dense_head whole_dense_head_global --qat_steps 1000 --stack_distill" in stack
+    assert "--parallel 2" in stack
