@@ -533,7 +533,9 @@ def main(argv: list[str] | None = None) -> None:
             need_base("overhead")
             codes["overhead"] = study.overhead()
     finally:
-        study.finish(codes)
+        failed = study.finish(codes)
+    if failed:  # every stage ran as far as it could; the exit status still says that runs failed
+        raise SystemExit(f"failed runs: {', '.join(sorted(failed))} (see study_status.json and their logs)")
 
 
 if __name__ == "__main__":

@@ -415,8 +415,9 @@ class Study:
         (self.out / "accuracy.csv").write_text(to_csv(rows))
         print(f"{len(rows)} runs in {self.out / 'accuracy.csv'}", flush=True)
 
-    def finish(self, codes: dict[str, int]) -> None:
-        """Collect the table, record which runs failed, write the archive; runs even after a failed stage."""
+    def finish(self, codes: dict[str, int]) -> dict[str, int]:
+        """Collect the table, record which runs failed, write the archive; runs even after a failed stage.
+        Returns the failed runs' exit codes."""
         opts = self.opts
         if "collect" in opts.stages:
             try:
@@ -428,6 +429,7 @@ class Study:
             self.pack(Path(opts.pack))
         failed = {k: v for k, v in codes.items() if v}
         print("all runs finished" if not failed else f"failed: {failed}", flush=True)
+        return failed
 
     def pack(self, target: Path) -> None:
         """Logs, summaries and benchmark JSONs (not checkpoints or exports) in one archive."""
@@ -550,7 +552,9 @@ def main(argv: list[str] | None = None) -> None:
         if "overhead" in opts.stages:
             codes["overhead"] = study.overhead()
     finally:
-        study.finish(codes)
+        failed = study.finish(codes)
+    if failed:  # every stage ran as far as it could; the exit status still says that runs failed
+        raise SystemExit(f"failed runs: {', '.join(sorted(failed))} (see study_status.json and their logs)")
 
 
 if __name__ == "__main__":

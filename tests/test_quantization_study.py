@@ -264,3 +264,19 @@ def test_float_lora_can_start_from_the_float_finetune(tmp_path: Path) -> None:
     assert f"--model.init_args.model={study.qat_w4a8}" in fits["lora_qat_caption"].overrides
     ptq = {job.name for job in study.lora_ptq_jobs()}
     assert {"lora_float_ft_ptq_w4a8_autofill", "lora_qat_ptq_w4a8_caption"} <= ptq
+
+
+def test_a_failed_run_fails_the_study_after_every_stage_ran(tmp_path: Path, monkeypatch: Any) -> None:
+    module = type(_study(tmp_path))
+    monkeypatch.setattr(module, "run", lambda self, job: 0)
+    monkeypatch.setattr(module, "run_all", lambda self, jobs, parallel: {job.name: int("whole" in job.name)
+                                                                         for job in jobs})
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    main = sys.modules["quantization_study"].main
+    with pytest.raises(SystemExit, match="failed runs: stacked_whole_ramp75_qat_w4a8"):
+        main(["stacked", "collect", "--smoke", "--stack_scopes", "language_model", "whole", "--base_export", str(base),
+              "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")])
+    status = json.loads((tmp_path / "out" / "study_status.json").read_text())
+    assert status["codes"]["stacked_whole_ramp75_qat_w4a8"] == 1 and status["codes"]["stacked_ramp75_qat_w4a8"] == 0
