@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 from conftest import FAMILY_SPECS
+from conftest import ROOT as ROOT_DIR
 from helpers import StopAt, make_cli, model_state, tiny_config
 
 from framework.cli import main
@@ -897,18 +898,55 @@ def test_embedding_table_is_quantized_per_row_and_looked_up_on_the_grid() -> Non
     torch.testing.assert_close(embed.weight[ids[0]], ((codes - zero_point) * scale)[ids[0]].float(), atol=0, rtol=0)
 
 
-def test_embedding_quantization_refuses_tied_tables_and_bad_groups() -> None:
-    loaded = load_vlm(str(FAMILY_SPECS["llava"]))
-    model = loaded.model
-    model.lm_head.weight = model.model.language_model.embed_tokens.weight  # tie_word_embeddings
-    everything = ModuleSelection(include="language_model|lm_head", types=["Linear", "Embedding"])
+def test_tied_tables_share_one_quantizer_or_are_refused(tmp_path: Path) -> None:
+    from plugins.quantization import attach_from_encodings
+
+    tied_spec = str(ROOT_DIR / "experiments" / "models" / "llava-tiny.json")  # tie_word_embeddings, like SmolLM2
+    loaded = load_vlm(tied_spec)
+    model = loaded.model.eval()
+    table = model.model.language_model.embed_tokens
+    assert model.lm_head.weight is table.weight
     with pytest.raises(ValueError, match=r"embed_tokens.weight is the same tensor as lm_head.weight \(tied"):
-        attach_quantizers(model, QuantSpec(bits=4), targets=everything, key="qat")
-    assert not quantizers_of(model), "nothing attached on an error"
-    # The table alone is refused too: baking it would quantize the head's weight behind its back.
-    with pytest.raises(ValueError, match="tied embeddings"):
         attach_quantizers(model, QuantSpec(bits=4), targets=ModuleSelection(include="embed_tokens",
-                                                                            types=["Embedding"]))
+                                                                            types=["Embedding"]), key="qat")
+    assert not quantizers_of(model), "nothing attached on an error"
+    plugin = PostTrainingQuantization(weights=QuantSpec(bits=4, granularity="channel"),
+                                      activations=QuantSpec(bits=8, granularity="tensor", symmetric=False),
+                                      targets=ModuleSelection(include="language_model|lm_head",
+                                                              types=["Linear", "Embedding"]), integer_eval=True)
+    plugin.transform(model)
+    quantizers = quantizers_of(model)
+    assert quantizers["lm_head.weight"] is quantizers["model.language_model.embed_tokens.weight"]
+    plugin.init_weight_quantizers(model)
+    for q in plugin.quantizers.values():
+        q.enabled, q.observing = not q.static or q.is_initialized, q.static and not q.is_initialized
+    batch = _batch(loaded)
+    model(**batch)
+    freeze_observers([q for q in plugin.quantizers.values() if q.observing])
+    for q in plugin.quantizers.values():
+        q.enabled, q.observing = True, False
+    ids = batch["input_ids"][:, :12]
+    with torch.no_grad():
+        fake = model.lm_head(model.model.language_model(input_ids=ids).last_hidden_state)
+    out = export_model(model, loaded.tokenizer, loaded.image_processor, tmp_path / "export", [plugin])
+    # One table in the export: its codes once, the head's entry names it as shared; the whole-model count holds.
+    codes = load_unpacked(out / "ptq_int_weights.safetensors")
+    assert "model.language_model.embed_tokens.weight" in codes and "lm_head.weight" not in codes
+    encodings = json.loads((out / "ptq.encodings").read_text())
+    assert encodings["vlmc"]["shared_activations"]["lm_head.weight"] == "model.language_model.embed_tokens.weight"
+    report = json.loads((out / "ptq_bpv.json").read_text())
+    exported = load_vlm(str(out)).model
+    assert report["model"]["parameters"] == sum(p.numel() for p in exported.parameters())
+    assert exported.lm_head.weight is exported.get_input_embeddings().weight
+    torch.testing.assert_close(IntegerRuntime(out)(input_ids=ids), fake, atol=0, rtol=0)
+    # Loaded back as a frozen base: the two modules get one quantizer again, and the same lookups.
+    attach_from_encodings(exported.eval(), out / "ptq.encodings")
+    shared = quantizers_of(exported)
+    assert shared["lm_head.weight"] is shared["model.language_model.embed_tokens.weight"]
+    torch.testing.assert_close(exported.get_input_embeddings()(ids), table(ids), atol=0, rtol=0)
+
+
+def test_embedding_group_size_must_divide_the_table_width() -> None:
     with pytest.raises(ValueError, match=r"qat.weights.group_size: 24 does not divide the 32 inputs of .*embed_tokens"):
         attach_quantizers(load_vlm(str(FAMILY_SPECS["llava"])).model,
                           QuantSpec(bits=4, granularity="group", group_size=24),

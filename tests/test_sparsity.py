@@ -472,3 +472,20 @@ def test_embedding_table_is_pruned_by_magnitude_and_stays_zero(tmp_path: Path) -
     embed = cli.model.model.get_input_embeddings()
     ids = torch.arange(embed.num_embeddings)
     assert (embed(ids)[~mask] == 0).all(), "a pruned entry is looked up as zero"
+
+
+def test_a_tied_table_is_masked_and_packed_once(tmp_path: Path) -> None:
+    from conftest import ROOT
+
+    loaded = load_vlm(str(ROOT / "experiments" / "models" / "llava-tiny.json"))  # tied input and output tables
+    model = loaded.model
+    ramp = SparsityRamp(final_sparsity=0.75, targets=ModuleSelection(include="embed_tokens|lm_head",
+                                                                     types=["Linear", "Embedding"]))
+    ramp.transform(model)
+    assert list(ramp.layers) == ["model.language_model.embed_tokens"]
+    ramp.update_masks(0.75)
+    assert float((model.lm_head.weight == 0).float().mean()) >= 0.75  # the head reads the same, pruned tensor
+    out = export_model(model, loaded.tokenizer, loaded.image_processor, tmp_path / "export", [ramp])
+    report = json.loads((out / "sparsity_bpv.json").read_text())
+    assert [row["name"] for row in report["layers"]] == ["model.language_model.embed_tokens.weight"]
+    assert report["model"]["parameters"] == sum(p.numel() for p in load_vlm(str(out)).model.parameters())

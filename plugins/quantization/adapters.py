@@ -182,14 +182,18 @@ def attach_from_encodings(model: nn.Module, encodings: dict[str, Any] | str | Pa
     unknown = sorted(set(quantizers_of(model)) - set(specs))
     if unknown:
         raise ValueError(f"encodings: the model already quantizes {unknown[0]}, which the encodings do not name")
+    weights_by_spec: dict[str, tuple[QuantSpec, list[str]]] = {}
     for name, spec in specs.items():
         module_name, _, point = name.rpartition(".")
-        selection = ModuleSelection(include=f"^{re.escape(module_name)}$",
-                                    types=["Linear", "Embedding"] if point == "weight" else ["Module"])
-        if point == "weight":
-            attach_quantizers(model, spec, None, selection, key=key)
+        if point == "weight":  # one call per spec, so tied weights (one quantizer) are placed together
+            weights_by_spec.setdefault(json.dumps(spec.to_dict(), sort_keys=True), (spec, []))[1].append(module_name)
         else:
+            selection = ModuleSelection(include=f"^{re.escape(module_name)}$", types=["Module"])
             attach_quantizers(model, None, spec, selection, [point], key=key)
+    for spec, module_names in weights_by_spec.values():
+        selection = ModuleSelection(include="^(" + "|".join(re.escape(n) for n in module_names) + ")$",
+                                    types=["Linear", "Embedding"])
+        attach_quantizers(model, spec, None, selection, key=key)
     share_quantizers(model, encodings.get("vlmc", {}).get("shared_activations", {}))
     load_encodings(model, encodings, freeze=True)
     return quantizers_of(model)

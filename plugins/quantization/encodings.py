@@ -20,7 +20,8 @@ ENC per output channel; a per-group (block) weight of shape ``[out, in]`` with `
 activation quantizers have no fixed encoding; they are listed in ``vlmc.dynamic_activations`` (bits, symmetry,
 granularity) so the runtime computes them per token or group as training did. ``vlmc.shared_activations`` maps a
 tensor to the one whose quantizer it shares (``shared_inputs``: one activation read by several siblings, such as
-q/k/v); their entries are identical, and a device quantizes the tensor once. Weight quantizers that were
+q/k/v; also a weight tied to another, such as an LM head tied to the token table); their entries are identical, a
+device quantizes the tensor once, and a tied weight's codes are stored once. Weight quantizers that were
 dynamic during training are exported as fixed encodings computed from the final weights.
 
 The integer weight codes go to ``<name>_int_weights.safetensors`` (:func:`framework.storage.save_packed`,
@@ -103,14 +104,17 @@ def export_encodings(model: nn.Module, names: set[str] | None = None) -> dict[st
 @torch.no_grad()
 def weight_codes(model: nn.Module, names: set[str] | None = None) -> dict[str, torch.Tensor]:
     """Integer codes of every quantized weight (or those in ``names``): ``int8`` (symmetric, zero point 0) or
-    ``uint8`` (asymmetric)."""
+    ``uint8`` (asymmetric). A weight tied to another (``vlmc.shared_activations`` names it) is stored once, under the
+    first name."""
     codes = {}
+    seen: set[int] = set()  # a tied weight (one quantizer on several modules) is stored once
     for name, quantizer in quantizers_of(model).items():
         if names is not None and name not in names:
             continue
         module, point = quantized_module(model, name)
-        if point != "weight":
+        if point != "weight" or id(quantizer) in seen:
             continue
+        seen.add(id(quantizer))
         q = quantizer.codes(module.weight.detach())
         codes[name] = q.to(torch.int8 if quantizer.spec.symmetric else torch.uint8)
     return codes

@@ -199,8 +199,9 @@ def attach_quantizers(
 
     Raises:
         ValueError: nothing matched, weights asked of a module that is not a Linear or Embedding, a group size that
-            does not divide a layer's inputs (an embedding's width), a weight tied to another module's (naming
-            both), or a point already quantized with another spec.
+            does not divide a layer's inputs (an embedding's width), a weight tied to another module's that is not
+            selected too (naming both; tied ones share one quantizer), or a point already quantized with another
+            spec.
 
     Example::
 
@@ -228,15 +229,24 @@ def attach_quantizers(
             if type(module) not in (*_QUANT_CLASS, *_FLOAT_CLASS):
                 raise ValueError(f"{key}.targets: {name} is a {type(module).__name__}, a subclass with its own "
                                  "forward; quantize the plain nn.Linear / nn.Embedding before wrapping it")
-            if name in tied:
-                # Baking its quantized weight would change the other module's weight too (and two quantizers on
-                # one tensor would bake it twice).
-                raise ValueError(f"{key}.targets: {name}.weight is the same tensor as {', '.join(tied[name])}.weight "
-                                 f"(tied embeddings); untie them (tie_word_embeddings: false) or leave {name} out of "
-                                 "`targets`")
+            for other in tied.get(name, []):
+                # One tensor, one quantizer: the modules sharing a weight (tied input and output embeddings) are
+                # quantized together, or baking one would change the other's float weight behind its back.
+                partner = model.get_submodule(other)
+                if other not in chosen and not isinstance(partner._modules.get(WEIGHT), FakeQuantizer):
+                    raise ValueError(f"{key}.targets: {name}.weight is the same tensor as {other}.weight (tied "
+                                     f"embeddings); select both (e.g. types [Linear, Embedding]) to quantize the "
+                                     f"shared table once, or neither")
     result: dict[str, FakeQuantizer] = {}
     for name, module in chosen.items():
         if weights is not None:
+            shared = next((q for other in tied.get(name, []) if isinstance(
+                q := model.get_submodule(other)._modules.get(WEIGHT), FakeQuantizer)), None)
+            if shared is not None and module._modules.get(WEIGHT) is None:
+                if shared.spec.to_dict() != weights.to_dict():
+                    raise ValueError(f"{name}.weight is tied to a weight quantized with {shared.spec}; a second "
+                                     f"plugin asks for {weights}; one tensor takes one spec")
+                module.add_module(WEIGHT, shared)
             result[f"{name}.weight"] = _attach(module, "weight", weights, tuple(module.weight.shape), name)
             module.__class__ = _QUANT_CLASS.get(type(module), type(module))
         if activations is not None:
@@ -388,12 +398,14 @@ def remove_quantizers(model: nn.Module, *, bake_weights: bool = True, names: set
     fake-quantized weights into the layers first (what HF ``from_pretrained`` then loads). Linear and Embedding
     layers without quantizers left become plain ``nn.Linear`` / ``nn.Embedding`` again."""
     modules = None if names is None else {n.rpartition(".")[0] for n in names}
+    baked: set[int] = set()  # a tied weight is baked once
     for name, module in list(model.named_modules()):
         if isinstance(module, FakeQuantizer) or (modules is not None and name not in modules):
             continue
         weight_q = module._modules.get(WEIGHT)
-        if isinstance(weight_q, FakeQuantizer) and bake_weights:
+        if isinstance(weight_q, FakeQuantizer) and bake_weights and id(module.weight) not in baked:
             module.weight.copy_(weight_q.fake_quant(module.weight.detach()))
+            baked.add(id(module.weight))
         for attr in (WEIGHT, INPUT, OUTPUT):
             if attr in module._modules:
                 del module._modules[attr]

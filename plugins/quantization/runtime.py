@@ -88,12 +88,14 @@ class IntegerRuntime:
         self.dynamic: dict[str, Any] = {}
         self.layouts: dict[str, Any] = {}
         self.codes: dict[str, torch.Tensor] = {}
+        self.shared: dict[str, str] = {}  # tensor -> the tensor whose quantizer (and, for weights, codes) it shares
         for file in files:
             enc = json.loads(file.read_text())
             self.params.update(enc["param_encodings"])
             self.acts.update(enc["activation_encodings"])
             self.dynamic.update(enc.get("vlmc", {}).get("dynamic_activations", {}))
             self.layouts.update(enc.get("vlmc", {}).get("layouts", {}))
+            self.shared.update(enc.get("vlmc", {}).get("shared_activations", {}))
             codes_file = file.with_name(file.name[: -len(".encodings")] + "_int_weights.safetensors")
             self.codes.update(load_unpacked(codes_file))
         embed = [k for k in self.floats if k.endswith("embed_tokens.weight")]
@@ -107,6 +109,8 @@ class IntegerRuntime:
 
     # ------------------------------------------------------------------ tensors
     def _int_weight(self, name: str) -> IntegerRows:
+        if name not in self.codes and self.shared.get(name) in self.codes:  # a tied weight, stored once
+            self.codes[name] = self.codes[self.shared[name]]
         if name not in self.codes:
             raise ValueError(f"{name} has a param encoding but no integer codes in the export")
         codes = self.codes[name].to(torch.int64)

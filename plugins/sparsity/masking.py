@@ -86,6 +86,9 @@ class MaskedLinears(CompressionPlugin):
                     f"{self.name}.pattern: {qualified} has {width} inputs, not divisible by M="
                     f"{self.pattern.m} of pattern {self.pattern}; narrow `targets` or choose another M"
                 )
+        # A weight shared by two modules (tied input and output embeddings) is one tensor: one mask, packed once.
+        seen: set[int] = set()
+        layers = {n: m for n, m in layers.items() if id(m.weight) not in seen and not seen.add(id(m.weight))}
         for layer in layers.values():
             add_weight_mask(layer)
             apply_weight_mask(layer)
