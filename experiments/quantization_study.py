@@ -98,7 +98,7 @@ GRANULARITY = {"ch": {"granularity": "channel"}, "g32": {"granularity": "group",
 TASKS = ("autofill", "caption")
 #: What the stacked stage sparsifies and quantizes: the language model's Linear layers (not its head), or every
 #: Linear and the token table (vision tower, projector, head too; only norms, biases, the patch convolution and
-#: position embeddings stay 16-bit), or that with the head dense (4-bit, not pruned: a second ramp leaves it out).
+#: position embeddings stay 16-bit), or that with the head (or the head and the token table) 4-bit but not pruned.
 _WHOLE = {"include": ".*", "exclude": "position_embedding", "types": ["Linear", "Embedding"]}
 #: scope -> (the ramp's targets, QAT's targets, the ramp's scope). ``_global``: one magnitude ranking across all the
 #: pruned tensors, so the towers need not lose the same share each (75% overall, as in the others).
@@ -107,6 +107,7 @@ STACK_SCOPES = {
     "whole": (_WHOLE, _WHOLE, "layer"),
     "whole_dense_head": ({**_WHOLE, "exclude": "position_embedding|lm_head"}, _WHOLE, "layer"),
     "whole_dense_head_global": ({**_WHOLE, "exclude": "position_embedding|lm_head"}, _WHOLE, "global"),
+    "whole_dense_tables": ({**_WHOLE, "exclude": "position_embedding|lm_head|embed_tokens"}, _WHOLE, "layer"),
 }
 BUDGETS = (3, 4, 5)
 
@@ -449,7 +450,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="the stacked stage's runs: 75%% sparse + W4A8 over the language model's Linear layers "
                              "(stacked_ramp75_qat_w4a8) and/or over every Linear and the token table "
                              "(stacked_whole_ramp75_qat_w4a8; whole_dense_head: the LM head 4-bit but not pruned; "
-                             "whole_dense_head_global: that with one sparsity ranking across all pruned tensors), "
+                             "whole_dense_head_global: that with one sparsity ranking across all pruned tensors; "
+                             "whole_dense_tables: the token table and head 4-bit, neither pruned), "
                              "whose export's whole-model bits per weight is the size a device stores")
     parser.add_argument("--lora_float_base", choices=["base", "float_finetune"], default="base",
                         help="what the qalft stage's float LoRA starts from: the base, or the float fine-tune as long "

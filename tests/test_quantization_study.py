@@ -28,7 +28,8 @@ def _study(tmp_path: Path):
                      mixed_ptq_only=False, mixed_bits=[2, 3, 4, 8], sensitivity_context_bits=None,
                      base_config=str(ROOT / "experiments" / "pretrain" / "gpu_base.yaml"),
                      settings=["w8a8", "w4a8", "w4a16", "w2a8"], granularities=["ch", "g32"],
-                     stack_scopes=["language_model", "whole", "whole_dense_head", "whole_dense_head_global"],
+                     stack_scopes=["language_model", "whole", "whole_dense_head", "whole_dense_head_global",
+                                   "whole_dense_tables"],
                      stack_distill=False,
                      lora_float_base="base")
     return module.Study(opts)
@@ -232,13 +233,16 @@ def test_whole_model_stacks_cover_every_table_and_layer(tmp_path: Path) -> None:
     weights = {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
     for name, pruned_head, scope in (("stacked_whole_ramp75_qat_w4a8", True, "layer"),
                                      ("stacked_whole_dense_head_ramp75_qat_w4a8", False, "layer"),
-                                     ("stacked_whole_dense_head_global_ramp75_qat_w4a8", False, "global")):
+                                     ("stacked_whole_dense_head_global_ramp75_qat_w4a8", False, "global"),
+                                     ("stacked_whole_dense_tables_ramp75_qat_w4a8", None, "layer")):
         assert jobs[name].callbacks[0]["init_args"]["scope"] == scope
         ramp, qat = (ModuleSelection(**c["init_args"]["targets"]) for c in jobs[name].callbacks)
         pruned = {n for n, m in model.named_modules() if ramp.matches(n, m)}
         quantized = {n for n, m in model.named_modules() if qat.matches(n, m)}
         assert quantized == weights - {"model.vision_tower.embeddings.position_embedding"}
-        assert pruned == quantized - (set() if pruned_head else {"lm_head"})
+        dense = {"lm_head", "model.language_model.embed_tokens"} if pruned_head is None else \
+            set() if pruned_head else {"lm_head"}
+        assert pruned == quantized - dense
 
 
 def test_stacked_runs_can_distil_from_the_float_base(tmp_path: Path) -> None:
@@ -247,7 +251,8 @@ def test_stacked_runs_can_distil_from_the_float_base(tmp_path: Path) -> None:
     jobs = {job.name: job for job in study.stacked_jobs()}
     assert set(jobs) == {"stacked_ramp75_qat_w4a8_distill", "stacked_whole_ramp75_qat_w4a8_distill",
                          "stacked_whole_dense_head_ramp75_qat_w4a8_distill",
-                         "stacked_whole_dense_head_global_ramp75_qat_w4a8_distill"}
+                         "stacked_whole_dense_head_global_ramp75_qat_w4a8_distill",
+                         "stacked_whole_dense_tables_ramp75_qat_w4a8_distill"}
     for job in jobs.values():
         ramp, qat, distill = (_instantiate(c) for c in job.callbacks)
         assert type(distill).__name__ == "Distillation"
