@@ -108,6 +108,7 @@ STACK_SCOPES = {
     "whole_dense_head": ({**_WHOLE, "exclude": "position_embedding|lm_head"}, _WHOLE, "layer"),
     "whole_dense_head_global": ({**_WHOLE, "exclude": "position_embedding|lm_head"}, _WHOLE, "global"),
     "whole_dense_tables": ({**_WHOLE, "exclude": "position_embedding|lm_head|embed_tokens"}, _WHOLE, "layer"),
+    "whole_dense_head_rows": ({**_WHOLE, "exclude": "position_embedding|lm_head"}, _WHOLE, "row"),
 }
 BUDGETS = (3, 4, 5)
 
@@ -451,7 +452,9 @@ def main(argv: list[str] | None = None) -> None:
                              "(stacked_ramp75_qat_w4a8) and/or over every Linear and the token table "
                              "(stacked_whole_ramp75_qat_w4a8; whole_dense_head: the LM head 4-bit but not pruned; "
                              "whole_dense_head_global: that with one sparsity ranking across all pruned tensors; "
-                             "whole_dense_tables: the token table and head 4-bit, neither pruned), "
+                             "whole_dense_tables: the token table and head 4-bit, neither pruned; "
+                             "whole_dense_head_rows: whole_dense_head with every output row, each token of the table "
+                             "too, pruned to 75%%), "
                              "whose export's whole-model bits per weight is the size a device stores")
     parser.add_argument("--lora_float_base", choices=["base", "float_finetune"], default="base",
                         help="what the qalft stage's float LoRA starts from: the base, or the float fine-tune as long "

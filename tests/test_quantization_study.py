@@ -29,7 +29,7 @@ def _study(tmp_path: Path):
                      base_config=str(ROOT / "experiments" / "pretrain" / "gpu_base.yaml"),
                      settings=["w8a8", "w4a8", "w4a16", "w2a8"], granularities=["ch", "g32"],
                      stack_scopes=["language_model", "whole", "whole_dense_head", "whole_dense_head_global",
-                                   "whole_dense_tables"],
+                                   "whole_dense_tables", "whole_dense_head_rows"],
                      stack_distill=False,
                      lora_float_base="base")
     return module.Study(opts)
@@ -234,7 +234,8 @@ def test_whole_model_stacks_cover_every_table_and_layer(tmp_path: Path) -> None:
     for name, pruned_head, scope in (("stacked_whole_ramp75_qat_w4a8", True, "layer"),
                                      ("stacked_whole_dense_head_ramp75_qat_w4a8", False, "layer"),
                                      ("stacked_whole_dense_head_global_ramp75_qat_w4a8", False, "global"),
-                                     ("stacked_whole_dense_tables_ramp75_qat_w4a8", None, "layer")):
+                                     ("stacked_whole_dense_tables_ramp75_qat_w4a8", None, "layer"),
+                                     ("stacked_whole_dense_head_rows_ramp75_qat_w4a8", False, "row")):
         assert jobs[name].callbacks[0]["init_args"]["scope"] == scope
         ramp, qat = (ModuleSelection(**c["init_args"]["targets"]) for c in jobs[name].callbacks)
         pruned = {n for n, m in model.named_modules() if ramp.matches(n, m)}
@@ -252,7 +253,8 @@ def test_stacked_runs_can_distil_from_the_float_base(tmp_path: Path) -> None:
     assert set(jobs) == {"stacked_ramp75_qat_w4a8_distill", "stacked_whole_ramp75_qat_w4a8_distill",
                          "stacked_whole_dense_head_ramp75_qat_w4a8_distill",
                          "stacked_whole_dense_head_global_ramp75_qat_w4a8_distill",
-                         "stacked_whole_dense_tables_ramp75_qat_w4a8_distill"}
+                         "stacked_whole_dense_tables_ramp75_qat_w4a8_distill",
+                         "stacked_whole_dense_head_rows_ramp75_qat_w4a8_distill"}
     for job in jobs.values():
         ramp, qat, distill = (_instantiate(c) for c in job.callbacks)
         assert type(distill).__name__ == "Distillation"

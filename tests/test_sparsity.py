@@ -76,7 +76,9 @@ def _assert_masked_weights_are_zero(plugin) -> None:  # noqa: ANN001
         (SparsityRamp, {"schedule": "exponential"}, r"SparsityRamp.schedule: must be one of 'cubic', 'linear'"),
         (SparsityRamp, {"score": "gradient"}, r"SparsityRamp.score: must be one of 'magnitude', 'activation'"),
         (SparsityRamp, {"stats_steps": 0}, r"SparsityRamp.stats_steps: must be an integer >= 1 or null"),
-        (SparsityRamp, {"scope": "model"}, r"SparsityRamp.scope: must be one of 'layer', 'global'"),
+        (SparsityRamp, {"scope": "model"}, r"SparsityRamp.scope: must be one of 'layer', 'row', 'global'"),
+        (SparsityRamp, {"scope": "row", "pattern": "2:4"}, r"SparsityRamp.scope: 'row' ranks within each output row"),
+        (OneShotPruning, {"scope": "row", "pattern": "4:8"}, r"OneShotPruning.scope: 'row' ranks within"),
         (OneShotPruning, {"sparsity": 1.0}, r"OneShotPruning.sparsity: must be in \[0, 1\)"),
         (OneShotPruning, {"method": "sparsegpt"}, r"OneShotPruning.method: must be one of 'magnitude', 'activation'"),
         (OneShotPruning, {"pattern": "5:4"}, r"OneShotPruning.pattern: N:M needs"),
@@ -489,3 +491,18 @@ def test_a_tied_table_is_masked_and_packed_once(tmp_path: Path) -> None:
     report = json.loads((out / "sparsity_bpv.json").read_text())
     assert [row["name"] for row in report["layers"]] == ["model.language_model.embed_tokens.weight"]
     assert report["model"]["parameters"] == sum(p.numel() for p in load_vlm(str(out)).model.parameters())
+
+
+def test_row_scope_prunes_every_output_row_exactly(tmp_path: Path) -> None:
+    """Wanda's comparison group: each output row (each token of a table) loses exactly its share, through a ramp."""
+    targets = {"include": "language_model", "exclude": "lm_head", "types": ["Linear", "Embedding"]}
+    ramp = {"class_path": RAMP, "init_args": {"final_sparsity": 0.75, "start_step": 0, "end_step": 4,
+                                              "update_every": 2, "scope": "row", "targets": targets}}
+    cli = _fit(tmp_path, [ramp], max_steps=6)
+    plugin = _plugin(cli)
+    assert "model.language_model.embed_tokens" in plugin.layers
+    for name, mask in plugin.masks().items():
+        pruned = (~mask).sum(dim=1)
+        assert torch.all(pruned == round(0.75 * mask.shape[1])), name
+    _assert_masked_weights_are_zero(plugin)
+    assert plugin.summary(cli.model.model)["scope"] == "row"

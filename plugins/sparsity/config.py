@@ -14,7 +14,7 @@ from framework.selection import ModuleSelection
 
 SCHEDULES = ("cubic", "linear")
 SCORES = ("magnitude", "activation")
-SCOPES = ("layer", "global")
+SCOPES = ("layer", "row", "global")
 UNSTRUCTURED = "unstructured"
 
 

@@ -284,12 +284,16 @@ def unstructured_masks(scores: dict[str, torch.Tensor], sparsity: float, scope: 
     Args:
         scores: importance per layer (higher keeps).
         sparsity: share to prune, in [0, 1).
-        scope: ``layer`` (each layer exactly to ``sparsity``) or ``global`` (one ranking of normalised scores
-            across layers, exact over their union).
+        scope: ``layer`` (each layer exactly to ``sparsity``), ``row`` (each output row of each layer exactly to
+            ``sparsity``: Wanda's comparison group; a token table's rows are its tokens, so no token loses more than
+            its share) or ``global`` (one ranking of normalised scores across layers, exact over their union).
         keep: current masks; the global normalisation uses the still-kept entries.
     """
     if scope == "layer":
         return {name: ~pruned for name, pruned in lowest_share_each(scores, sparsity).items()}
+    if scope == "row":
+        return {name: ~lowest_k_rows(score.reshape(score.shape[0], -1), round(sparsity * score[0].numel())).reshape(
+            score.shape) for name, score in scores.items()}
     names = list(scores)
     flat = torch.cat([normalised(scores[n], None if keep is None else keep[n]).reshape(-1) for n in names])
     pruned = lowest_k(flat, round(sparsity * flat.numel()))

@@ -34,7 +34,8 @@ class OneShotPruning(MaskedLinears):
         method: ``magnitude`` or ``activation``.
         sparsity: share of weights pruned, in [0, 1); default 0.5. Implied by an N:M pattern.
         pattern: ``unstructured`` or ``N:M`` (e.g. ``2:4``), along the input dimension.
-        scope: ``layer`` or ``global`` (one ranking of per-layer normalised scores across the selection).
+        scope: ``layer``, ``row`` (each output row of each layer, Wanda's comparison group) or ``global`` (one
+            ranking of per-layer normalised scores across the selection).
         calibration_batches: training batches for ``activation`` statistics, >= 1.
         name: log namespace and checkpoint key.
 
@@ -65,6 +66,9 @@ class OneShotPruning(MaskedLinears):
         target = resolve_sparsity(sparsity, parsed, f"{key}.sparsity")
         check_choice(method, SCORES, f"{key}.method")
         check_choice(scope, SCOPES, f"{key}.scope")
+        if scope == "row" and parsed.is_nm:
+            raise ValueError(f"{key}.scope: 'row' ranks within each output row; an N:M pattern already ranks within "
+                             "its groups of M, so use 'layer' or 'global' with it")
         if not isinstance(calibration_batches, int) or calibration_batches < 1:
             raise ValueError(f"{key}.calibration_batches: must be an integer >= 1, got {calibration_batches!r}")
         super().__init__(targets, parsed, scope, method, target, name)

@@ -45,7 +45,8 @@ class SparsityRamp(MaskedLinears):
         start_step: absolute optimizer step overriding ``start``.
         end_step: absolute optimizer step overriding ``end``.
         update_every: masks are recomputed every this many optimizer steps (and at ``end``), >= 1.
-        scope: ``layer`` (every layer pruned to the scheduled sparsity) or ``global`` (one ranking across the
+        scope: ``layer`` (every layer pruned to the scheduled sparsity), ``row`` (every output row of every layer,
+            Wanda's comparison group; for a token table, every token) or ``global`` (one ranking across the
             selected layers of scores divided by each layer's root mean square score over its kept weights).
         score: ``magnitude`` (``|W|``) or ``activation`` (Wanda: ``|W_ij| * ||X_j||_2``, with the per-input
             statistics gathered on the training batches and reduced across ranks before each update).
@@ -97,6 +98,9 @@ class SparsityRamp(MaskedLinears):
                 f"{key}.initial_sparsity: must be in [0, final_sparsity={final:g}], got {initial_sparsity!r}")
         check_choice(schedule, SCHEDULES, f"{key}.schedule")
         check_choice(scope, SCOPES, f"{key}.scope")
+        if scope == "row" and parsed.is_nm:
+            raise ValueError(f"{key}.scope: 'row' ranks within each output row; an N:M pattern already ranks within "
+                             "its groups of M, so use 'layer' or 'global' with it")
         check_choice(score, SCORES, f"{key}.score")
         if not (isinstance(start, (int, float)) and 0.0 <= start < 1.0):
             raise ValueError(f"{key}.start: must be a fraction of training in [0, 1), got {start!r}")
