@@ -351,11 +351,15 @@ class Study(sparsity_study.Study):
         jobs = []
         for scope in o.stack_scopes:
             ramp_targets, qat_targets, ramp_scope = STACK_SCOPES[scope]
+            if o.stack_sparsity_scope and o.stack_sparsity_scope != ramp_scope:
+                ramp_scope, suffix = o.stack_sparsity_scope, f"_{o.stack_sparsity_scope}"
+            else:
+                suffix = ""
             ramp = callback(RAMP, final_sparsity=0.75, schedule="cubic", start=0.0, end=0.7,
                             update_every=max(1, o.qat_steps // 50), targets=ramp_targets, scope=ramp_scope)
             qat = self.qat(4)
             qat["init_args"]["targets"] = qat_targets
-            name = "stacked_ramp75_qat_w4a8" if scope == "language_model" else f"stacked_{scope}_ramp75_qat_w4a8"
+            name = ("stacked" if scope == "language_model" else f"stacked_{scope}") + f"{suffix}_ramp75_qat_w4a8"
             plugins = [ramp, qat]
             if o.stack_distill:
                 # Recovery toward the float base's answer distributions as well as the labels.
@@ -460,6 +464,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="what the qalft stage's float LoRA starts from: the base, or the float fine-tune as long "
                              "as the QAT run under the quantized pipelines (trained first), so both sides have had the "
                              "same training before their adapters; those runs are named lora_float_ft_<task>")
+    parser.add_argument("--stack_sparsity_scope", choices=["layer", "row", "global"], default=None,
+                        help="the stacked runs' sparsity ranking instead of each scope's own; runs that change get "
+                             "it in their names (stacked_<scope>_<ranking>_ramp75_qat_w4a8)")
     parser.add_argument("--stack_distill", action="store_true",
                         help="the stacked runs also distil from the float base (plugins.distillation, weight 1, "
                              "temperature 2); their names end in _distill")

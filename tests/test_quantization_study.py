@@ -30,7 +30,7 @@ def _study(tmp_path: Path):
                      settings=["w8a8", "w4a8", "w4a16", "w2a8"], granularities=["ch", "g32"],
                      stack_scopes=["language_model", "whole", "whole_dense_head", "whole_dense_head_global",
                                    "whole_dense_tables", "whole_dense_head_rows"],
-                     stack_distill=False,
+                     stack_distill=False, stack_sparsity_scope=None,
                      lora_float_base="base")
     return module.Study(opts)
 
@@ -287,3 +287,12 @@ def test_a_failed_run_fails_the_study_after_every_stage_ran(tmp_path: Path, monk
               "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")])
     status = json.loads((tmp_path / "out" / "study_status.json").read_text())
     assert status["codes"]["stacked_whole_ramp75_qat_w4a8"] == 1 and status["codes"]["stacked_ramp75_qat_w4a8"] == 0
+
+
+def test_stacked_runs_take_another_sparsity_ranking_in_their_names(tmp_path: Path) -> None:
+    study = _study(tmp_path)
+    study.opts.stack_sparsity_scope = "row"
+    jobs = {job.name: job for job in study.stacked_jobs()}
+    assert {"stacked_row_ramp75_qat_w4a8", "stacked_whole_dense_tables_row_ramp75_qat_w4a8",
+            "stacked_whole_dense_head_rows_ramp75_qat_w4a8"} <= set(jobs)  # already row: unchanged
+    assert all(job.callbacks[0]["init_args"]["scope"] == "row" for job in jobs.values())
