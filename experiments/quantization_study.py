@@ -100,15 +100,20 @@ TASKS = ("autofill", "caption")
 #: Linear and the token table (vision tower, projector, head too; only norms, biases, the patch convolution and
 #: position embeddings stay 16-bit), or that with the head (or the head and the token table) 4-bit but not pruned.
 _WHOLE = {"include": ".*", "exclude": "position_embedding", "types": ["Linear", "Embedding"]}
-#: scope -> (the ramp's targets, QAT's targets, the ramp's scope). ``_global``: one magnitude ranking across all the
-#: pruned tensors, so the towers need not lose the same share each (75% overall, as in the others).
+#: scope -> (the ramps, each (targets, ranking), and QAT's targets). ``_global``: one magnitude ranking across all
+#: the pruned tensors, so the towers need not lose the same share each (75% overall, as in the others); ``_rows``:
+#: every output row pruned to 75% (a token table's rows are its tokens); ``_table_rows``: the Linear layers ranked
+#: layer-wide and the token table per row, by a second ramp.
+_NO_HEAD = {**_WHOLE, "exclude": "position_embedding|lm_head"}
+_TABLE = {"include": "embed_tokens", "types": ["Embedding"]}
 STACK_SCOPES = {
-    "language_model": (LANGUAGE_MODEL, LANGUAGE_MODEL, "layer"),
-    "whole": (_WHOLE, _WHOLE, "layer"),
-    "whole_dense_head": ({**_WHOLE, "exclude": "position_embedding|lm_head"}, _WHOLE, "layer"),
-    "whole_dense_head_global": ({**_WHOLE, "exclude": "position_embedding|lm_head"}, _WHOLE, "global"),
-    "whole_dense_tables": ({**_WHOLE, "exclude": "position_embedding|lm_head|embed_tokens"}, _WHOLE, "layer"),
-    "whole_dense_head_rows": ({**_WHOLE, "exclude": "position_embedding|lm_head"}, _WHOLE, "row"),
+    "language_model": (((LANGUAGE_MODEL, "layer"),), LANGUAGE_MODEL),
+    "whole": (((_WHOLE, "layer"),), _WHOLE),
+    "whole_dense_head": (((_NO_HEAD, "layer"),), _WHOLE),
+    "whole_dense_head_global": (((_NO_HEAD, "global"),), _WHOLE),
+    "whole_dense_tables": ((({**_WHOLE, "exclude": "position_embedding|lm_head|embed_tokens"}, "layer"),), _WHOLE),
+    "whole_dense_head_rows": (((_NO_HEAD, "row"),), _WHOLE),
+    "whole_dense_head_table_rows": ((({**_NO_HEAD, "types": ["Linear"]}, "layer"), (_TABLE, "row")), _WHOLE),
 }
 BUDGETS = (3, 4, 5)
 
@@ -350,17 +355,21 @@ class Study(sparsity_study.Study):
         o = self.opts
         jobs = []
         for scope in o.stack_scopes:
-            ramp_targets, qat_targets, ramp_scope = STACK_SCOPES[scope]
-            if o.stack_sparsity_scope and o.stack_sparsity_scope != ramp_scope:
-                ramp_scope, suffix = o.stack_sparsity_scope, f"_{o.stack_sparsity_scope}"
+            ramps, qat_targets = STACK_SCOPES[scope]
+            if o.stack_sparsity_scope and any(ranking != o.stack_sparsity_scope for _, ranking in ramps):
+                ramps, suffix = tuple((targets, o.stack_sparsity_scope) for targets, _ in ramps), \
+                    f"_{o.stack_sparsity_scope}"
             else:
                 suffix = ""
-            ramp = callback(RAMP, final_sparsity=0.75, schedule="cubic", start=0.0, end=0.7,
-                            update_every=max(1, o.qat_steps // 50), targets=ramp_targets, scope=ramp_scope)
+            # Two ramps on disjoint tensors keep their state under their own names.
+            sparsity = [callback(RAMP, final_sparsity=0.75, schedule="cubic", start=0.0, end=0.7,
+                                 update_every=max(1, o.qat_steps // 50), targets=targets, scope=ranking,
+                                 name="sparsity" if index == 0 else f"sparsity_{index}")
+                        for index, (targets, ranking) in enumerate(ramps)]
             qat = self.qat(4)
             qat["init_args"]["targets"] = qat_targets
             name = ("stacked" if scope == "language_model" else f"stacked_{scope}") + f"{suffix}_ramp75_qat_w4a8"
-            plugins = [ramp, qat]
+            plugins = [*sparsity, qat]
             if o.stack_distill:
                 # Recovery toward the float base's answer distributions as well as the labels.
                 plugins.append(callback(DISTILLATION, teacher=str(self.base_export), weight=1.0, temperature=2.0))
@@ -458,7 +467,8 @@ def main(argv: list[str] | None = None) -> None:
                              "whole_dense_head_global: that with one sparsity ranking across all pruned tensors; "
                              "whole_dense_tables: the token table and head 4-bit, neither pruned; "
                              "whole_dense_head_rows: whole_dense_head with every output row, each token of the table "
-                             "too, pruned to 75%%), "
+                             "too, pruned to 75%%; whole_dense_head_table_rows: Linear layers ranked layer-wide, the "
+                             "table per row), "
                              "whose export's whole-model bits per weight is the size a device stores")
     parser.add_argument("--lora_float_base", choices=["base", "float_finetune"], default="base",
                         help="what the qalft stage's float LoRA starts from: the base, or the float fine-tune as long "

@@ -29,7 +29,7 @@ def _study(tmp_path: Path):
                      base_config=str(ROOT / "experiments" / "pretrain" / "gpu_base.yaml"),
                      settings=["w8a8", "w4a8", "w4a16", "w2a8"], granularities=["ch", "g32"],
                      stack_scopes=["language_model", "whole", "whole_dense_head", "whole_dense_head_global",
-                                   "whole_dense_tables", "whole_dense_head_rows"],
+                                   "whole_dense_tables", "whole_dense_head_rows", "whole_dense_head_table_rows"],
                      stack_distill=False, stack_sparsity_scope=None,
                      lora_float_base="base")
     return module.Study(opts)
@@ -244,6 +244,14 @@ def test_whole_model_stacks_cover_every_table_and_layer(tmp_path: Path) -> None:
         dense = {"lm_head", "model.language_model.embed_tokens"} if pruned_head is None else \
             set() if pruned_head else {"lm_head"}
         assert pruned == quantized - dense
+    # Two rankings: the Linear layers layer-wide, the table per row, by two ramps with their own names.
+    table_rows = jobs["stacked_whole_dense_head_table_rows_ramp75_qat_w4a8"].callbacks
+    linears, table, qat = (_instantiate(c) for c in table_rows)
+    assert (linears.scope, table.scope, linears.name, table.name) == ("layer", "row", "sparsity", "sparsity_1")
+    pruned = [{n for n, m in model.named_modules() if ModuleSelection(**c["init_args"]["targets"]).matches(n, m)}
+              for c in table_rows[:2]]
+    assert pruned[1] == {"model.language_model.embed_tokens"} and not pruned[0] & pruned[1]
+    assert pruned[0] | pruned[1] == weights - {"model.vision_tower.embeddings.position_embedding", "lm_head"}
 
 
 def test_stacked_runs_can_distil_from_the_float_base(tmp_path: Path) -> None:
@@ -254,11 +262,12 @@ def test_stacked_runs_can_distil_from_the_float_base(tmp_path: Path) -> None:
                          "stacked_whole_dense_head_ramp75_qat_w4a8_distill",
                          "stacked_whole_dense_head_global_ramp75_qat_w4a8_distill",
                          "stacked_whole_dense_tables_ramp75_qat_w4a8_distill",
-                         "stacked_whole_dense_head_rows_ramp75_qat_w4a8_distill"}
+                         "stacked_whole_dense_head_rows_ramp75_qat_w4a8_distill",
+                         "stacked_whole_dense_head_table_rows_ramp75_qat_w4a8_distill"}
     for job in jobs.values():
-        ramp, qat, distill = (_instantiate(c) for c in job.callbacks)
+        distill = _instantiate(job.callbacks[-1])
         assert type(distill).__name__ == "Distillation"
-        assert job.callbacks[2]["init_args"]["teacher"] == str(study.base_export)
+        assert job.callbacks[-1]["init_args"]["teacher"] == str(study.base_export)
         assert job.export_to.name == job.name
 
 
