@@ -265,7 +265,8 @@ class Study(sparsity_study.Study):
         jobs = []
         for task in TASKS:
             restrict = self.task_only(task)
-            for prefix, model in ((self.float_lora, self.float_lora_base), (self.qalft_name("lora_qat"), self.qat_w4a8)):
+            runs = ((self.float_lora, self.float_lora_base), (self.qalft_name("lora_qat"), self.qat_w4a8))
+            for prefix, model in runs:
                 name = f"{prefix}_{task}"
                 jobs.append(Job(name, "fit", [self.lora(task, base="float", mode="sft")],
                                 [*self.on(model, o.lora_steps, o.lora_lr), restrict], export_to=self.exports / name))

@@ -917,6 +917,9 @@ def test_tied_tables_share_one_quantizer_or_are_refused(tmp_path: Path) -> None:
     plugin.transform(model)
     quantizers = quantizers_of(model)
     assert quantizers["lm_head.weight"] is quantizers["model.language_model.embed_tokens.weight"]
+    with pytest.raises(ValueError, match=r"lm_head.weight is tied to .*embed_tokens.weight, quantized with .*bits=4.*"
+                                         r"one tensor takes one spec"):
+        attach_quantizers(model, QuantSpec(bits=8), targets=ModuleSelection(include="lm_head"), key="second")
     plugin.init_weight_quantizers(model)
     for q in plugin.quantizers.values():
         q.enabled, q.observing = not q.static or q.is_initialized, q.static and not q.is_initialized
@@ -1017,6 +1020,7 @@ def test_whole_model_stack_packs_every_table_and_layer(tmp_path: Path) -> None:
     packed = sum(m.weight.numel() for n, m in exported.named_modules()
                  if isinstance(m, (nn.Linear, nn.Embedding)) and "position_embedding" not in n)
     figure = report["model"]
-    assert figure["packed_parameters"] == packed and figure["parameters"] == sum(p.numel() for p in exported.parameters())
+    assert figure["packed_parameters"] == packed
+    assert figure["parameters"] == sum(p.numel() for p in exported.parameters())
     assert figure["bits_per_weight"] == pytest.approx(
         (report["summary"]["storage_bits"] + 16 * (figure["parameters"] - packed)) / figure["parameters"])

@@ -4,10 +4,10 @@ Parameter names of the HF model never change. A quantized Linear keeps its ``wei
 becomes :class:`QuantLinear` (a subclass of ``nn.Linear`` whose forward multiplies by the fake-quantized weight),
 so PEFT still recognises and wraps it. A quantized Embedding (token embeddings: at 4 bits the table of a small
 model is a tenth of its bits, so a whole-model size goal needs it) becomes :class:`QuantEmbedding` the same way;
-its rows are its channels (one scale per token, or per group of a row). Activation quantizers run in forward pre-hooks (inputs) and forward hooks
-(outputs) of the existing modules, which works on any module (the KV projections, the vision projector).
-Quantizers are submodules named ``weight_quantizer``, ``input_quantizer`` and ``output_quantizer``, so their
-scales are checkpointed beside the weights. A quantized tensor is named by its module and point:
+its rows are its channels (one scale per token, or per group of a row). Activation quantizers run in forward
+pre-hooks (inputs) and forward hooks (outputs) of the existing modules, which works on any module (the KV
+projections, the vision projector). Quantizers are submodules named ``weight_quantizer``, ``input_quantizer`` and
+``output_quantizer``, so their scales are checkpointed beside the weights. A quantized tensor is named by its module and point:
 ``<module>.weight``, ``<module>.input``, ``<module>.output`` (the keys of the encodings file).
 
 :func:`integer_exact_eval` switches quantized Linear layers to integer arithmetic for evaluation (codes times
@@ -87,7 +87,7 @@ def tied_weights(model: nn.Module) -> dict[str, list[str]]:
     input and output embeddings)."""
     holders: dict[int, list[str]] = {}
     for name, module in model.named_modules():
-        weight = module._parameters.get("weight") if hasattr(module, "_parameters") else None
+        weight = module._parameters.get("weight")
         if weight is not None:
             holders.setdefault(id(weight), []).append(name)
     return {name: [other for other in names if other != name]
@@ -232,8 +232,11 @@ def attach_quantizers(
             for other in tied.get(name, []):
                 # One tensor, one quantizer: the modules sharing a weight (tied input and output embeddings) are
                 # quantized together, or baking one would change the other's float weight behind its back.
-                partner = model.get_submodule(other)
-                if other not in chosen and not isinstance(partner._modules.get(WEIGHT), FakeQuantizer):
+                partner = model.get_submodule(other)._modules.get(WEIGHT)
+                if isinstance(partner, FakeQuantizer) and partner.spec.to_dict() != weights.to_dict():
+                    raise ValueError(f"{name}.weight is tied to {other}.weight, quantized with {partner.spec}; "
+                                     f"{key} asks for {weights}; one tensor takes one spec")
+                if other not in chosen and not isinstance(partner, FakeQuantizer):
                     raise ValueError(f"{key}.targets: {name}.weight is the same tensor as {other}.weight (tied "
                                      f"embeddings); select both (e.g. types [Linear, Embedding]) to quantize the "
                                      f"shared table once, or neither")
@@ -242,10 +245,7 @@ def attach_quantizers(
         if weights is not None:
             shared = next((q for other in tied.get(name, []) if isinstance(
                 q := model.get_submodule(other)._modules.get(WEIGHT), FakeQuantizer)), None)
-            if shared is not None and module._modules.get(WEIGHT) is None:
-                if shared.spec.to_dict() != weights.to_dict():
-                    raise ValueError(f"{name}.weight is tied to a weight quantized with {shared.spec}; a second "
-                                     f"plugin asks for {weights}; one tensor takes one spec")
+            if shared is not None and module._modules.get(WEIGHT) is None:  # its spec was checked above
                 module.add_module(WEIGHT, shared)
             result[f"{name}.weight"] = _attach(module, "weight", weights, tuple(module.weight.shape), name)
             module.__class__ = _QUANT_CLASS.get(type(module), type(module))

@@ -116,7 +116,8 @@ class IntegerRuntime:
         codes = self.codes[name].to(torch.int64)
         scale, zero_point, _, _ = decode_entries(name, self.params[name])
         if codes.dim() != 2:
-            raise ValueError(f"{name}: integer codes of shape {tuple(codes.shape)}; a Linear or Embedding weight is 2-D")
+            raise ValueError(f"{name}: integer codes of shape {tuple(codes.shape)}; a Linear or Embedding weight "
+                             "is 2-D")
         try:
             return integer_rows(codes, zero_point, scale)
         except ValueError as err:

@@ -67,6 +67,19 @@ def check_choice(value: str, allowed: tuple[str, ...], key: str) -> str:
     return value
 
 
+def check_scope(scope: str, pattern: Pattern, key: str) -> str:
+    """Return ``scope`` if it is one of :data:`SCOPES` and fits ``pattern``.
+
+    Raises:
+        ValueError: naming ``key``: an unknown scope, or ``row`` with an N:M pattern (which ranks within its groups).
+    """
+    check_choice(scope, SCOPES, key)
+    if scope == "row" and pattern.is_nm:
+        raise ValueError(f"{key}: 'row' ranks within each output row; an N:M pattern already ranks within its groups "
+                         "of M, so use 'layer' or 'global' with it")
+    return scope
+
+
 def resolve_sparsity(value: float | None, pattern: Pattern, key: str, default: float = 0.5) -> float:
     """The target sparsity: ``value`` for unstructured (``default`` when unset), ``1 - N/M`` for N:M.
 

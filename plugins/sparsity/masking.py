@@ -49,7 +49,7 @@ class MaskedLinears(CompressionPlugin):
     Args:
         targets: which Linear (or Embedding) layers; default: the language model's Linear layers, except the LM head.
         pattern: parsed ``unstructured`` or N:M pattern.
-        scope: ``layer`` or ``global``.
+        scope: ``layer``, ``row`` or ``global``.
         score: ``magnitude`` or ``activation``.
         target: the final sparsity the plugin aims at.
         name: log namespace and checkpoint key.
@@ -87,8 +87,10 @@ class MaskedLinears(CompressionPlugin):
                     f"{self.pattern.m} of pattern {self.pattern}; narrow `targets` or choose another M"
                 )
         # A weight shared by two modules (tied input and output embeddings) is one tensor: one mask, packed once.
-        seen: set[int] = set()
-        layers = {n: m for n, m in layers.items() if id(m.weight) not in seen and not seen.add(id(m.weight))}
+        by_weight: dict[int, tuple[str, nn.Module]] = {}
+        for qualified, layer in layers.items():
+            by_weight.setdefault(id(layer.weight), (qualified, layer))
+        layers = dict(by_weight.values())
         for layer in layers.values():
             add_weight_mask(layer)
             apply_weight_mask(layer)

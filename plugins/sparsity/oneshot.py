@@ -13,7 +13,7 @@ from typing_extensions import override
 from framework.module import model_inputs
 from framework.selection import ModuleSelection
 from framework.sharding import full_parameters
-from plugins.sparsity.config import SCOPES, SCORES, check_choice, parse_pattern, resolve_sparsity
+from plugins.sparsity.config import SCORES, check_choice, check_scope, parse_pattern, resolve_sparsity
 from plugins.sparsity.layer import SQ_MEAN_BUFFER, InputNormStats, fold_stats
 from plugins.sparsity.masking import MaskedLinears
 
@@ -65,10 +65,7 @@ class OneShotPruning(MaskedLinears):
         parsed = parse_pattern(pattern, f"{key}.pattern")
         target = resolve_sparsity(sparsity, parsed, f"{key}.sparsity")
         check_choice(method, SCORES, f"{key}.method")
-        check_choice(scope, SCOPES, f"{key}.scope")
-        if scope == "row" and parsed.is_nm:
-            raise ValueError(f"{key}.scope: 'row' ranks within each output row; an N:M pattern already ranks within "
-                             "its groups of M, so use 'layer' or 'global' with it")
+        check_scope(scope, parsed, f"{key}.scope")
         if not isinstance(calibration_batches, int) or calibration_batches < 1:
             raise ValueError(f"{key}.calibration_batches: must be an integer >= 1, got {calibration_batches!r}")
         super().__init__(targets, parsed, scope, method, target, name)

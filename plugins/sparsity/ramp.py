@@ -14,7 +14,7 @@ from typing_extensions import override
 from framework.selection import ModuleSelection
 from framework.sharding import full_parameters
 from framework.storage import INDEX_CODINGS
-from plugins.sparsity.config import SCHEDULES, SCOPES, SCORES, check_choice, parse_pattern, resolve_sparsity
+from plugins.sparsity.config import SCHEDULES, SCORES, check_choice, check_scope, parse_pattern, resolve_sparsity
 from plugins.sparsity.layer import InputNormStats, fold_stats, scheduled_sparsity
 from plugins.sparsity.masking import MaskedLinears
 
@@ -97,10 +97,7 @@ class SparsityRamp(MaskedLinears):
             raise ValueError(
                 f"{key}.initial_sparsity: must be in [0, final_sparsity={final:g}], got {initial_sparsity!r}")
         check_choice(schedule, SCHEDULES, f"{key}.schedule")
-        check_choice(scope, SCOPES, f"{key}.scope")
-        if scope == "row" and parsed.is_nm:
-            raise ValueError(f"{key}.scope: 'row' ranks within each output row; an N:M pattern already ranks within "
-                             "its groups of M, so use 'layer' or 'global' with it")
+        check_scope(scope, parsed, f"{key}.scope")
         check_choice(score, SCORES, f"{key}.score")
         if not (isinstance(start, (int, float)) and 0.0 <= start < 1.0):
             raise ValueError(f"{key}.start: must be a fraction of training in [0, 1), got {start!r}")
