@@ -10,6 +10,7 @@
 #   bash experiments/run_gpu_studies.sh reading_goals   # its goals' runs that fit 10 minutes on two GPUs, see below
 #   bash experiments/run_gpu_studies.sh reading_stack   # 75% + W4A8 over the whole model on that base (two GPUs)
 #   bash experiments/run_gpu_studies.sh reading_rest    # L0 50% and QALFT on that base, the next 10 minutes on two
+#   KEEP_BASE=1 bash experiments/run_gpu_studies.sh reading_l0   # L0's references and distilled L0 on that base
 #   RECIPES="256:8.0e-4 256:8.0e-4::0.3" bash experiments/run_gpu_studies.sh recipes    # only recipes, one per GPU
 #   RECIPE_STEPS=5400 RECIPES="256:8.0e-4:cudagraphs" bash experiments/run_gpu_studies.sh recipes  # no sizing benchmark
 #   RECIPE_MAX_TIME=00:00:08:40 ...  # trainer.max_time of a recipe's fit (default 9 minutes)
@@ -214,6 +215,21 @@ if [ "${1:-}" = reading_rest ] || [ "${1:-}" = reading_qalft ]; then
   wait
   copy_run_metrics
   log "reading rest done"
+  exit
+fi
+# L0's references on the base that reads, sized for one 10-minute call on two GPUs that follows another on the same
+# host (KEEP_BASE=1): `bash experiments/run_gpu_studies.sh reading_l0`. At once: plain L0 at 50%, the pruned shape from
+# scratch with the L0 run's compute (trained like the base: its recipe file), improved L0 distilled from the base,
+# and the dense reference fine-tuned as long ($L0_STEPS, default 1000, exported); then improved L0 distilled from
+# that reference. L0_RUNS picks runs.
+if [ "${1:-}" = reading_l0 ]; then
+  reading_base
+  read -r -a runs <<< "${L0_RUNS:-dense_finetune_l0 l0_50_plain l0_scratch50_l0compute l0_50_improved_distill l0_50_improved_distill_ft}"
+  $PY "${SP[@]}" sweep collect --only "${runs[@]}" --ft_steps "${FT_STEPS:-400}" --l0_steps "${L0_STEPS:-1000}" \
+    --parallel 4 --workers 6 --gpus "$GPUS" --base_args "--config experiments/pretrain/gpu_reading.yaml" \
+    > "$WORK/logs/l0.log" 2>&1
+  log "l0 rc=$?"
+  copy_run_metrics
   exit
 fi
 # The 75% + W4A8 stack over the whole model (every Linear and the token table, with and without pruning the head)

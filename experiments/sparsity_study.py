@@ -9,7 +9,8 @@
    (validated without retraining); L0 structured pruning to 50% and 90% of the text tower, improved and plain, with
    a dense fine-tune as long as the L0 runs (``dense_finetune_l0``) as their reference, and improved L0 with 20% or
    half of the run on exact masks instead of the default 80% (``l0_50_improved_hard20``, ``_hard50``,
-   ``l0_90_improved_hard20``); the 75% and 2:4 ramps again with distillation from the dense base
+   ``l0_90_improved_hard20``), and improved L0 at 50% distilled from the dense base or from its dense reference
+   (``l0_50_improved_distill``, ``l0_50_improved_distill_ft``); the 75% and 2:4 ramps again with distillation from the dense base
    (``ramp75_distill``, ``ramp2of4_distill``) and, once the sweep's other runs are done, from the dense fine-tune,
    the ramps' reference (``ramp75_distill_ft``, ``ramp2of4_distill_ft``).
 4. ``latency`` of the exported pruned models against the dense base, and ``overhead`` of each plugin in training
@@ -310,8 +311,22 @@ class Study:
                                                    method="improved", multiple_of=self.multiple_of,
                                                    hard_from=hard_from)],
                             self.from_base(o.l0_steps, o.ft_lr), export_to=self.work / "exports" / name))
+        dense_finetune_l0 = self.work / "exports" / "dense_finetune_l0"
         if o.l0_steps != o.ft_steps:  # the L0 runs' dense reference: fine-tuned as long as they are
-            jobs.append(Job("dense_finetune_l0", "fit", overrides=self.from_base(o.l0_steps, o.ft_lr)))
+            jobs.append(Job("dense_finetune_l0", "fit", overrides=self.from_base(o.l0_steps, o.ft_lr),
+                            export_to=dense_finetune_l0))
+        # Improved L0 at 50% recovering toward a dense teacher (distillation on the answers): the base, or the dense
+        # reference of the L0 runs once it is exported (the dense fine-tune when both have the same length).
+        l0_teacher = dense_finetune_l0 if o.l0_steps != o.ft_steps else self.work / "exports" / "dense_finetune"
+        for suffix, teacher_path, after in (("_distill", self.base_export, None),
+                                            ("_distill_ft", l0_teacher, l0_teacher.name)):
+            jobs.append(Job(f"l0_50_improved{suffix}", "fit",
+                            [callback("plugins.l0_pruning.L0Pruning", target_fraction=0.5, method="improved",
+                                      multiple_of=self.multiple_of),
+                             callback("plugins.distillation.Distillation", teacher=str(teacher_path), weight=1.0,
+                                      temperature=2.0)],
+                            self.from_base(o.l0_steps, o.ft_lr), export_to=self.work / "exports" / f"l0_50_improved{suffix}",
+                            after=after))
         dense_finetune = self.work / "exports" / "dense_finetune"
         jobs.append(Job("dense_finetune", "fit", overrides=self.from_base(o.ft_steps, o.ft_lr),
                         export_to=dense_finetune))

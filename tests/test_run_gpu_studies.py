@@ -38,6 +38,7 @@ def _drive(tmp_path: Path, mode: str, **env: str) -> tuple[subprocess.CompletedP
     ("reading_rest", ["sweep collect --only l0_50_improved dense_finetune_l0",
                       "quantization_study.py qalft collect"]),
     ("reading_stack", ["quantization_study.py stacked collect"]),
+    ("reading_l0", ["sweep collect --only dense_finetune_l0 l0_50_plain l0_scratch50_l0compute"]),
 ])
 def test_two_gpu_modes_train_the_base_then_start_their_studies(tmp_path: Path, mode: str, expected: list[str]) -> None:
     result, calls = _drive(tmp_path, mode)
@@ -46,6 +47,9 @@ def test_two_gpu_modes_train_the_base_then_start_their_studies(tmp_path: Path, m
     base = str(tmp_path / "work" / "sparsity" / "exports" / "dense_base")
     for fragment in expected:
         assert sum(fragment in call for call in calls[1:]) == 1, (fragment, calls)
+    if mode == "reading_l0":  # the from-scratch run is trained with the base's recipe file
+        assert "--base_args --config experiments/pretrain/gpu_reading.yaml" in calls[1]
+        return
     quantization = next(call for call in calls if "quantization_study.py" in call)
     assert f"--base_export {base}" in quantization
     if mode == "reading_rest":

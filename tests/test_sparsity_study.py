@@ -46,6 +46,13 @@ def test_every_run_has_a_unique_name_and_valid_plugin_arguments(tmp_path: Path) 
                 args["targets"] = ModuleSelection(**args["targets"])
             cls(**args)  # raises on a misspelt or out-of-range argument
         assert job.verb in ("fit", "validate")
+    # The distilled L0 runs: one from the base at once, one from the L0 runs' dense reference once it is exported.
+    by_name = {job.name: job for job in jobs}
+    reference = by_name["dense_finetune_l0"].export_to
+    assert by_name["l0_50_improved_distill"].after is None
+    assert by_name["l0_50_improved_distill_ft"].after == "dense_finetune_l0" == reference.name
+    teacher = by_name["l0_50_improved_distill_ft"].callbacks[1]["init_args"]["teacher"]
+    assert teacher == str(reference)
 
 
 def test_base_arguments_reach_the_base_run_and_its_export_only(tmp_path: Path) -> None:
