@@ -24,6 +24,8 @@ on one GPU. The machinery (jobs, shared arguments, parallel runs, ``--pack``) is
    base plus half the task loss, caption task loss only), the adapters added to the QAT export (1+N LoRA).
    Needs ``qat_w4a8_ch`` from ``table``. ``--qalft_setting w2a8`` (or another width) runs the same comparison on
    ``qat_w2a8_ch`` with PTQ at that width; its runs are named ``lora_qat_w2a8_<task>``, ``qalft_w2a8_<task>``, ...
+   ``--qlora_bases bnb_nf4 bnb_int8`` adds ``qlora_nf4_<task>`` / ``qlora_int8_<task>``: LoRA on float LoRA's start
+   quantized by bitsandbytes (weights only; QLoRA), evaluated on that base.
 4. ``mixed``: per-layer sensitivity of the base and mixed-precision plans at 3, 4 and 5 average weight bits
    (``python -m plugins.quantization.sensitivity``, plans under ``--work``/plans and copied to ``--out``), QAT
    with each plan (``mixed_avg3`` ...) against uniform QAT at 3 and 5 bits (``qat_uniform_w3a8_ch``,
@@ -275,6 +277,11 @@ class Study(sparsity_study.Study):
                             [self.lora(task, base="encodings", encodings=str(self.qat_w4a8 / "qat.encodings"),
                                        adapters_to=str(self.qat_w4a8), **mode)],
                             [*self.on(self.qat_w4a8, o.lora_steps, o.lora_lr), restrict]))
+            # QLoRA: the float LoRA's start quantized by bitsandbytes (weights only), adapters trained on it.
+            for bnb_base in getattr(o, "qlora_bases", None) or []:
+                jobs.append(Job(f"qlora_{bnb_base.removeprefix('bnb_')}_{task}", "fit",
+                                [self.lora(task, base=bnb_base, mode="sft")],
+                                [*self.on(self.float_lora_base, o.lora_steps, o.lora_lr), restrict]))
         return jobs
 
     def lora_ptq_jobs(self) -> list[Job]:
@@ -481,6 +488,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stack_distill", action="store_true",
                         help="the stacked runs also distil from the float base (plugins.distillation, weight 1, "
                              "temperature 2); their names end in _distill")
+    parser.add_argument("--qlora_bases", nargs="*", choices=["bnb_nf4", "bnb_int8"], default=[],
+                        help="the qalft stage also trains LoRA on these bitsandbytes bases of float LoRA's start "
+                             "(weights only, QLoRA style; runs qlora_nf4_<task>, qlora_int8_<task>)")
     parser.add_argument("--qalft_setting", choices=list(SETTINGS), default="w4a8",
                         help="the width of the QALFT stage's quantized base (its table QAT export, per channel) and "
                              "PTQ; runs other than W4A8 carry it in their names")

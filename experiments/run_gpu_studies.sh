@@ -201,17 +201,21 @@ fi
 # reference fine-tuned as long ($L0_STEPS, default 1000), and QALFT on both tasks against float LoRA then PTQ and
 # QAT + PTQ, its QAT W4A8 export measured against the base (no float fine-tune in front: the chain base -> QAT ->
 # LoRA -> PTQ is what has to fit).
-# `reading_qalft`: the QALFT part alone, its runs with more loader workers each.
+# `reading_qalft`: the QALFT part alone, its runs with more loader workers each. LORA_FLOAT_BASE=float_finetune starts
+# float LoRA from a float fine-tune as long as the QAT run (an earlier call's, when KEEP_BASE kept it);
+# QLORA_BASES="bnb_nf4 bnb_int8" adds LoRA on bitsandbytes bases (needs bitsandbytes); QALFT_PARALLEL / QALFT_WORKERS.
 if [ "${1:-}" = reading_rest ] || [ "${1:-}" = reading_qalft ]; then
   reading_base
   if [ "$1" = reading_rest ]; then
     $PY "${SP[@]}" sweep collect --only l0_50_improved dense_finetune_l0 --ft_steps "${FT_STEPS:-400}" \
       --l0_steps "${L0_STEPS:-1000}" --parallel 2 --workers 4 --gpus "$GPUS" > "$WORK/logs/l0.log" 2>&1 &
   fi
+  read -r -a qlora <<< "${QLORA_BASES:-}"
   $PY experiments/quantization_study.py qalft collect --base_export "$base" --out "$RES/quantization" \
     --work "$WORK/quantization" --qat_reference base --qat_steps "${QAT_STEPS:-300}" --lora_steps "${LORA_STEPS:-300}" \
-    --parallel 4 --workers "$([ "$1" = reading_rest ] && echo 3 || echo 6)" --gpus "$GPUS" \
-    > "$WORK/logs/quantization_study.log" 2>&1 &
+    --lora_float_base "${LORA_FLOAT_BASE:-base}" --qlora_bases "${qlora[@]}" \
+    --parallel "${QALFT_PARALLEL:-4}" --workers "$([ "$1" = reading_rest ] && echo 3 || echo "${QALFT_WORKERS:-6}")" \
+    --gpus "$GPUS" > "$WORK/logs/quantization_study.log" 2>&1 &
   wait
   copy_run_metrics
   log "reading rest done"

@@ -31,7 +31,7 @@ def _study(tmp_path: Path):
                      stack_scopes=["language_model", "whole", "whole_dense_head", "whole_dense_head_global",
                                    "whole_dense_tables", "whole_dense_head_rows", "whole_dense_head_table_rows"],
                      stack_distill=False, stack_sparsity_scope=None,
-                     lora_float_base="base")
+                     lora_float_base="base", qlora_bases=["bnb_nf4", "bnb_int8"])
     return module.Study(opts)
 
 
@@ -280,6 +280,19 @@ def test_float_lora_can_start_from_the_float_finetune(tmp_path: Path) -> None:
     assert f"--model.init_args.model={study.qat_w4a8}" in fits["lora_qat_caption"].overrides
     ptq = {job.name for job in study.lora_ptq_jobs()}
     assert {"lora_float_ft_ptq_w4a8_autofill", "lora_qat_ptq_w4a8_caption"} <= ptq
+
+
+def test_qlora_runs_start_where_float_lora_starts_on_a_bitsandbytes_base(tmp_path: Path) -> None:
+    study = _study(tmp_path)
+    study.opts.lora_float_base = "float_finetune"
+    fits = {job.name: job for job in study.lora_fit_jobs()}
+    for kind in ("nf4", "int8"):
+        job = fits[f"qlora_{kind}_caption"]
+        assert job.callbacks[0]["init_args"]["base"] == f"bnb_{kind}"
+        assert f"--model.init_args.model={study.float_finetune}" in job.overrides
+        assert study.task_only("caption") in job.overrides
+    study.opts.qlora_bases = []
+    assert not any(name.startswith("qlora_") for name in (job.name for job in study.lora_fit_jobs()))
 
 
 def test_a_failed_run_fails_the_study_after_every_stage_ran(tmp_path: Path, monkeypatch: Any) -> None:

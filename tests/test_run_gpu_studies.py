@@ -76,6 +76,16 @@ def test_keep_base_reuses_an_exported_base(tmp_path: Path) -> None:
     assert "base --only dense_base" in calls[-3]
 
 
+def test_reading_qalft_takes_float_lora_start_and_qlora_bases(tmp_path: Path) -> None:
+    result, calls = _drive(tmp_path, "reading_qalft", LORA_FLOAT_BASE="float_finetune", QLORA_BASES="bnb_nf4 bnb_int8",
+                           QALFT_PARALLEL="5")
+    assert result.returncode == 0, result.stderr
+    (qalft,) = [call for call in calls if "quantization_study.py qalft" in call]
+    assert "--lora_float_base float_finetune --qlora_bases bnb_nf4 bnb_int8 --parallel 5" in qalft
+    _, calls = _drive(tmp_path, "reading_qalft")
+    assert "--lora_float_base base --qlora_bases --parallel 4" in calls[-1]
+
+
 def test_reading_stack_takes_its_scopes_steps_and_distillation(tmp_path: Path) -> None:
     result, calls = _drive(tmp_path, "reading_stack", STACK_SCOPES="whole_dense_head whole_dense_head_global",
                            QAT_STEPS="1000", STACK_DISTILL="1")
