@@ -150,3 +150,27 @@ def test_export_holds_the_student_only(dense: Path, tmp_path: Path) -> None:
     for key, value in trained.items():
         torch.testing.assert_close(exported[key], value, rtol=0, atol=0, msg=key)
 
+
+
+def test_stacked_with_l0_pruning_the_pruned_export_is_the_student(dense: Path, tmp_path: Path) -> None:
+    # L0 pruning recovering toward its dense model (sparsity_study's l0_50_improved_distill): the teacher is the
+    # unpruned model, the student reaches L0's exact target and exports physically smaller.
+    from transformers import AutoModelForImageTextToText
+
+    l0 = {"class_path": "plugins.l0_pruning.L0Pruning",
+          "init_args": {"target_fraction": 0.5, "method": "improved", "hard_from": 0.25, "target_warmup": 0.4}}
+    config = tiny_config(tmp_path, spec=str(dense), max_steps=10, callbacks=[l0, _distill(dense, temperature=2.0)],
+                         **NO_VAL)
+    cli = make_cli(config, "--model.init_args.lr=0.01")
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    metrics = cli.trainer.callback_metrics
+    assert torch.isfinite(metrics["compression/distillation/kl"]) and metrics["compression/distillation/kl"] > 0
+    assert metrics["compression/l0_pruning/fractional_gates"] == 0.0
+    main(["export", "--config", str(config), "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt"),
+          "--out", str(tmp_path / "export")])
+    summary = json.loads((tmp_path / "export" / "vlmc_export.json").read_text())["plugins"]["l0_pruning"]["summary"]
+    assert summary["removed_fraction"] == pytest.approx(0.5, abs=0.05)
+    exported = AutoModelForImageTextToText.from_pretrained(tmp_path / "export")
+    assert sum(p.numel() for p in exported.parameters()) == summary["params_after"]
+    teacher = AutoModelForImageTextToText.from_pretrained(dense)
+    assert summary["params_after"] < sum(p.numel() for p in teacher.parameters())
