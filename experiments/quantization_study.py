@@ -335,6 +335,8 @@ class Study(sparsity_study.Study):
                 "--metric", self.opts.sensitivity_metric, "--out", str(self.plans / "plan_avg{budget}.json")]
         if self.opts.sensitivity_context_bits is not None:
             args += ["--context_bits", str(self.opts.sensitivity_context_bits)]
+        if getattr(self.opts, "mixed_refine_evaluations", 0):
+            args += ["--refine_evaluations", str(self.opts.mixed_refine_evaluations)]
         if self.opts.smoke:
             args += ["--device", "cpu"]
         code = self.python("sensitivity", args)
@@ -464,6 +466,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mixed_bits", type=int, nargs="+", default=[2, 3, 4, 8],
                         help="the weight widths a mixed plan chooses from (a 5-bit average with 2/3/4/8 must pair 4 "
                              "and 8 bits where uniform W5 needs neither)")
+    parser.add_argument("--mixed_refine_evaluations", type=int, default=0,
+                        help="refine each mixed plan by measuring whole plans on the sensitivity batches (this many "
+                             "measurements per budget; the result is never measured worse than the widest uniform "
+                             "width within the budget); 0: the knapsack plan over single-layer sensitivities")
     parser.add_argument("--qat_reference", choices=["float_finetune", "base"], default="float_finetune",
                         help="what QAT runs' top-1 agreement is measured against: a float fine-tune as long as they "
                         "are (trained first; the table's fair comparison) or the base itself (no float fine-tune; "

@@ -28,8 +28,8 @@ from plugins.quantization import (
     write_plan,
 )
 from plugins.quantization.encodings import decode_entries
+from plugins.quantization.sensitivity import JointMeasure, pareto_curve, refine_plan, uniform_delta
 from plugins.quantization.sensitivity import main as sensitivity_main
-from plugins.quantization.sensitivity import pareto_curve, uniform_delta
 
 LM = ModuleSelection(include="language_model", exclude="lm_head")
 OPTIONS = (2, 3, 4, 8)
@@ -129,6 +129,57 @@ def test_sensitivity_misconfiguration() -> None:
         measure_sensitivity(loaded.model, unlabelled, LM, metric="loss")
     with pytest.raises(ValueError, match="spec_template: does not fit model.language_model.layers.0.self_attn.q_proj"):
         measure_sensitivity(loaded.model, batches, LM, (4,), QuantSpec(bits=4, granularity="group", group_size=24))
+
+
+# ---------------------------------------------------------------------------------------------- joint refining
+def test_joint_measure_is_the_uniform_context_row_and_restores_weights() -> None:
+    torch.manual_seed(0)
+    loaded = load_vlm(str(FAMILY_SPECS["llava"]))
+    model = loaded.model
+    batches = _batches(loaded)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    spec = QuantSpec(bits=8, granularity="channel")
+    layers = _lm_layers(model)
+    context = measure_sensitivity(model, batches, LM, (3, 4), spec, metric="kl", context_bits=3)
+    with JointMeasure(model, batches, layers, spec, metric="kl") as measure:
+        three = measure(dict.fromkeys(layers, 3))
+        eight = measure(dict.fromkeys(layers, 8))
+        two = measure(dict.fromkeys(layers, 2))
+        assert measure(dict.fromkeys(layers, 3)) == pytest.approx(three, rel=1e-9), "a plan measures the same twice"
+        with pytest.raises(ValueError, match=f"plan: layer {layers[0]} has no width"):
+            measure(dict.fromkeys(layers[1:], 4))
+    assert three == pytest.approx(next(r["delta"] for r in context if r["bits"] == 3), rel=1e-5)
+    assert two > three > eight >= 0
+    assert measure.evaluations == 4
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "weights are restored exactly"
+    with pytest.raises(ValueError, match="metric: must be one of"):
+        JointMeasure(model, batches, layers, metric="mse")
+    with pytest.raises(ValueError, match="batches: give at least one"):
+        JointMeasure(model, [], layers)
+
+
+def test_refined_plan_is_measured_no_worse_than_uniform_and_keeps_the_budget() -> None:
+    torch.manual_seed(0)
+    loaded = load_vlm(str(FAMILY_SPECS["llava"]))
+    model = loaded.model
+    batches = _batches(loaded)
+    spec = QuantSpec(bits=8, granularity="channel")
+    rows = measure_sensitivity(model, batches, LM, OPTIONS, spec, metric="kl")
+    for budget in (3.0, 3.5):
+        plan = plan_bits(rows, budget_avg_bits=budget, bits_options=OPTIONS)
+        with JointMeasure(model, batches, _lm_layers(model), spec, metric="kl") as measure:
+            refined = refine_plan(plan, measure, max_evaluations=12, moves_per_round=3)
+            measured_again = measure(refined["layers"])
+        info = refined["refine"]
+        assert refined["avg_bits"] <= budget + 1e-9 and set(refined["layers"]) == set(plan["layers"])
+        assert info["measured_delta"] == pytest.approx(measured_again, rel=1e-9)
+        assert info["measured_delta"] <= min(info["knapsack_measured"], *info["uniform_measured"].values())
+        assert list(info["uniform_measured"]) == ["3"]  # the widest uniform width within the budget
+        # the budget of measurements counts the knapsack plan and the uniform one too
+        assert 2 <= info["evaluations"] <= 12 and measure.evaluations == info["evaluations"] + 1
+    with pytest.raises(ValueError, match="max_evaluations: must be >= 1"):
+        refine_plan(plan, measure, max_evaluations=0)
 
 
 # ---------------------------------------------------------------------------------------------- planner
@@ -263,6 +314,33 @@ def test_cli_writes_a_plan_that_qat_trains_with(tmp_path: Path, capsys: pytest.C
                               "--out", str(tmp_path / "plan_bytes.json")])
     assert again["checkpoint"].endswith("last.ckpt") and again["total_bits"] <= plan["total_bits"]
     assert again["sensitivity"] != plan["sensitivity"]
+
+
+def test_cli_refines_plans_by_measuring_them_whole(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = tiny_config(tmp_path, max_steps=1, callbacks=[_qat()], limit_val_batches=0)
+    common = ["--config", str(config), "--bits", "2", "3", "4", "8", "--batches", "1", "--metric", "kl"]
+    with pytest.raises(SystemExit, match="--refine_evaluations: must be >= 0"):
+        sensitivity_main([*common, "--budget_avg_bits", "3", "--refine_evaluations", "-1", "--out", str(tmp_path / "p.json")])
+    result = sensitivity_main([*common, "--budget_avg_bits", "3", "4", "--refine_evaluations", "6",
+                               "--out", str(tmp_path / "plan_avg{budget}.json")])
+    assert "measured jointly (kl)" in capsys.readouterr().out
+    for plan in result["plans"]:
+        refine = json.loads((tmp_path / f"plan_avg{plan['budget']['avg_bits']:g}.json").read_text())["refine"]
+        assert refine == plan["refine"] and refine["evaluations"] <= 6
+        assert plan["avg_bits"] <= plan["budget"]["avg_bits"]
+        assert refine["measured_delta"] <= min(refine["knapsack_measured"], *refine["uniform_measured"].values())
+    assert load_plan(tmp_path / "plan_avg3.json") == result["plans"][0]["layers"]
+    # An earlier measurement planned again without measuring: the same knapsack plan.
+    again = sensitivity_main([*common, "--budget_avg_bits", "3", "--sensitivity_from", str(tmp_path / "plan_avg3.json"),
+                              "--out", str(tmp_path / "again.json")])
+    assert again["layers"] == result["plans"][0]["refine"]["knapsack_layers"]
+    assert again["sensitivity"] == result["plans"][0]["sensitivity"] and again["sensitivity_from"].endswith("avg3.json")
+    with pytest.raises(ValueError, match=r"sensitivity_from: .* has no sensitivity of model\..* at 5 bits"):
+        sensitivity_main([*common[:-4], "--bits", "2", "5", "--batches", "1", "--budget_avg_bits", "3",
+                          "--sensitivity_from", str(tmp_path / "plan_avg3.json"), "--out", str(tmp_path / "x.json")])
+    with pytest.raises(FileNotFoundError, match="sensitivity_from: .*missing.json does not exist"):
+        sensitivity_main([*common, "--budget_avg_bits", "3", "--sensitivity_from", str(tmp_path / "missing.json"),
+                          "--out", str(tmp_path / "x.json")])
 
 
 def test_cli_plans_several_budgets_from_one_measurement(tmp_path: Path) -> None:

@@ -201,6 +201,10 @@ def test_sensitivity_stage_passes_its_metric(metric: str, tmp_path: Path, monkey
     study.opts.sensitivity_context_bits, study.opts.rerun = 4, True
     study.sensitivity()
     assert calls[-1][calls[-1].index("--context_bits") + 1] == "4"
+    assert "--refine_evaluations" not in calls[-1]
+    study.opts.mixed_refine_evaluations = 60
+    study.sensitivity()
+    assert calls[-1][calls[-1].index("--refine_evaluations") + 1] == "60"
 
 
 def test_mixed_stage_ptq_only_drops_the_fine_tunes(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ Several budgets share one measurement: ``--budget_avg_bits 3 4 5 --out plans/pla
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from typing_extensions import Self
 
 from framework.io import atomic_write_json
 from framework.selection import ModuleSelection
@@ -370,6 +372,187 @@ def pareto_curve(rows: Sequence[Mapping[str, Any]], budgets: Sequence[float],
     return curve
 
 
+# ---------------------------------------------------------------------------------------------- refining
+class JointMeasure:
+    """The output change of the model with every layer of a plan quantized at once, against the float model.
+
+    The knapsack adds single-layer sensitivities; errors of many low-bit layers do not add up that simply (on the
+    GPU base plans that looked better layer by layer lost to uniform widths). This measures a whole plan on the
+    calibration batches, with the metric of :func:`measure_sensitivity`; quantized weights are computed once per
+    (layer, width), and only the layers whose width changed are rewritten between two plans.
+
+    Use as a context manager: the weights are restored exactly and train/eval modes reset on exit.
+    """
+
+    def __init__(self, model: nn.Module, batches: Sequence[Mapping[str, Any]], layers: Sequence[str],
+                 spec_template: QuantSpec | None = None, metric: str = "kl") -> None:
+        if metric not in METRICS:
+            raise ValueError(f"metric: must be one of {', '.join(repr(m) for m in METRICS)}, got {metric!r}")
+        if not batches:
+            raise ValueError("batches: give at least one calibration batch")
+        self.model, self.metric = model, metric
+        self.template = spec_template or QuantSpec(bits=8, granularity="channel")
+        self.layers = _select_layers(model, list(layers))
+        device = next(model.parameters()).device
+        self.batches = [_to_device(b, device) for b in batches]
+        self.masks = [_token_mask(b, metric) for b in self.batches]
+        self.count = sum(int(m.sum()) for m in self.masks)
+        if self.count == 0:
+            raise ValueError("batches: no scored token (every label is -100)")
+        self.originals = {name: layer.weight.detach().clone() for name, layer in self.layers.items()}
+        self._cache: dict[tuple[str, int], torch.Tensor] = {}
+        self._current: dict[str, int] = {}
+        self.evaluations = 0
+
+    def __enter__(self) -> Self:
+        self._modes = {module: module.training for module in self.model.modules()}
+        self.model.eval()
+        self._disabled = quantization_disabled(self.model)
+        self._disabled.__enter__()
+        with torch.no_grad():
+            reference = [_scored_logits(self.model, b, m) for b, m in zip(self.batches, self.masks)]
+        if self.metric == "loss":
+            self._targets = [b["labels"][:, 1:][m] for b, m in zip(self.batches, self.masks)]
+            self._reference = sum(float(F.cross_entropy(r, t, reduction="sum"))
+                                  for r, t in zip(reference, self._targets)) / self.count
+        else:
+            self._reference = [F.log_softmax(r, dim=-1) for r in reference]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with torch.no_grad():
+            for name, layer in self.layers.items():
+                layer.weight.copy_(self.originals[name])
+        self._current = {}
+        self._disabled.__exit__(*exc)
+        for module, mode in self._modes.items():
+            module.training = mode
+
+    def _weight(self, name: str, bits: int) -> torch.Tensor:
+        if (name, bits) not in self._cache:
+            try:
+                self._cache[(name, bits)] = quantize_weight(self.originals[name],
+                                                            dataclasses.replace(self.template, bits=bits))
+            except ValueError as err:
+                raise ValueError(f"spec_template: does not fit {name} ({err})") from err
+        return self._cache[(name, bits)]
+
+    @torch.no_grad()
+    def __call__(self, plan: Mapping[str, int]) -> float:
+        """Mean KL (or loss change) per scored token with each layer of ``plan`` at its width."""
+        missing = [name for name in self.layers if name not in plan]
+        if missing:
+            raise ValueError(f"plan: layer {missing[0]} has no width")
+        for name, bits in plan.items():
+            if self._current.get(name) != bits:
+                self.layers[name].weight.copy_(self._weight(name, int(bits)))
+                self._current[name] = int(bits)
+        total = 0.0
+        for index, (batch, mask) in enumerate(zip(self.batches, self.masks)):
+            logits = _scored_logits(self.model, batch, mask)
+            if self.metric == "loss":
+                total += float(F.cross_entropy(logits, self._targets[index], reduction="sum"))
+            else:
+                total += float(F.kl_div(F.log_softmax(logits, dim=-1), self._reference[index], log_target=True,
+                                        reduction="sum"))
+        self.evaluations += 1
+        return total / self.count - (self._reference if self.metric == "loss" else 0.0)
+
+
+def refine_plan(plan: Mapping[str, Any], measure: JointMeasure, max_evaluations: int = 40,
+                moves_per_round: int = 4) -> dict[str, Any]:
+    """``plan`` (from :func:`plan_bits`) improved by measuring whole plans instead of adding single layers.
+
+    Starts from whichever is measured lower: the knapsack plan or the widest uniform width that fits the budget, so
+    the result is never measured worse than that uniform plan on these batches. Then, in rounds, moves bits between layers: raise
+    one layer a width and, when the budget needs it, lower another one width. A round measures the moves in the
+    order the single-layer table predicts, ``moves_per_round`` at a time, and keeps the best of the first group
+    that lowers the measured change. Stops when no move improves or after ``max_evaluations`` measurements.
+
+    Returns:
+        ``plan`` with ``layers``, ``avg_bits``, ``total_bits`` of the refined plan and ``refine``: the measured
+        change of the knapsack plan, of the widest uniform width that fits, of the start and of the result, the
+        rounds and measurements used.
+    """
+    if max_evaluations < 1:
+        raise ValueError(f"max_evaluations: must be >= 1, got {max_evaluations}")
+    if moves_per_round < 1:
+        raise ValueError(f"moves_per_round: must be >= 1, got {moves_per_round}")
+    options = list(plan["bits_options"])
+    names, params, deltas = _table(plan["sensitivity"], options, plan.get("monotone", True))
+    size = dict(zip(names, params))
+    limit = plan["total_bits"]
+    if "avg_bits" in plan.get("budget", {}):
+        limit = max(limit, math.floor(plan["budget"]["avg_bits"] * sum(params) + 1e-9))
+    elif "bytes" in plan.get("budget", {}):
+        limit = max(limit, 8 * plan["budget"]["bytes"])
+    index = {name: i for i, name in enumerate(names)}
+    start = {name: options.index(plan["layers"][name]) for name in names}
+    used = measure.evaluations
+
+    def total(choice: Mapping[str, int]) -> int:
+        return sum(size[n] * options[c] for n, c in choice.items())
+
+    def as_bits(choice: Mapping[str, int]) -> dict[str, int]:
+        return {n: options[c] for n, c in choice.items()}
+
+    knapsack = measure(as_bits(start))
+    best, best_value, origin = dict(start), knapsack, "knapsack"
+    uniform = {}
+    fitting = [bits for bits in options if bits * sum(params) <= limit]
+    if fitting:  # the widest uniform width within the budget: the baseline a plan has to beat
+        widest = fitting[-1]
+        uniform[widest] = measure({n: widest for n in names})
+        if uniform[widest] < best_value:
+            best, best_value, origin = {n: options.index(widest) for n in names}, uniform[widest], f"uniform_{widest}"
+    rounds = 0
+    while measure.evaluations - used < max_evaluations:
+        slack = limit - total(best)
+        moves = []
+        for up in names:
+            u = best[up]
+            if u + 1 >= len(options):
+                continue
+            need = size[up] * (options[u + 1] - options[u])
+            gain = deltas[index[up], u + 1] - deltas[index[up], u]  # predicted change, <= 0
+            if need <= slack:
+                moves.append((gain, {up: u + 1}))
+                continue
+            for down in names:
+                d = best[down]
+                if down == up or d == 0 or size[down] * (options[d] - options[d - 1]) + slack < need:
+                    continue
+                moves.append((gain + deltas[index[down], d - 1] - deltas[index[down], d], {up: u + 1, down: d - 1}))
+        if not moves:
+            break
+        moves.sort(key=lambda move: move[0])
+        rounds += 1
+        improved = None
+        # The predicted best moves first, a few at a time; the next few only when none of these measured better.
+        for first in range(0, len(moves), moves_per_round):
+            for _, change in moves[first: first + moves_per_round]:
+                if measure.evaluations - used >= max_evaluations:
+                    break
+                candidate = {**best, **change}
+                value = measure(as_bits(candidate))
+                if value < best_value and (improved is None or value < improved[1]):
+                    improved = (candidate, value)
+            if improved is not None or measure.evaluations - used >= max_evaluations:
+                break
+        if improved is None:
+            break
+        best, best_value = improved
+    bits = as_bits(best)
+    total_bits = total(best)
+    return {**plan, "layers": bits, "avg_bits": total_bits / sum(params), "total_bits": total_bits,
+            "predicted_delta": float(sum(deltas[index[n], c] for n, c in best.items())),
+            "refine": {"metric": measure.metric, "batches": len(measure.batches), "knapsack_measured": knapsack,
+                       "knapsack_layers": as_bits(start),
+                       "uniform_measured": {str(b): v for b, v in uniform.items()}, "start": origin,
+                       "measured_delta": best_value, "rounds": rounds,
+                       "evaluations": measure.evaluations - used}}
+
+
 # ---------------------------------------------------------------------------------------------- plan files
 def write_plan(plan: Mapping[str, Any], path: str | Path) -> Path:
     """Write a plan as JSON, atomically."""
@@ -479,6 +662,37 @@ def calibration_batches(cli: Any, count: int) -> list[dict[str, Any]]:
     return batches
 
 
+def earlier_sensitivity(path: str | Path, layers: Sequence[str], bits_options: Sequence[int]
+                        ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The sensitivity rows of an earlier plan file, checked against the layers and widths to plan for.
+
+    Raises:
+        FileNotFoundError: naming ``sensitivity_from`` and the path.
+        ValueError: naming ``sensitivity_from``: not JSON, no table, a layer of the model or a width missing from the
+            table, or a layer in it that the model's selection does not have.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"sensitivity_from: {path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"sensitivity_from: {path} is not JSON ({err})") from err
+    rows = data.get("sensitivity") if isinstance(data, dict) else None
+    if not isinstance(rows, list) or not rows:
+        raise ValueError(f"sensitivity_from: {path} has no 'sensitivity' table")
+    measured = {(str(r.get("layer")), r.get("bits")) for r in rows}
+    table_layers = {layer for layer, _ in measured}
+    extra = sorted(table_layers - set(layers))
+    if extra:
+        raise ValueError(f"sensitivity_from: {path} measures {extra[0]}, which the run's targets do not select")
+    for layer in layers:
+        for bits in bits_options:
+            if (layer, bits) not in measured:
+                raise ValueError(f"sensitivity_from: {path} has no sensitivity of {layer} at {bits} bits")
+    return [dict(r) for r in rows if r["bits"] in set(bits_options)], data
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """``python -m plugins.quantization.sensitivity``: measure once, write one plan per budget, print the tables.
 
@@ -498,6 +712,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--metric", choices=METRICS, default="loss")
     parser.add_argument("--context_bits", type=int, default=None,
                         help="measure each layer with the other layers quantized at this width (default: float)")
+    parser.add_argument("--sensitivity_from",
+                        help="plan from the sensitivity table of this earlier plan JSON instead of measuring again "
+                             "(same model, layers and --bits; the table's metric and settings are kept)")
+    parser.add_argument("--refine_evaluations", type=int, default=0,
+                        help="refine each plan by measuring whole plans (this many measurements per budget, each a "
+                             "pass over the calibration batches; 0: the knapsack plan as it is)")
+    parser.add_argument("--refine_moves", type=int, default=4, help="moves measured per refining round")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--pareto", type=float, nargs="*", default=None,
                         help="also print the predicted delta of the plans at these average-bits budgets")
@@ -506,6 +727,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     opts, rest = parser.parse_known_args(argv)
     if opts.batches < 1:
         raise SystemExit("--batches: must be >= 1")
+    if opts.refine_evaluations < 0 or opts.refine_moves < 1:
+        raise SystemExit("--refine_evaluations: must be >= 0; --refine_moves: must be >= 1")
     budgets = [("budget_avg_bits", b) for b in opts.budget_avg_bits or []] + \
               [("budget_bytes", b) for b in opts.budget_bytes or []]
     if len(budgets) > 1 and "{budget}" not in opts.out:
@@ -527,19 +750,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     batches = calibration_batches(cli, opts.batches)
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     module.to(device)
-    with cli.trainer.precision_plugin.forward_context():  # the run's precision (e.g. bf16 autocast)
-        rows = measure_sensitivity(module.model, batches, targets, opts.bits, template, opts.metric,
-                                   context_bits=opts.context_bits)
     # What does not depend on the budget is computed once and shared by every plan.
     shared: dict[str, Any] = {"metric": opts.metric, "spec": template.to_dict(), "batches": opts.batches,
                               "context_bits": opts.context_bits, "configs": opts.config,
                               "checkpoint": opts.ckpt_path}
+    if opts.sensitivity_from:
+        rows, measured = earlier_sensitivity(opts.sensitivity_from, list(targets.select(module.model)), opts.bits)
+        shared.update({key: measured.get(key) for key in ("metric", "spec", "batches", "context_bits")},
+                      sensitivity_from=str(opts.sensitivity_from))
+        opts.metric = shared["metric"] or opts.metric  # refining measures whole plans with the table's metric
+    else:
+        with cli.trainer.precision_plugin.forward_context():  # the run's precision (e.g. bf16 autocast)
+            rows = measure_sensitivity(module.model, batches, targets, opts.bits, template, opts.metric,
+                                       context_bits=opts.context_bits)
     if opts.pareto:
         shared["pareto"] = pareto_curve(rows, opts.pareto, opts.bits)
     uniform: dict[str, float] | None = None
     plans = []
-    for key, value in budgets:
-        plan = plan_bits(rows, bits_options=opts.bits, **{key: value})
+    measure = None
+    if opts.refine_evaluations:
+        measure = JointMeasure(module.model, batches, list(dict.fromkeys(r["layer"] for r in rows)), template,
+                               opts.metric)
+    with contextlib.ExitStack() as stack:
+        if measure is not None:
+            stack.enter_context(cli.trainer.precision_plugin.forward_context())
+            stack.enter_context(measure)
+        for key, value in budgets:
+            plan = plan_bits(rows, bits_options=opts.bits, **{key: value})
+            if measure is not None:
+                plan = refine_plan(plan, measure, opts.refine_evaluations, opts.refine_moves)
+            plans.append(plan)
+    for (key, value), plan in zip(budgets, plans):
         if uniform is None:
             uniform = {str(b): uniform_delta(rows, b, opts.bits) for b in plan["bits_options"]}
         plan.update({**shared, "uniform_delta": uniform})
@@ -547,8 +788,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         write_plan(plan, out)
         print(format_table(plan))
         print("uniform: " + ", ".join(f"{b} bits {d:.4g}" for b, d in plan["uniform_delta"].items()))
+        if "refine" in plan:
+            refine = plan["refine"]
+            print(f"measured jointly ({refine['metric']}): knapsack {refine['knapsack_measured']:.4g}, "
+                  + ", ".join(f"uniform {b} bits {v:.4g}" for b, v in refine["uniform_measured"].items())
+                  + f", refined {refine['measured_delta']:.4g} (from {refine['start']}, "
+                  f"{refine['evaluations']} measurements)")
         print(f"plan written to {out}")
-        plans.append(plan)
     if opts.pareto:
         print(f"{'budget':>8}  {'avg_bits':>8}  {'predicted_delta':>15}")
         for point in plans[0]["pareto"]:
