@@ -40,12 +40,20 @@ from plugins.quantization.ptq import PostTrainingQuantization
 from plugins.quantization.qat import QuantizationAwareTraining
 from plugins.quantization.quantizer import FakeQuantizer, fake_quantize, qparams_from_range
 from plugins.quantization.runtime import IntegerRuntime
-from plugins.quantization.sensitivity import load_plan, measure_sensitivity, plan_bits, write_plan
+from plugins.quantization.sensitivity import (
+    JointMeasure,
+    load_plan,
+    measure_sensitivity,
+    plan_bits,
+    refine_plan,
+    write_plan,
+)
 
 __all__ = [
     "ActivationSite",
     "FakeQuantizer",
     "IntegerRuntime",
+    "JointMeasure",
     "PostTrainingQuantization",
     "QALFT",
     "QuantLinear",
@@ -68,6 +76,7 @@ __all__ = [
     "qparams_from_range",
     "quantization_disabled",
     "quantizers_of",
+    "refine_plan",
     "remove_quantizers",
     "set_adapter",
     "set_integer_exact",
