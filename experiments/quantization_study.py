@@ -528,10 +528,15 @@ def main(argv: list[str] | None = None) -> None:
         needs_float = opts.qat_reference == "float_finetune" and (float_stages & set(opts.stages) or (
             qalft_alone and not (study.qat_w4a8 / "qat.encodings").exists()))
         needs_float = needs_float or ("qalft" in opts.stages and opts.lora_float_base == "float_finetune")
+        beside_qat: list[Job] = []
         if needs_float and not (study.float_finetune / "config.json").exists():
             need_base("float_finetune")
-            # Every QAT run measures agreement against the float fine-tune, so it comes first.
-            codes["float_finetune"] = study.run(study.float_finetune_job())
+            if opts.qat_reference == "base" and qalft_alone and not float_stages & set(opts.stages):
+                # Only float LoRA starts from it: it trains beside the QAT run QALFT needs, not before.
+                beside_qat.append(study.float_finetune_job())
+            else:
+                # Every QAT run measures agreement against the float fine-tune, so it comes first.
+                codes["float_finetune"] = study.run(study.float_finetune_job())
         if "table" in opts.stages:
             need_base("table")
             # The stacked run needs nothing from the table: it shares the table's pool instead of waiting for it.
@@ -550,9 +555,11 @@ def main(argv: list[str] | None = None) -> None:
                 wanted = [job for job in study.table_jobs() if job.export_to == study.qat_w4a8]
                 if "table" in opts.stages or not wanted:
                     raise SystemExit(f"qalft: no QAT {opts.qalft_setting} export at {study.qat_w4a8}")
-                codes.update(study.run_all(wanted, opts.parallel))
+                codes.update(study.run_all(wanted + beside_qat, opts.parallel))
                 if not (study.qat_w4a8 / "qat.encodings").exists():
                     raise SystemExit(f"qalft: the QAT run {wanted[0].name} wrote no encodings to {study.qat_w4a8}")
+            elif beside_qat:
+                codes.update(study.run_all(beside_qat, opts.parallel))
             codes.update(study.run_all(study.lora_fit_jobs(), opts.parallel))
             codes["merge"] = study.merge_adapters()
             codes.update(study.run_all(study.lora_ptq_jobs(), opts.parallel))

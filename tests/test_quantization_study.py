@@ -299,6 +299,36 @@ def test_qlora_runs_start_where_float_lora_starts_on_a_bitsandbytes_base(tmp_pat
     assert not any(name.startswith("qlora_") for name in (job.name for job in study.lora_fit_jobs()))
 
 
+def test_float_lora_start_trains_beside_the_qat_run_when_qat_does_not_need_it(tmp_path: Path, monkeypatch: Any) -> None:
+    module = type(_study(tmp_path))
+    batches: list[list[str]] = []
+
+    def run_all(self, jobs, parallel):  # noqa: ANN001, ANN202
+        batches.append([job.name for job in jobs])
+        for job in jobs:
+            if job.export_to is not None:
+                job.export_to.mkdir(parents=True, exist_ok=True)
+                (job.export_to / "config.json").write_text("{}")
+                (job.export_to / "qat.encodings").write_text("{}")
+        return dict.fromkeys(batches[-1], 0)
+
+    monkeypatch.setattr(module, "run", lambda self, job: batches.append([job.name]) or 0)
+    monkeypatch.setattr(module, "run_all", run_all)
+    monkeypatch.setattr(module, "merge_adapters", lambda self: 0)
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    main = sys.modules["quantization_study"].main
+    common = ["qalft", "--smoke", "--base_export", str(base), "--out", str(tmp_path / "out"), "--lora_float_base",
+              "float_finetune"]
+    main([*common, "--qat_reference", "base", "--work", str(tmp_path / "beside")])
+    assert batches[0] == ["qat_w4a8_ch", "float_finetune"]
+    # QAT rows measured against the float fine-tune need it first.
+    batches.clear()
+    main([*common, "--work", str(tmp_path / "first")])
+    assert batches[0] == ["float_finetune"] and batches[1] == ["qat_w4a8_ch"]
+
+
 def test_a_failed_run_fails_the_study_after_every_stage_ran(tmp_path: Path, monkeypatch: Any) -> None:
     module = type(_study(tmp_path))
     monkeypatch.setattr(module, "run", lambda self, job: 0)
