@@ -102,12 +102,13 @@ TASKS = ("autofill", "caption")
 #: Linear and the token table (vision tower, projector, head too; only norms, biases, the patch convolution and
 #: position embeddings stay 16-bit), or that with the head (or the head and the token table) 4-bit but not pruned.
 _WHOLE = {"include": ".*", "exclude": "position_embedding", "types": ["Linear", "Embedding"]}
-#: scope -> (the ramps, each (targets, ranking), and QAT's targets). ``_global``: one magnitude ranking across all
+#: scope -> (the ramps, each (targets, ranking[, final sparsity, default 0.75]), and QAT's targets). ``_global``: one magnitude ranking across all
 #: the pruned tensors, so the towers need not lose the same share each (75% overall, as in the others); ``_rows``:
 #: every output row pruned to 75% (a token table's rows are its tokens); ``_table_rows``: the Linear layers ranked
 #: layer-wide and the token table per row, by a second ramp.
 _NO_HEAD = {**_WHOLE, "exclude": "position_embedding|lm_head"}
 _TABLE = {"include": "embed_tokens", "types": ["Embedding"]}
+_VISION = {"include": "vision_tower|multi_modal_projector", "types": ["Linear"]}
 STACK_SCOPES = {
     "language_model": (((LANGUAGE_MODEL, "layer"),), LANGUAGE_MODEL),
     "whole": (((_WHOLE, "layer"),), _WHOLE),
@@ -116,6 +117,10 @@ STACK_SCOPES = {
     "whole_dense_tables": ((({**_WHOLE, "exclude": "position_embedding|lm_head|embed_tokens"}, "layer"),), _WHOLE),
     "whole_dense_head_rows": (((_NO_HEAD, "row"),), _WHOLE),
     "whole_dense_head_table_rows": ((({**_NO_HEAD, "types": ["Linear"]}, "layer"), (_TABLE, "row")), _WHOLE),
+    # The vision tower reads the digits on the base that reads: it and the projector keep half their weights, the
+    # text tower pays for it at 80% (its table per row), the head 4-bit dense; about 1.74 bits per weight there.
+    "whole_vision50_text80": (((LANGUAGE_MODEL, "layer", 0.8), (_TABLE, "row", 0.8), (_VISION, "layer", 0.5)),
+                              _WHOLE),
 }
 BUDGETS = (3, 4, 5)
 
@@ -366,19 +371,21 @@ class Study(sparsity_study.Study):
         jobs = []
         for scope in o.stack_scopes:
             ramps, qat_targets = STACK_SCOPES[scope]
-            if o.stack_sparsity_scope and any(ranking != o.stack_sparsity_scope for _, ranking in ramps):
-                ramps, suffix = tuple((targets, o.stack_sparsity_scope) for targets, _ in ramps), \
+            ramps = tuple((ramp[0], ramp[1], ramp[2] if len(ramp) > 2 else 0.75) for ramp in ramps)
+            if o.stack_sparsity_scope and any(ranking != o.stack_sparsity_scope for _, ranking, _ in ramps):
+                ramps, suffix = tuple((targets, o.stack_sparsity_scope, final) for targets, _, final in ramps), \
                     f"_{o.stack_sparsity_scope}"
             else:
                 suffix = ""
             # Two ramps on disjoint tensors keep their state under their own names.
-            sparsity = [callback(RAMP, final_sparsity=0.75, schedule="cubic", start=0.0, end=0.7,
+            sparsity = [callback(RAMP, final_sparsity=final, schedule="cubic", start=0.0, end=0.7,
                                  update_every=max(1, o.qat_steps // 50), targets=targets, scope=ranking,
                                  name="sparsity" if index == 0 else f"sparsity_{index}")
-                        for index, (targets, ranking) in enumerate(ramps)]
+                        for index, (targets, ranking, final) in enumerate(ramps)]
             qat = self.qat(4)
             qat["init_args"]["targets"] = qat_targets
-            name = ("stacked" if scope == "language_model" else f"stacked_{scope}") + f"{suffix}_ramp75_qat_w4a8"
+            ramp = "" if any(final != 0.75 for _, _, final in ramps) else "_ramp75"  # other shares: the scope names them
+            name = ("stacked" if scope == "language_model" else f"stacked_{scope}") + f"{suffix}{ramp}_qat_w4a8"
             plugins = [*sparsity, qat]
             if o.stack_distill:
                 # Recovery toward the float base's answer distributions as well as the labels.
@@ -482,7 +489,8 @@ def main(argv: list[str] | None = None) -> None:
                              "whole_dense_tables: the token table and head 4-bit, neither pruned; "
                              "whole_dense_head_rows: whole_dense_head with every output row, each token of the table "
                              "too, pruned to 75%%; whole_dense_head_table_rows: Linear layers ranked layer-wide, the "
-                             "table per row), "
+                             "table per row; whole_vision50_text80: the vision tower and projector at 50%%, the text "
+                             "tower at 80%%, the head dense), "
                              "whose export's whole-model bits per weight is the size a device stores")
     parser.add_argument("--lora_float_base", choices=["base", "float_finetune"], default="base",
                         help="what the qalft stage's float LoRA starts from: the base, or the float fine-tune as long "

@@ -29,7 +29,8 @@ def _study(tmp_path: Path):
                      base_config=str(ROOT / "experiments" / "pretrain" / "gpu_base.yaml"),
                      settings=["w8a8", "w4a8", "w4a16", "w2a8"], granularities=["ch", "g32"],
                      stack_scopes=["language_model", "whole", "whole_dense_head", "whole_dense_head_global",
-                                   "whole_dense_tables", "whole_dense_head_rows", "whole_dense_head_table_rows"],
+                                   "whole_dense_tables", "whole_dense_head_rows", "whole_dense_head_table_rows",
+                                   "whole_vision50_text80"],
                      stack_distill=False, stack_sparsity_scope=None,
                      lora_float_base="base", qlora_bases=["bnb_nf4", "bnb_int8"])
     return module.Study(opts)
