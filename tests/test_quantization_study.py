@@ -268,7 +268,13 @@ def test_stacked_runs_can_distil_from_the_float_base(tmp_path: Path) -> None:
                          "stacked_whole_dense_head_global_ramp75_qat_w4a8_distill",
                          "stacked_whole_dense_tables_ramp75_qat_w4a8_distill",
                          "stacked_whole_dense_head_rows_ramp75_qat_w4a8_distill",
-                         "stacked_whole_dense_head_table_rows_ramp75_qat_w4a8_distill"}
+                         "stacked_whole_dense_head_table_rows_ramp75_qat_w4a8_distill",
+                         "stacked_whole_vision50_text80_qat_w4a8_distill"}
+    # A scope with its own sparsity per ramp: each ramp gets its share, under its own state key.
+    ramps = [cb["init_args"] for cb in jobs["stacked_whole_vision50_text80_qat_w4a8_distill"].callbacks
+             if cb["class_path"].endswith("SparsityRamp")]
+    assert [(r["final_sparsity"], r["scope"], r["name"]) for r in ramps] == [
+        (0.8, "layer", "sparsity"), (0.8, "row", "sparsity_1"), (0.5, "layer", "sparsity_2")]
     for job in jobs.values():
         distill = _instantiate(job.callbacks[-1])
         assert type(distill).__name__ == "Distillation"
