@@ -35,8 +35,9 @@ def test_every_run_has_a_unique_name_and_valid_plugin_arguments(tmp_path: Path) 
     assert {"dense", "dense_finetune", "ramp75", "ramp2of4", "oneshot_act_75", "oneshot_mag_2of4",
             "l0_50_improved", "l0_90_plain", "dense_finetune_l0"} <= set(names)
     # Longest runs first: the L0 fine-tunes and their dense reference lead the pool.
-    assert names[:8] == ["l0_50_improved", "l0_50_plain", "l0_90_improved", "l0_90_plain", "l0_50_improved_hard20",
-                         "l0_50_improved_hard50", "l0_90_improved_hard20", "dense_finetune_l0"]
+    assert names[:9] == ["l0_50_improved", "l0_50_plain", "l0_90_improved", "l0_90_plain", "l0_50_improved_hard20",
+                         "l0_50_improved_hard50", "l0_90_improved_hard20", "l0_50_improved_keep_hidden",
+                         "dense_finetune_l0"]
     for job in jobs:
         for callback in job.callbacks:
             module_name, class_name = callback["class_path"].rsplit(".", 1)
@@ -53,6 +54,8 @@ def test_every_run_has_a_unique_name_and_valid_plugin_arguments(tmp_path: Path) 
     assert by_name["l0_50_improved_distill_ft"].after == "dense_finetune_l0" == reference.name
     teacher = by_name["l0_50_improved_distill_ft"].callbacks[1]["init_args"]["teacher"]
     assert teacher == str(reference)
+    keep_hidden = by_name["l0_50_improved_keep_hidden"].callbacks[0]["init_args"]
+    assert keep_hidden["prune_hidden"] is False and keep_hidden["target_fraction"] == 0.5
 
 
 def test_base_arguments_reach_the_base_run_and_its_export_only(tmp_path: Path) -> None:
