@@ -342,6 +342,8 @@ class Study(sparsity_study.Study):
             args += ["--context_bits", str(self.opts.sensitivity_context_bits)]
         if getattr(self.opts, "mixed_refine_evaluations", 0):
             args += ["--refine_evaluations", str(self.opts.mixed_refine_evaluations)]
+            if getattr(self.opts, "mixed_refine_metric", None):
+                args += ["--refine_metric", self.opts.mixed_refine_metric]
         if self.opts.smoke:
             args += ["--device", "cpu"]
         code = self.python("sensitivity", args)
@@ -384,7 +386,8 @@ class Study(sparsity_study.Study):
                         for index, (targets, ranking, final) in enumerate(ramps)]
             qat = self.qat(4)
             qat["init_args"]["targets"] = qat_targets
-            ramp = "" if any(final != 0.75 for _, _, final in ramps) else "_ramp75"  # other shares: the scope names them
+            # Shares other than 75%: the scope's name says them.
+            ramp = "" if any(final != 0.75 for _, _, final in ramps) else "_ramp75"
             name = ("stacked" if scope == "language_model" else f"stacked_{scope}") + f"{suffix}{ramp}_qat_w4a8"
             plugins = [*sparsity, qat]
             if o.stack_distill:
@@ -477,6 +480,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="refine each mixed plan by measuring whole plans on the sensitivity batches (this many "
                              "measurements per budget; the result is never measured worse than the widest uniform "
                              "width within the budget); 0: the knapsack plan over single-layer sensitivities")
+    parser.add_argument("--mixed_refine_metric", choices=["loss", "kl", "disagreement"], default=None,
+                        help="what refining measures whole plans by (default: --sensitivity_metric); disagreement: "
+                             "one minus the top-1 agreement with the float model")
     parser.add_argument("--qat_reference", choices=["float_finetune", "base"], default="float_finetune",
                         help="what QAT runs' top-1 agreement is measured against: a float fine-tune as long as they "
                         "are (trained first; the table's fair comparison) or the base itself (no float fine-tune; "

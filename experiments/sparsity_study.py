@@ -317,7 +317,8 @@ class Study:
         jobs.append(Job("l0_50_improved_keep_hidden", "fit",
                         [callback("plugins.l0_pruning.L0Pruning", target_fraction=0.5, method="improved",
                                   multiple_of=self.multiple_of, prune_hidden=False)],
-                        self.from_base(o.l0_steps, o.ft_lr), export_to=self.work / "exports" / "l0_50_improved_keep_hidden"))
+                        self.from_base(o.l0_steps, o.ft_lr),
+                        export_to=self.work / "exports" / "l0_50_improved_keep_hidden"))
         dense_finetune_l0 = self.work / "exports" / "dense_finetune_l0"
         if o.l0_steps != o.ft_steps:  # the L0 runs' dense reference: fine-tuned as long as they are
             jobs.append(Job("dense_finetune_l0", "fit", overrides=self.from_base(o.l0_steps, o.ft_lr),
@@ -332,8 +333,8 @@ class Study:
                                       multiple_of=self.multiple_of),
                              callback("plugins.distillation.Distillation", teacher=str(teacher_path), weight=1.0,
                                       temperature=2.0)],
-                            self.from_base(o.l0_steps, o.ft_lr), export_to=self.work / "exports" / f"l0_50_improved{suffix}",
-                            after=after))
+                            self.from_base(o.l0_steps, o.ft_lr),
+                            export_to=self.work / "exports" / f"l0_50_improved{suffix}", after=after))
         dense_finetune = self.work / "exports" / "dense_finetune"
         jobs.append(Job("dense_finetune", "fit", overrides=self.from_base(o.ft_steps, o.ft_lr),
                         export_to=dense_finetune))

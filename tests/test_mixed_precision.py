@@ -151,6 +151,19 @@ def test_joint_measure_is_the_uniform_context_row_and_restores_weights() -> None
     assert three == pytest.approx(next(r["delta"] for r in context if r["bits"] == 3), rel=1e-5)
     assert two > three > eight >= 0
     assert measure.evaluations == 4
+    # Top-1 disagreement: the share of scored tokens whose argmax differs from the float model's.
+    def argmax(batch: dict) -> torch.Tensor:
+        with torch.no_grad():
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1]
+        return logits[batch["labels"][:, 1:] != -100].argmax(-1)
+
+    model.eval()
+    float_argmax = torch.cat([argmax(b) for b in batches])
+    with JointMeasure(model, batches, layers, spec, metric="disagreement") as measure:
+        two_bits = measure(dict.fromkeys(layers, 2))  # the model now holds the 2-bit weights
+        changed = float((torch.cat([argmax(b) for b in batches]) != float_argmax).float().mean())
+        assert measure(dict.fromkeys(layers, 8)) <= two_bits
+    assert two_bits == pytest.approx(changed) and 0 < two_bits <= 1
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "weights are restored exactly"
     with pytest.raises(ValueError, match="metric: must be one of"):
@@ -320,10 +333,15 @@ def test_cli_refines_plans_by_measuring_them_whole(tmp_path: Path, capsys: pytes
     config = tiny_config(tmp_path, max_steps=1, callbacks=[_qat()], limit_val_batches=0)
     common = ["--config", str(config), "--bits", "2", "3", "4", "8", "--batches", "1", "--metric", "kl"]
     with pytest.raises(SystemExit, match="--refine_evaluations: must be >= 0"):
-        sensitivity_main([*common, "--budget_avg_bits", "3", "--refine_evaluations", "-1", "--out", str(tmp_path / "p.json")])
+        sensitivity_main([*common, "--budget_avg_bits", "3", "--refine_evaluations", "-1",
+                          "--out", str(tmp_path / "p.json")])
     result = sensitivity_main([*common, "--budget_avg_bits", "3", "4", "--refine_evaluations", "6",
                                "--out", str(tmp_path / "plan_avg{budget}.json")])
     assert "measured jointly (kl)" in capsys.readouterr().out
+    by_agreement = sensitivity_main([*common, "--budget_avg_bits", "4", "--refine_evaluations", "3", "--refine_metric",
+                                     "disagreement", "--out", str(tmp_path / "plan_agreement.json")])
+    assert by_agreement["refine"]["metric"] == "disagreement" and by_agreement["metric"] == "kl"
+    assert 0 <= by_agreement["refine"]["measured_delta"] <= 1
     for plan in result["plans"]:
         refine = json.loads((tmp_path / f"plan_avg{plan['budget']['avg_bits']:g}.json").read_text())["refine"]
         assert refine == plan["refine"] and refine["evaluations"] <= 6

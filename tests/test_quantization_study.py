@@ -205,7 +205,10 @@ def test_sensitivity_stage_passes_its_metric(metric: str, tmp_path: Path, monkey
     assert "--refine_evaluations" not in calls[-1]
     study.opts.mixed_refine_evaluations = 60
     study.sensitivity()
-    assert calls[-1][calls[-1].index("--refine_evaluations") + 1] == "60"
+    assert calls[-1][calls[-1].index("--refine_evaluations") + 1] == "60" and "--refine_metric" not in calls[-1]
+    study.opts.mixed_refine_metric = "disagreement"
+    study.sensitivity()
+    assert calls[-1][calls[-1].index("--refine_metric") + 1] == "disagreement"
 
 
 def test_mixed_stage_ptq_only_drops_the_fine_tunes(tmp_path: Path) -> None:

@@ -41,6 +41,8 @@ from plugins.quantization.placement import quantization_disabled
 from plugins.quantization.quantizer import FakeQuantizer
 
 METRICS = ("loss", "kl")
+#: What a whole plan can be measured by (:class:`JointMeasure`): the sensitivity metrics, or top-1 disagreement.
+JOINT_METRICS = (*METRICS, "disagreement")
 DEFAULT_BITS = (2, 3, 4, 8)
 #: Largest number of budget states of the dynamic programme (fewer for many layers, so its choice table stays
 #: near 20M entries); beyond it costs are rounded up (plans stay within the budget).
@@ -378,16 +380,18 @@ class JointMeasure:
 
     The knapsack adds single-layer sensitivities; errors of many low-bit layers do not add up that simply (on the
     GPU base plans that looked better layer by layer lost to uniform widths). This measures a whole plan on the
-    calibration batches, with the metric of :func:`measure_sensitivity`; quantized weights are computed once per
-    (layer, width), and only the layers whose width changed are rewritten between two plans.
+    calibration batches: the KL divergence or loss change of :func:`measure_sensitivity`, or ``disagreement``, the
+    share of scored tokens whose top-1 prediction differs from the float model's (one minus the top-1 agreement the
+    talk's table reports). Quantized weights are computed once per (layer, width), and only the layers whose width
+    changed are rewritten between two plans.
 
     Use as a context manager: the weights are restored exactly and train/eval modes reset on exit.
     """
 
     def __init__(self, model: nn.Module, batches: Sequence[Mapping[str, Any]], layers: Sequence[str],
                  spec_template: QuantSpec | None = None, metric: str = "kl") -> None:
-        if metric not in METRICS:
-            raise ValueError(f"metric: must be one of {', '.join(repr(m) for m in METRICS)}, got {metric!r}")
+        if metric not in JOINT_METRICS:
+            raise ValueError(f"metric: must be one of {', '.join(repr(m) for m in JOINT_METRICS)}, got {metric!r}")
         if not batches:
             raise ValueError("batches: give at least one calibration batch")
         self.model, self.metric = model, metric
@@ -415,6 +419,8 @@ class JointMeasure:
             self._targets = [b["labels"][:, 1:][m] for b, m in zip(self.batches, self.masks)]
             self._reference = sum(float(F.cross_entropy(r, t, reduction="sum"))
                                   for r, t in zip(reference, self._targets)) / self.count
+        elif self.metric == "disagreement":
+            self._reference = [r.argmax(dim=-1) for r in reference]
         else:
             self._reference = [F.log_softmax(r, dim=-1) for r in reference]
         return self
@@ -439,7 +445,7 @@ class JointMeasure:
 
     @torch.no_grad()
     def __call__(self, plan: Mapping[str, int]) -> float:
-        """Mean KL (or loss change) per scored token with each layer of ``plan`` at its width."""
+        """Mean KL, loss change or top-1 disagreement per scored token with each layer of ``plan`` at its width."""
         missing = [name for name in self.layers if name not in plan]
         if missing:
             raise ValueError(f"plan: layer {missing[0]} has no width")
@@ -452,6 +458,8 @@ class JointMeasure:
             logits = _scored_logits(self.model, batch, mask)
             if self.metric == "loss":
                 total += float(F.cross_entropy(logits, self._targets[index], reduction="sum"))
+            elif self.metric == "disagreement":
+                total += float((logits.argmax(dim=-1) != self._reference[index]).sum())
             else:
                 total += float(F.kl_div(F.log_softmax(logits, dim=-1), self._reference[index], log_target=True,
                                         reduction="sum"))
@@ -464,10 +472,11 @@ def refine_plan(plan: Mapping[str, Any], measure: JointMeasure, max_evaluations:
     """``plan`` (from :func:`plan_bits`) improved by measuring whole plans instead of adding single layers.
 
     Starts from whichever is measured lower: the knapsack plan or the widest uniform width that fits the budget, so
-    the result is never measured worse than that uniform plan on these batches. Then, in rounds, moves bits between layers: raise
-    one layer a width and, when the budget needs it, lower another one width. A round measures the moves in the
-    order the single-layer table predicts, ``moves_per_round`` at a time, and keeps the best of the first group
-    that lowers the measured change. Stops when no move improves or after ``max_evaluations`` measurements.
+    the result is never measured worse than that uniform plan on these batches. Then, in rounds, moves bits between
+    layers: raise one layer a width and, when the budget needs it, lower another one width. A round measures the
+    moves in the order the single-layer table predicts, ``moves_per_round`` at a time, and keeps the best of the
+    first group that lowers the measured change. Stops when no move improves or after ``max_evaluations``
+    measurements.
 
     Returns:
         ``plan`` with ``layers``, ``avg_bits``, ``total_bits`` of the refined plan and ``refine``: the measured
@@ -719,6 +728,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="refine each plan by measuring whole plans (this many measurements per budget, each a "
                              "pass over the calibration batches; 0: the knapsack plan as it is)")
     parser.add_argument("--refine_moves", type=int, default=4, help="moves measured per refining round")
+    parser.add_argument("--refine_metric", choices=JOINT_METRICS, default=None,
+                        help="what whole plans are measured by (default: the sensitivity metric); disagreement is "
+                             "one minus the top-1 agreement with the float model")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--pareto", type=float, nargs="*", default=None,
                         help="also print the predicted delta of the plans at these average-bits budgets")
@@ -770,7 +782,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     measure = None
     if opts.refine_evaluations:
         measure = JointMeasure(module.model, batches, list(dict.fromkeys(r["layer"] for r in rows)), template,
-                               opts.metric)
+                               opts.refine_metric or opts.metric)
     with contextlib.ExitStack() as stack:
         if measure is not None:
             stack.enter_context(cli.trainer.precision_plugin.forward_context())
