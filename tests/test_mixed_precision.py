@@ -170,6 +170,8 @@ def test_joint_measure_is_the_uniform_context_row_and_restores_weights() -> None
         JointMeasure(model, batches, layers, metric="mse")
     with pytest.raises(ValueError, match="batches: give at least one"):
         JointMeasure(model, [], layers)
+    with pytest.raises(RuntimeError, match="inside `with JointMeasure"):
+        JointMeasure(model, batches, layers)(dict.fromkeys(layers, 4))
 
 
 def test_refined_plan_is_measured_no_worse_than_uniform_and_keeps_the_budget() -> None:

@@ -382,8 +382,8 @@ class JointMeasure:
     GPU base plans that looked better layer by layer lost to uniform widths). This measures a whole plan on the
     calibration batches: the KL divergence or loss change of :func:`measure_sensitivity`, or ``disagreement``, the
     share of scored tokens whose top-1 prediction differs from the float model's (one minus the top-1 agreement the
-    talk's table reports). Quantized weights are computed once per (layer, width), and only the layers whose width
-    changed are rewritten between two plans.
+    talk's table reports). Quantized weights are computed once per (layer, width) and kept (memory grows to one copy
+    of the layers per width tried), and only the layers whose width changed are rewritten between two plans.
 
     Use as a context manager: the weights are restored exactly and train/eval modes reset on exit.
     """
@@ -430,6 +430,7 @@ class JointMeasure:
             for name, layer in self.layers.items():
                 layer.weight.copy_(self.originals[name])
         self._current = {}
+        del self._reference
         self._disabled.__exit__(*exc)
         for module, mode in self._modes.items():
             module.training = mode
@@ -446,6 +447,8 @@ class JointMeasure:
     @torch.no_grad()
     def __call__(self, plan: Mapping[str, int]) -> float:
         """Mean KL, loss change or top-1 disagreement per scored token with each layer of ``plan`` at its width."""
+        if not hasattr(self, "_reference"):
+            raise RuntimeError("JointMeasure: measure plans inside `with JointMeasure(...) as measure:`")
         missing = [name for name in self.layers if name not in plan]
         if missing:
             raise ValueError(f"plan: layer {missing[0]} has no width")
