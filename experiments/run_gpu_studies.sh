@@ -221,11 +221,11 @@ if [ "${1:-}" = reading_rest ] || [ "${1:-}" = reading_qalft ]; then
   log "reading rest done"
   exit
 fi
-# L0's references on the base that reads, sized for one 10-minute call on two GPUs that follows another on the same
-# host (KEEP_BASE=1): `bash experiments/run_gpu_studies.sh reading_l0`. At once: plain L0 at 50%, the pruned shape from
-# scratch with the L0 run's compute (trained like the base: its recipe file), improved L0 distilled from the base,
-# and the dense reference fine-tuned as long ($L0_STEPS, default 1000, exported); then improved L0 distilled from
-# that reference. L0_RUNS picks runs.
+# L0's references on the base that reads: `bash experiments/run_gpu_studies.sh reading_l0`. The base (or, with
+# KEEP_BASE=1, an earlier call's), then at once: plain L0 at 50%, the pruned shape from scratch with the L0 run's
+# compute (trained like the base: its recipe file), improved L0 distilled from the base, and the dense reference
+# fine-tuned as long ($L0_STEPS, default 1000, exported); then improved L0 distilled from that reference. L0_RUNS picks
+# runs (e.g. l0_50_improved_keep_hidden). Fifteenth run, two H200s: 277 s for the base, 206 s for the first four.
 if [ "${1:-}" = reading_l0 ]; then
   reading_base
   read -r -a runs <<< "${L0_RUNS:-dense_finetune_l0 l0_50_plain l0_scratch50_l0compute l0_50_improved_distill l0_50_improved_distill_ft}"
