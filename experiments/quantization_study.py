@@ -331,6 +331,7 @@ class Study(sparsity_study.Study):
         config.parent.mkdir(parents=True, exist_ok=True)
         config.write_text(yaml.safe_dump({"trainer": {"callbacks": [self.qat(4)]}}))
         if all(self.plan_path(b).exists() for b in BUDGETS) and not self.opts.rerun:
+            self.publish_plans()  # plans made earlier (or by hand) still go beside the results that used them
             return 0
         args = ["-m", "plugins.quantization.sensitivity", *self.common(), "--config", str(config),
                 *self.on(self.base_export), "--budget_avg_bits", *map(str, BUDGETS),
@@ -347,10 +348,13 @@ class Study(sparsity_study.Study):
         if self.opts.smoke:
             args += ["--device", "cpu"]
         code = self.python("sensitivity", args)
+        self.publish_plans()
+        return code
+
+    def publish_plans(self) -> None:
         for budget in BUDGETS:
             if self.plan_path(budget).exists():
                 shutil.copy(self.plan_path(budget), self.out / self.plan_path(budget).name)
-        return code
 
     def mixed_jobs(self) -> list[Job]:
         o = self.opts

@@ -209,6 +209,14 @@ def test_sensitivity_stage_passes_its_metric(metric: str, tmp_path: Path, monkey
     study.opts.mixed_refine_metric = "disagreement"
     study.sensitivity()
     assert calls[-1][calls[-1].index("--refine_metric") + 1] == "disagreement"
+    # Plans that exist already are not measured again, and still land beside the results that use them.
+    study.opts.rerun = False
+    study.plans.mkdir(parents=True, exist_ok=True)
+    for budget in (3, 4, 5):
+        study.plan_path(budget).write_text("{}")
+    count = len(calls)
+    assert study.sensitivity() == 0 and len(calls) == count
+    assert all((study.out / f"plan_avg{budget}.json").exists() for budget in (3, 4, 5))
 
 
 def test_mixed_stage_ptq_only_drops_the_fine_tunes(tmp_path: Path) -> None:
