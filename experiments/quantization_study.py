@@ -345,6 +345,8 @@ class Study(sparsity_study.Study):
             args += ["--refine_evaluations", str(self.opts.mixed_refine_evaluations)]
             if getattr(self.opts, "mixed_refine_metric", None):
                 args += ["--refine_metric", self.opts.mixed_refine_metric]
+            if getattr(self.opts, "mixed_refine_batches", None):
+                args += ["--refine_batches", str(self.opts.mixed_refine_batches)]
         if self.opts.smoke:
             args += ["--device", "cpu"]
         code = self.python("sensitivity", args)
@@ -487,6 +489,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mixed_refine_metric", choices=["loss", "kl", "disagreement"], default=None,
                         help="what refining measures whole plans by (default: --sensitivity_metric); disagreement: "
                              "one minus the top-1 agreement with the float model")
+    parser.add_argument("--mixed_refine_batches", type=int, default=None,
+                        help="refining measures whole plans on this many training batches after the sensitivity "
+                             "batches (default: the sensitivity batches)")
     parser.add_argument("--qat_reference", choices=["float_finetune", "base"], default="float_finetune",
                         help="what QAT runs' top-1 agreement is measured against: a float fine-tune as long as they "
                         "are (trained first; the table's fair comparison) or the base itself (no float fine-tune; "

@@ -341,8 +341,10 @@ def test_cli_refines_plans_by_measuring_them_whole(tmp_path: Path, capsys: pytes
                                "--out", str(tmp_path / "plan_avg{budget}.json")])
     assert "measured jointly (kl)" in capsys.readouterr().out
     by_agreement = sensitivity_main([*common, "--budget_avg_bits", "4", "--refine_evaluations", "3", "--refine_metric",
-                                     "disagreement", "--out", str(tmp_path / "plan_agreement.json")])
+                                     "disagreement", "--refine_batches", "2",
+                                     "--out", str(tmp_path / "plan_agreement.json")])
     assert by_agreement["refine"]["metric"] == "disagreement" and by_agreement["metric"] == "kl"
+    assert by_agreement["refine"]["batches"] == 2 and result["plans"][0]["refine"]["batches"] == 1
     assert 0 <= by_agreement["refine"]["measured_delta"] <= 1
     for plan in result["plans"]:
         refine = json.loads((tmp_path / f"plan_avg{plan['budget']['avg_bits']:g}.json").read_text())["refine"]

@@ -731,6 +731,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="refine each plan by measuring whole plans (this many measurements per budget, each a "
                              "pass over the calibration batches; 0: the knapsack plan as it is)")
     parser.add_argument("--refine_moves", type=int, default=4, help="moves measured per refining round")
+    parser.add_argument("--refine_batches", type=int, default=None,
+                        help="measure whole plans on this many training batches after the sensitivity batches "
+                             "(default: on the sensitivity batches themselves)")
     parser.add_argument("--refine_metric", choices=JOINT_METRICS, default=None,
                         help="what whole plans are measured by (default: the sensitivity metric); disagreement is "
                              "one minus the top-1 agreement with the float model")
@@ -742,8 +745,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     opts, rest = parser.parse_known_args(argv)
     if opts.batches < 1:
         raise SystemExit("--batches: must be >= 1")
-    if opts.refine_evaluations < 0 or opts.refine_moves < 1:
-        raise SystemExit("--refine_evaluations: must be >= 0; --refine_moves: must be >= 1")
+    if opts.refine_evaluations < 0 or opts.refine_moves < 1 or (opts.refine_batches is not None and
+                                                               opts.refine_batches < 1):
+        raise SystemExit("--refine_evaluations: must be >= 0; --refine_moves and --refine_batches: must be >= 1")
     budgets = [("budget_avg_bits", b) for b in opts.budget_avg_bits or []] + \
               [("budget_bytes", b) for b in opts.budget_bytes or []]
     if len(budgets) > 1 and "{budget}" not in opts.out:
@@ -762,7 +766,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if missing:
             raise ValueError(f"ckpt_path: {opts.ckpt_path} does not match the config's model (missing {missing[:5]})")
         module.load_state_dict({k: v for k, v in weights.items() if k in state}, strict=False)
-    batches = calibration_batches(cli, opts.batches)
+    # Whole plans may be measured on other batches than the table (the ones after it), so refining does not fit
+    # the same few batches the single-layer table was measured on.
+    drawn = calibration_batches(cli, opts.batches + (opts.refine_batches or 0))
+    batches, refine_batches = drawn[: opts.batches], drawn[opts.batches:] or drawn[: opts.batches]
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     module.to(device)
     # What does not depend on the budget is computed once and shared by every plan.
@@ -784,7 +791,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plans = []
     measure = None
     if opts.refine_evaluations:
-        measure = JointMeasure(module.model, batches, list(dict.fromkeys(r["layer"] for r in rows)), template,
+        measure = JointMeasure(module.model, refine_batches, list(dict.fromkeys(r["layer"] for r in rows)), template,
                                opts.refine_metric or opts.metric)
     with contextlib.ExitStack() as stack:
         if measure is not None:
