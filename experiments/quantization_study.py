@@ -347,6 +347,8 @@ class Study(sparsity_study.Study):
                 args += ["--refine_metric", self.opts.mixed_refine_metric]
             if getattr(self.opts, "mixed_refine_batches", None):
                 args += ["--refine_batches", str(self.opts.mixed_refine_batches)]
+            if getattr(self.opts, "mixed_refine_held_out", 0):
+                args += ["--refine_held_out", str(self.opts.mixed_refine_held_out)]
         if self.opts.smoke:
             args += ["--device", "cpu"]
         code = self.python("sensitivity", args)
@@ -492,6 +494,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mixed_refine_batches", type=int, default=None,
                         help="refining measures whole plans on this many training batches after the sensitivity "
                              "batches (default: the sensitivity batches)")
+    parser.add_argument("--mixed_refine_held_out", type=int, default=0,
+                        help="of the batches refining measures on, the last this many are held out: a move is kept "
+                             "only if it improves them too")
     parser.add_argument("--qat_reference", choices=["float_finetune", "base"], default="float_finetune",
                         help="what QAT runs' top-1 agreement is measured against: a float fine-tune as long as they "
                         "are (trained first; the table's fair comparison) or the base itself (no float fine-tune; "

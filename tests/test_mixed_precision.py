@@ -172,6 +172,16 @@ def test_joint_measure_is_the_uniform_context_row_and_restores_weights() -> None
         JointMeasure(model, [], layers)
     with pytest.raises(RuntimeError, match="inside `with JointMeasure"):
         JointMeasure(model, batches, layers)(dict.fromkeys(layers, 4))
+    with pytest.raises(ValueError, match=r"held_out: must be in \[0, 1\] for 2 batches, got 2"):
+        JointMeasure(model, batches, layers, held_out=2)
+    # One batch searched, one held out: each measures its own batch, as a measure of that batch alone would.
+    with JointMeasure(model, batches, layers, spec, metric="kl", held_out=1) as split:
+        searched, kept_apart = split(dict.fromkeys(layers, 3)), split(dict.fromkeys(layers, 3), held_out=True)
+    for batch, value in ((batches[0], searched), (batches[1], kept_apart)):
+        with JointMeasure(model, [batch], layers, spec, metric="kl") as alone:
+            assert alone(dict.fromkeys(layers, 3)) == pytest.approx(value, rel=1e-6)
+    with JointMeasure(model, batches, layers, spec) as whole, pytest.raises(ValueError, match="keeps no batch apart"):
+        whole(dict.fromkeys(layers, 3), held_out=True)
 
 
 def test_refined_plan_is_measured_no_worse_than_uniform_and_keeps_the_budget() -> None:
@@ -195,6 +205,15 @@ def test_refined_plan_is_measured_no_worse_than_uniform_and_keeps_the_budget() -
         assert 2 <= info["evaluations"] <= 12 and measure.evaluations == info["evaluations"] + 1
     with pytest.raises(ValueError, match="max_evaluations: must be >= 1"):
         refine_plan(plan, measure, max_evaluations=0)
+    # With a batch held out, every kept move lowers the change on it too.
+    plan = plan_bits(rows, budget_avg_bits=3.0, bits_options=OPTIONS)
+    with JointMeasure(model, batches, _lm_layers(model), spec, metric="kl", held_out=1) as measure:
+        refined = refine_plan(plan, measure, max_evaluations=30, moves_per_round=3)
+        info = refined["refine"]
+        assert info["held_out_batches"] == 1 and info["batches"] == 1
+        assert info["held_out_delta"] == pytest.approx(measure(refined["layers"], held_out=True), rel=1e-9)
+    assert info["held_out_delta"] <= info["held_out_start"] and info["measured_delta"] <= info["knapsack_measured"]
+    assert info["evaluations"] <= 30 and info["turned_down_by_held_out"] >= 0
 
 
 # ---------------------------------------------------------------------------------------------- planner
@@ -341,10 +360,11 @@ def test_cli_refines_plans_by_measuring_them_whole(tmp_path: Path, capsys: pytes
                                "--out", str(tmp_path / "plan_avg{budget}.json")])
     assert "measured jointly (kl)" in capsys.readouterr().out
     by_agreement = sensitivity_main([*common, "--budget_avg_bits", "4", "--refine_evaluations", "3", "--refine_metric",
-                                     "disagreement", "--refine_batches", "2",
+                                     "disagreement", "--refine_batches", "3", "--refine_held_out", "1",
                                      "--out", str(tmp_path / "plan_agreement.json")])
     assert by_agreement["refine"]["metric"] == "disagreement" and by_agreement["metric"] == "kl"
-    assert by_agreement["refine"]["batches"] == 2 and result["plans"][0]["refine"]["batches"] == 1
+    assert by_agreement["refine"]["batches"] == 2 and by_agreement["refine"]["held_out_batches"] == 1
+    assert result["plans"][0]["refine"]["batches"] == 1 and result["plans"][0]["refine"]["held_out_delta"] is None
     assert 0 <= by_agreement["refine"]["measured_delta"] <= 1
     for plan in result["plans"]:
         refine = json.loads((tmp_path / f"plan_avg{plan['budget']['avg_bits']:g}.json").read_text())["refine"]

@@ -211,7 +211,10 @@ def test_sensitivity_stage_passes_its_metric(metric: str, tmp_path: Path, monkey
     assert calls[-1][calls[-1].index("--refine_metric") + 1] == "disagreement" and "--refine_batches" not in calls[-1]
     study.opts.mixed_refine_batches = 32
     study.sensitivity()
-    assert calls[-1][calls[-1].index("--refine_batches") + 1] == "32"
+    assert calls[-1][calls[-1].index("--refine_batches") + 1] == "32" and "--refine_held_out" not in calls[-1]
+    study.opts.mixed_refine_held_out = 16
+    study.sensitivity()
+    assert calls[-1][calls[-1].index("--refine_held_out") + 1] == "16"
     # Plans that exist already are not measured again, and still land beside the results that use them.
     study.opts.rerun = False
     study.plans.mkdir(parents=True, exist_ok=True)

@@ -385,24 +385,37 @@ class JointMeasure:
     talk's table reports). Quantized weights are computed once per (layer, width) and kept (memory grows to one copy
     of the layers per width tried), and only the layers whose width changed are rewritten between two plans.
 
+    ``held_out``: the last this many batches are kept apart; ``measure(plan)`` reads the others and
+    ``measure(plan, held_out=True)`` these, so a search over plans can check its choices on batches it did not pick
+    them on.
+
     Use as a context manager: the weights are restored exactly and train/eval modes reset on exit.
     """
 
     def __init__(self, model: nn.Module, batches: Sequence[Mapping[str, Any]], layers: Sequence[str],
-                 spec_template: QuantSpec | None = None, metric: str = "kl") -> None:
+                 spec_template: QuantSpec | None = None, metric: str = "kl", held_out: int = 0) -> None:
         if metric not in JOINT_METRICS:
             raise ValueError(f"metric: must be one of {', '.join(repr(m) for m in JOINT_METRICS)}, got {metric!r}")
         if not batches:
             raise ValueError("batches: give at least one calibration batch")
+        if not 0 <= held_out < len(batches):
+            raise ValueError(f"held_out: must be in [0, {len(batches) - 1}] for {len(batches)} batches, got {held_out}")
         self.model, self.metric = model, metric
         self.template = spec_template or QuantSpec(bits=8, granularity="channel")
         self.layers = _select_layers(model, list(layers))
         device = next(model.parameters()).device
         self.batches = [_to_device(b, device) for b in batches]
         self.masks = [_token_mask(b, metric) for b in self.batches]
-        self.count = sum(int(m.sum()) for m in self.masks)
+        self._counts = [int(m.sum()) for m in self.masks]
+        self.count = sum(self._counts)
         if self.count == 0:
             raise ValueError("batches: no scored token (every label is -100)")
+        self.held_out = held_out
+        split = len(self.batches) - held_out
+        self._subsets = {False: list(range(split)), True: list(range(split, len(self.batches)))}
+        for kept_apart, indices in self._subsets.items():
+            if indices and sum(self._counts[i] for i in indices) == 0:
+                raise ValueError(f"batches: the {'held-out' if kept_apart else 'searched'} batches score no token")
         self.originals = {name: layer.weight.detach().clone() for name, layer in self.layers.items()}
         self._cache: dict[tuple[str, int], torch.Tensor] = {}
         self._current: dict[str, int] = {}
@@ -415,10 +428,9 @@ class JointMeasure:
         self._disabled.__enter__()
         with torch.no_grad():
             reference = [_scored_logits(self.model, b, m) for b, m in zip(self.batches, self.masks)]
-        if self.metric == "loss":
+        if self.metric == "loss":  # per batch: the float model's summed loss
             self._targets = [b["labels"][:, 1:][m] for b, m in zip(self.batches, self.masks)]
-            self._reference = sum(float(F.cross_entropy(r, t, reduction="sum"))
-                                  for r, t in zip(reference, self._targets)) / self.count
+            self._reference = [float(F.cross_entropy(r, t, reduction="sum")) for r, t in zip(reference, self._targets)]
         elif self.metric == "disagreement":
             self._reference = [r.argmax(dim=-1) for r in reference]
         else:
@@ -445,8 +457,9 @@ class JointMeasure:
         return self._cache[(name, bits)]
 
     @torch.no_grad()
-    def __call__(self, plan: Mapping[str, int]) -> float:
-        """Mean KL, loss change or top-1 disagreement per scored token with each layer of ``plan`` at its width."""
+    def __call__(self, plan: Mapping[str, int], held_out: bool = False) -> float:
+        """Mean KL, loss change or top-1 disagreement per scored token with each layer of ``plan`` at its width, on
+        the searched batches (or the held-out ones)."""
         if not hasattr(self, "_reference"):
             raise RuntimeError("JointMeasure: measure plans inside `with JointMeasure(...) as measure:`")
         missing = [name for name in self.layers if name not in plan]
@@ -456,18 +469,21 @@ class JointMeasure:
             if self._current.get(name) != bits:
                 self.layers[name].weight.copy_(self._weight(name, int(bits)))
                 self._current[name] = int(bits)
+        indices = self._subsets[bool(held_out)]
+        if not indices:
+            raise ValueError("held_out: this JointMeasure keeps no batch apart (held_out=0)")
         total = 0.0
-        for index, (batch, mask) in enumerate(zip(self.batches, self.masks)):
-            logits = _scored_logits(self.model, batch, mask)
+        for index in indices:
+            logits = _scored_logits(self.model, self.batches[index], self.masks[index])
             if self.metric == "loss":
-                total += float(F.cross_entropy(logits, self._targets[index], reduction="sum"))
+                total += float(F.cross_entropy(logits, self._targets[index], reduction="sum")) - self._reference[index]
             elif self.metric == "disagreement":
                 total += float((logits.argmax(dim=-1) != self._reference[index]).sum())
             else:
                 total += float(F.kl_div(F.log_softmax(logits, dim=-1), self._reference[index], log_target=True,
                                         reduction="sum"))
         self.evaluations += 1
-        return total / self.count - (self._reference if self.metric == "loss" else 0.0)
+        return total / sum(self._counts[i] for i in indices)
 
 
 def refine_plan(plan: Mapping[str, Any], measure: JointMeasure, max_evaluations: int = 40,
@@ -478,13 +494,15 @@ def refine_plan(plan: Mapping[str, Any], measure: JointMeasure, max_evaluations:
     the result is never measured worse than that uniform plan on these batches. Then, in rounds, moves bits between
     layers: raise one layer a width and, when the budget needs it, lower another one width. A round measures the
     moves in the order the single-layer table predicts, ``moves_per_round`` at a time, and keeps the best of the
-    first group that lowers the measured change. Stops when no move improves or after ``max_evaluations``
-    measurements.
+    first group that lowers the measured change. With batches held out (``JointMeasure(held_out=...)``) a move is
+    kept only if it lowers the change on those too; otherwise the next improving move is checked. Stops when no move
+    improves or after ``max_evaluations`` measurements (held-out ones included).
 
     Returns:
         ``plan`` with ``layers``, ``avg_bits``, ``total_bits`` of the refined plan and ``refine``: the measured
-        change of the knapsack plan, of the widest uniform width that fits, of the start and of the result, the
-        rounds and measurements used.
+        change of the knapsack plan, of the widest uniform width that fits, of the start and of the result (and of
+        the start and result on the held-out batches), the rounds, measurements and moves the held-out batches
+        turned down.
     """
     if max_evaluations < 1:
         raise ValueError(f"max_evaluations: must be >= 1, got {max_evaluations}")
@@ -517,6 +535,9 @@ def refine_plan(plan: Mapping[str, Any], measure: JointMeasure, max_evaluations:
         uniform[widest] = measure({n: widest for n in names})
         if uniform[widest] < best_value:
             best, best_value, origin = {n: options.index(widest) for n in names}, uniform[widest], f"uniform_{widest}"
+    checking = measure.held_out > 0
+    best_check = measure(as_bits(best), held_out=True) if checking else None
+    start_check, turned_down = best_check, 0
     rounds = 0
     while measure.evaluations - used < max_evaluations:
         slack = limit - total(best)
@@ -542,27 +563,42 @@ def refine_plan(plan: Mapping[str, Any], measure: JointMeasure, max_evaluations:
         improved = None
         # The predicted best moves first, a few at a time; the next few only when none of these measured better.
         for first in range(0, len(moves), moves_per_round):
+            better = []
             for _, change in moves[first: first + moves_per_round]:
                 if measure.evaluations - used >= max_evaluations:
                     break
                 candidate = {**best, **change}
                 value = measure(as_bits(candidate))
-                if value < best_value and (improved is None or value < improved[1]):
-                    improved = (candidate, value)
+                if value < best_value:
+                    better.append((value, candidate))
+            for value, candidate in sorted(better, key=lambda pair: pair[0]):
+                if not checking:
+                    improved = (candidate, value, None)
+                    break
+                if measure.evaluations - used >= max_evaluations:
+                    break
+                check = measure(as_bits(candidate), held_out=True)
+                if check < best_check:
+                    improved = (candidate, value, check)
+                    break
+                turned_down += 1
             if improved is not None or measure.evaluations - used >= max_evaluations:
                 break
         if improved is None:
             break
-        best, best_value = improved
+        best, best_value, best_check = improved
     bits = as_bits(best)
     total_bits = total(best)
     return {**plan, "layers": bits, "avg_bits": total_bits / sum(params), "total_bits": total_bits,
             "predicted_delta": float(sum(deltas[index[n], c] for n, c in best.items())),
-            "refine": {"metric": measure.metric, "batches": len(measure.batches), "knapsack_measured": knapsack,
+            "refine": {"metric": measure.metric, "batches": len(measure.batches) - measure.held_out,
+                       "knapsack_measured": knapsack,
                        "knapsack_layers": as_bits(start),
                        "uniform_measured": {str(b): v for b, v in uniform.items()}, "start": origin,
                        "measured_delta": best_value, "rounds": rounds,
-                       "evaluations": measure.evaluations - used}}
+                       "evaluations": measure.evaluations - used, "held_out_batches": measure.held_out,
+                       "held_out_start": start_check, "held_out_delta": best_check,
+                       "turned_down_by_held_out": turned_down}}
 
 
 # ---------------------------------------------------------------------------------------------- plan files
@@ -734,6 +770,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--refine_batches", type=int, default=None,
                         help="measure whole plans on this many training batches after the sensitivity batches "
                              "(default: on the sensitivity batches themselves)")
+    parser.add_argument("--refine_held_out", type=int, default=0,
+                        help="of the batches whole plans are measured on, keep the last this many apart: a move is "
+                             "kept only if it also improves them")
     parser.add_argument("--refine_metric", choices=JOINT_METRICS, default=None,
                         help="what whole plans are measured by (default: the sensitivity metric); disagreement is "
                              "one minus the top-1 agreement with the float model")
@@ -792,7 +831,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     measure = None
     if opts.refine_evaluations:
         measure = JointMeasure(module.model, refine_batches, list(dict.fromkeys(r["layer"] for r in rows)), template,
-                               opts.refine_metric or opts.metric)
+                               opts.refine_metric or opts.metric, held_out=opts.refine_held_out)
     with contextlib.ExitStack() as stack:
         if measure is not None:
             stack.enter_context(cli.trainer.precision_plugin.forward_context())
