@@ -225,12 +225,13 @@ fi
 # KEEP_BASE=1, an earlier call's), then at once: plain L0 at 50%, the pruned shape from scratch with the L0 run's
 # compute (trained like the base: its recipe file), improved L0 distilled from the base, and the dense reference
 # fine-tuned as long ($L0_STEPS, default 1000, exported); then improved L0 distilled from that reference. L0_RUNS picks
-# runs (e.g. l0_50_improved_keep_hidden). Fifteenth run, two H200s: 277 s for the base, 206 s for the first four.
+# runs (e.g. l0_50_improved_keep_hidden), L0_WORKERS each run's loader workers (default 6). Fifteenth run, two
+# H200s: 277 s for the base, 206 s for the first four.
 if [ "${1:-}" = reading_l0 ]; then
   reading_base
   read -r -a runs <<< "${L0_RUNS:-dense_finetune_l0 l0_50_plain l0_scratch50_l0compute l0_50_improved_distill l0_50_improved_distill_ft}"
   $PY "${SP[@]}" sweep collect --only "${runs[@]}" --ft_steps "${FT_STEPS:-400}" --l0_steps "${L0_STEPS:-1000}" \
-    --parallel 4 --workers 6 --gpus "$GPUS" --base_args "--config experiments/pretrain/gpu_reading.yaml" \
+    --parallel 4 --workers "${L0_WORKERS:-6}" --gpus "$GPUS" --base_args "--config experiments/pretrain/gpu_reading.yaml" \
     > "$WORK/logs/l0.log" 2>&1
   log "l0 rc=$?"
   copy_run_metrics
@@ -240,12 +241,14 @@ fi
 # beside the language-model-only stack, against a float fine-tune as long: `bash experiments/run_gpu_studies.sh
 # reading_stack`. Sized for one 10-minute call on two GPUs (the base, then the float fine-tune, then three runs).
 # STACK_SCOPES picks the runs (quantization_study.py --stack_scopes), STACK_DISTILL=1 adds distillation from the base,
-# QAT_STEPS sets their length, e.g. STACK_SCOPES=whole_dense_head QAT_STEPS=1000 STACK_DISTILL=1.
+# QAT_STEPS sets their length, e.g. STACK_SCOPES=whole_dense_head QAT_STEPS=1000 STACK_DISTILL=1. QAT_REFERENCE=base
+# measures agreement against the base and skips the float fine-tune (its numbers are known from an earlier call).
 if [ "${1:-}" = reading_stack ]; then
   reading_base
   read -r -a scopes <<< "${STACK_SCOPES:-language_model whole whole_dense_head}"
   $PY experiments/quantization_study.py stacked collect --base_export "$base" --out "$RES/quantization" \
     --work "$WORK/quantization" --stack_scopes "${scopes[@]}" --qat_steps "${QAT_STEPS:-300}" \
+    --qat_reference "${QAT_REFERENCE:-float_finetune}" \
     ${STACK_DISTILL:+--stack_distill} --parallel "${#scopes[@]}" --workers "${STACK_WORKERS:-8}" --gpus "$GPUS" \
     > "$WORK/logs/quantization_study.log" 2>&1
   log "stack rc=$?"
