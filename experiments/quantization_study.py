@@ -399,9 +399,11 @@ class Study(sparsity_study.Study):
             name = ("stacked" if scope == "language_model" else f"stacked_{scope}") + f"{suffix}{ramp}_qat_w4a8"
             plugins = [*sparsity, qat]
             if o.stack_distill:
-                # Recovery toward the float base's answer distributions as well as the labels.
-                plugins.append(callback(DISTILLATION, teacher=str(self.base_export), weight=1.0, temperature=2.0))
-                name += "_distill"
+                # Recovery toward a float model's answer distributions as well as the labels: the base, or the float
+                # fine-tune as long as the stack (a stronger teacher where fine-tuning still improves the base).
+                teacher = self.float_finetune if o.stack_teacher == "float_finetune" else self.base_export
+                plugins.append(callback(DISTILLATION, teacher=str(teacher), weight=1.0, temperature=2.0))
+                name += "_distill" if o.stack_teacher == "base" else "_distill_ft"
             jobs.append(Job(name, "fit", plugins, self.on(self.base_export, o.qat_steps, o.qat_lr),
                             export_to=self.exports / name))
         return jobs
@@ -520,8 +522,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="the stacked runs' sparsity ranking instead of each scope's own; runs that change get "
                              "it in their names (stacked_<scope>_<ranking>_ramp75_qat_w4a8)")
     parser.add_argument("--stack_distill", action="store_true",
-                        help="the stacked runs also distil from the float base (plugins.distillation, weight 1, "
-                             "temperature 2); their names end in _distill")
+                        help="the stacked runs also distil from a float teacher (plugins.distillation, weight 1, "
+                             "temperature 2); their names end in _distill (teacher: the base) or _distill_ft")
+    parser.add_argument("--stack_teacher", choices=["base", "float_finetune"], default="base",
+                        help="the --stack_distill teacher: the base, or the float fine-tune as long as the stacked "
+                             "runs (trained first when missing)")
     parser.add_argument("--qlora_bases", nargs="*", choices=["bnb_nf4", "bnb_int8"], default=[],
                         help="the qalft stage also trains LoRA on these bitsandbytes bases of float LoRA's start "
                              "(weights only, QLoRA style; runs qlora_nf4_<task>, qlora_int8_<task>)")
@@ -556,6 +561,8 @@ def main(argv: list[str] | None = None) -> None:
         needs_float = opts.qat_reference == "float_finetune" and (float_stages & set(opts.stages) or (
             qalft_alone and not (study.qat_w4a8 / "qat.encodings").exists()))
         needs_float = needs_float or ("qalft" in opts.stages and opts.lora_float_base == "float_finetune")
+        needs_float = needs_float or ("stacked" in opts.stages and opts.stack_distill
+                                      and opts.stack_teacher == "float_finetune")
         beside_qat: list[Job] = []
         if needs_float and not (study.float_finetune / "config.json").exists():
             need_base("float_finetune")

@@ -242,14 +242,15 @@ fi
 # reading_stack`. Sized for one 10-minute call on two GPUs (the base, then the float fine-tune, then three runs).
 # STACK_SCOPES picks the runs (quantization_study.py --stack_scopes), STACK_DISTILL=1 adds distillation from the base,
 # QAT_STEPS sets their length, e.g. STACK_SCOPES=whole_dense_head QAT_STEPS=1000 STACK_DISTILL=1. QAT_REFERENCE=base
-# measures agreement against the base and skips the float fine-tune (its numbers are known from an earlier call).
+# measures agreement against the base and skips the float fine-tune (its numbers are known from an earlier call);
+# STACK_TEACHER=float_finetune distils from that fine-tune instead of the base (it then trains first).
 if [ "${1:-}" = reading_stack ]; then
   reading_base
   read -r -a scopes <<< "${STACK_SCOPES:-language_model whole whole_dense_head}"
   $PY experiments/quantization_study.py stacked collect --base_export "$base" --out "$RES/quantization" \
     --work "$WORK/quantization" --stack_scopes "${scopes[@]}" --qat_steps "${QAT_STEPS:-300}" \
     --qat_reference "${QAT_REFERENCE:-float_finetune}" \
-    ${STACK_DISTILL:+--stack_distill} --parallel "${#scopes[@]}" --workers "${STACK_WORKERS:-8}" --gpus "$GPUS" \
+    ${STACK_DISTILL:+--stack_distill --stack_teacher "${STACK_TEACHER:-base}"} --parallel "${#scopes[@]}" --workers "${STACK_WORKERS:-8}" --gpus "$GPUS" \
     > "$WORK/logs/quantization_study.log" 2>&1
   log "stack rc=$?"
   copy_run_metrics

@@ -31,7 +31,7 @@ def _study(tmp_path: Path):
                      stack_scopes=["language_model", "whole", "whole_dense_head", "whole_dense_head_global",
                                    "whole_dense_tables", "whole_dense_head_rows", "whole_dense_head_table_rows",
                                    "whole_vision50_text80"],
-                     stack_distill=False, stack_sparsity_scope=None,
+                     stack_distill=False, stack_teacher="base", stack_sparsity_scope=None,
                      lora_float_base="base", qlora_bases=["bnb_nf4", "bnb_int8"])
     return module.Study(opts)
 
@@ -297,6 +297,36 @@ def test_stacked_runs_can_distil_from_the_float_base(tmp_path: Path) -> None:
         assert type(distill).__name__ == "Distillation"
         assert job.callbacks[-1]["init_args"]["teacher"] == str(study.base_export)
         assert job.export_to.name == job.name
+
+
+def test_stacked_runs_can_distil_from_the_float_finetune(tmp_path: Path, monkeypatch: Any) -> None:
+    """`--stack_teacher float_finetune`: the teacher is the float fine-tune, trained first even where agreement is
+    measured against the base."""
+    module = type(_study(tmp_path))
+    ran: list[Any] = []
+
+    def run(self: Any, job: Any) -> int:
+        ran.append([job.name])
+        job.export_to.mkdir(parents=True, exist_ok=True)
+        (job.export_to / "config.json").write_text("{}")
+        return 0
+
+    monkeypatch.setattr(module, "run", run)
+    monkeypatch.setattr(module, "run_all", lambda self, jobs, parallel: ran.append(jobs) or {j.name: 0 for j in jobs})
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    sys.modules["quantization_study"].main(
+        ["stacked", "--smoke", "--base_export", str(base), "--out", str(tmp_path / "out"), "--work",
+         str(tmp_path / "work"), "--qat_reference", "base", "--stack_scopes", "whole_vision50_text80",
+         "--stack_distill", "--stack_teacher", "float_finetune"])
+    assert ran[0] == ["float_finetune"]
+    (job,) = ran[1]
+    assert job.name == "stacked_whole_vision50_text80_qat_w4a8_distill_ft"
+    teacher = job.callbacks[-1]["init_args"]["teacher"]
+    assert Path(teacher) == (tmp_path / "work" / "exports" / "float_finetune").resolve()
+    qat = next(cb for cb in job.callbacks if cb["class_path"].endswith("QuantizationAwareTraining"))
+    assert Path(qat["init_args"]["float_reference"]) == base.resolve()
 
 
 def test_float_lora_can_start_from_the_float_finetune(tmp_path: Path) -> None:
