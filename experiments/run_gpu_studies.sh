@@ -9,6 +9,7 @@
 #   bash experiments/run_gpu_studies.sh reading   # the studies on the base that reads (gpu_reading.yaml), see below
 #   bash experiments/run_gpu_studies.sh reading_goals   # its goals' runs that fit 10 minutes on two GPUs, see below
 #   bash experiments/run_gpu_studies.sh reading_stack   # 75% + W4A8 over the whole model on that base (two GPUs)
+#   bash experiments/run_gpu_studies.sh reading_l0_stack   # reading_l0 and reading_stack side by side on one base
 #   bash experiments/run_gpu_studies.sh reading_rest    # L0 50% and QALFT on that base, the next 10 minutes on two
 #   KEEP_BASE=1 bash experiments/run_gpu_studies.sh reading_l0   # L0's references and distilled L0 on that base
 #   RECIPES="256:8.0e-4 256:8.0e-4::0.3" bash experiments/run_gpu_studies.sh recipes    # only recipes, one per GPU
@@ -227,13 +228,17 @@ fi
 # fine-tuned as long ($L0_STEPS, default 1000, exported); then improved L0 distilled from that reference. L0_RUNS picks
 # runs (e.g. l0_50_improved_keep_hidden), L0_WORKERS each run's loader workers (default 6). Fifteenth run, two
 # H200s: 277 s for the base, 206 s for the first four.
-if [ "${1:-}" = reading_l0 ]; then
-  reading_base
+l0_study() {
+  local runs
   read -r -a runs <<< "${L0_RUNS:-dense_finetune_l0 l0_50_plain l0_scratch50_l0compute l0_50_improved_distill l0_50_improved_distill_ft}"
   $PY "${SP[@]}" sweep collect --only "${runs[@]}" --ft_steps "${FT_STEPS:-400}" --l0_steps "${L0_STEPS:-1000}" \
     --parallel 4 --workers "${L0_WORKERS:-6}" --gpus "$GPUS" --base_args "--config experiments/pretrain/gpu_reading.yaml" \
     > "$WORK/logs/l0.log" 2>&1
   log "l0 rc=$?"
+}
+if [ "${1:-}" = reading_l0 ]; then
+  reading_base
+  l0_study
   copy_run_metrics
   exit
 fi
@@ -244,15 +249,30 @@ fi
 # QAT_STEPS sets their length, e.g. STACK_SCOPES=whole_dense_head QAT_STEPS=1000 STACK_DISTILL=1. QAT_REFERENCE=base
 # measures agreement against the base and skips the float fine-tune (its numbers are known from an earlier call);
 # STACK_TEACHER=float_finetune distils from that fine-tune instead of the base (it then trains first).
-if [ "${1:-}" = reading_stack ]; then
-  reading_base
+stack_study() {
+  local scopes
   read -r -a scopes <<< "${STACK_SCOPES:-language_model whole whole_dense_head}"
   $PY experiments/quantization_study.py stacked collect --base_export "$base" --out "$RES/quantization" \
     --work "$WORK/quantization" --stack_scopes "${scopes[@]}" --qat_steps "${QAT_STEPS:-300}" \
     --qat_reference "${QAT_REFERENCE:-float_finetune}" \
-    ${STACK_DISTILL:+--stack_distill --stack_teacher "${STACK_TEACHER:-base}"} --parallel "${#scopes[@]}" --workers "${STACK_WORKERS:-8}" --gpus "$GPUS" \
-    > "$WORK/logs/quantization_study.log" 2>&1
+    ${STACK_DISTILL:+--stack_distill --stack_teacher "${STACK_TEACHER:-base}"} --parallel "${#scopes[@]}" \
+    --workers "${STACK_WORKERS:-8}" --gpus "$GPUS" > "$WORK/logs/quantization_study.log" 2>&1
   log "stack rc=$?"
+}
+if [ "${1:-}" = reading_stack ]; then
+  reading_base
+  stack_study
+  copy_run_metrics
+  exit
+fi
+# Both on one base, side by side (sized for one GPU of 16 cores: the sixteenth run): `bash
+# experiments/run_gpu_studies.sh reading_l0_stack`, with the variables of both modes, e.g. L0_RUNS=... L0_WORKERS=7
+# STACK_SCOPES=whole_vision50_text80 STACK_WORKERS=7 QAT_REFERENCE=base.
+if [ "${1:-}" = reading_l0_stack ]; then
+  reading_base
+  l0_study &
+  stack_study &
+  wait
   copy_run_metrics
   exit
 fi

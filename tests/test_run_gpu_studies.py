@@ -39,6 +39,8 @@ def _drive(tmp_path: Path, mode: str, **env: str) -> tuple[subprocess.CompletedP
                       "quantization_study.py qalft collect"]),
     ("reading_stack", ["quantization_study.py stacked collect"]),
     ("reading_l0", ["sweep collect --only dense_finetune_l0 l0_50_plain l0_scratch50_l0compute"]),
+    ("reading_l0_stack", ["sweep collect --only dense_finetune_l0 l0_50_plain l0_scratch50_l0compute",
+                          "quantization_study.py stacked collect"]),
 ])
 def test_two_gpu_modes_train_the_base_then_start_their_studies(tmp_path: Path, mode: str, expected: list[str]) -> None:
     result, calls = _drive(tmp_path, mode)
