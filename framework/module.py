@@ -52,6 +52,23 @@ def training_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     return inputs
 
 
+def check_strategy(trainer: Any) -> None:
+    """Refuse strategies whose sharding the module and its plugins do not apply or handle.
+
+    Lightning's ``ModelParallelStrategy`` (FSDP2's ``fully_shard``, tensor parallelism) leaves parallelising to
+    ``configure_model``; this module does not shard there, so each rank would train its own unsynchronised copy, and
+    the plugins' between-step hooks handle FSDP1's flat shards (``framework.sharding``), not DTensors.
+
+    Raises:
+        ValueError: under ``ModelParallelStrategy``, naming ``trainer.strategy`` and what works instead.
+    """
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    if trainer is not None and isinstance(trainer.strategy, ModelParallelStrategy):
+        raise ValueError("trainer.strategy: ModelParallelStrategy (FSDP2 fully_shard / tensor parallel) is not "
+                         "supported; use strategy: fsdp (FSDP1, sharded) or ddp")
+
+
 class VLMModule(pl.LightningModule):
     """A VLM trained on answer tokens, evaluated by generation.
 
@@ -165,6 +182,7 @@ class VLMModule(pl.LightningModule):
     # ------------------------------------------------------------------ structure
     @override
     def configure_model(self) -> None:
+        check_strategy(self._trainer)
         plugins = find_plugins(self._trainer)
         for plugin in plugins:
             plugin.transform(self.model)

@@ -269,3 +269,17 @@ def test_two_processes_train_bit_identical_weights_whatever_the_hash_seed(tmp_pa
     assert states[0].keys() == states[1].keys()
     for name, tensor in states[0].items():
         assert torch.equal(tensor, states[1][name]), name
+
+
+def test_model_parallel_strategy_is_refused_at_start_up(tmp_path: Path) -> None:
+    """FSDP2 / tensor parallelism through Lightning's ModelParallelStrategy: the module does not shard in
+    configure_model, so each rank would train an unsynchronised copy; it fails before training with the key."""
+    config = tiny_config(tmp_path, strategy={"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"},
+                         accelerator="cpu", devices=1)
+    try:
+        with pytest.raises(ValueError, match=r"trainer\.strategy: ModelParallelStrategy .* use strategy: fsdp"):
+            main(["fit", "--config", str(config)])
+    finally:  # the strategy set up a one-process group before the module refused it
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    assert not (tmp_path / "ckpt" / "last.ckpt").exists()
