@@ -534,6 +534,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="the width of the QALFT stage's quantized base (its table QAT export, per channel) and "
                              "PTQ; runs other than W4A8 carry it in their names")
     opts = parser.parse_args(argv)
+    if opts.stack_teacher != "base" and not opts.stack_distill:
+        parser.error("--stack_teacher picks the teacher of --stack_distill; without it no stacked run distils")
     if opts.smoke:
         opts.base_steps, opts.qat_steps, opts.lora_steps, opts.ft_batch = 6, 4, 4, 4
         opts.parallel, opts.workers = min(opts.parallel, 2), 0

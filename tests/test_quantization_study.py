@@ -322,6 +322,9 @@ def test_stacked_runs_can_distil_from_the_float_finetune(tmp_path: Path, monkeyp
          "--stack_distill", "--stack_teacher", "float_finetune"])
     assert ran[0] == ["float_finetune"]
     (job,) = ran[1]
+    with pytest.raises(SystemExit):  # a teacher without distillation is a mistake, not a no-op
+        sys.modules["quantization_study"].main(["stacked", "--smoke", "--base_export", str(base), "--stack_teacher",
+                                                "float_finetune"])
     assert job.name == "stacked_whole_vision50_text80_qat_w4a8_distill_ft"
     teacher = job.callbacks[-1]["init_args"]["teacher"]
     assert Path(teacher) == (tmp_path / "work" / "exports" / "float_finetune").resolve()
