@@ -402,11 +402,24 @@ class Study(sparsity_study.Study):
                 # Recovery toward a float model's answer distributions as well as the labels: the base, or the float
                 # fine-tune as long as the stack (a stronger teacher where fine-tuning still improves the base).
                 teacher = self.float_finetune if o.stack_teacher == "float_finetune" else self.base_export
-                plugins.append(callback(DISTILLATION, teacher=str(teacher), weight=1.0, temperature=2.0))
-                name += "_distill" if o.stack_teacher == "base" else "_distill_ft"
+                features = {}
+                if o.stack_feature_weight > 0:  # layer-wise too: the stack keeps every shape, so states align
+                    features = {"feature_weight": o.stack_feature_weight, "feature_layers": self.feature_layers()}
+                plugins.append(callback(DISTILLATION, teacher=str(teacher), weight=1.0, temperature=2.0, **features))
+                name += ("_distill" if o.stack_teacher == "base" else "_distill_ft") + ("_features" if features else "")
             jobs.append(Job(name, "fit", plugins, self.on(self.base_export, o.qat_steps, o.qat_lr),
                             export_to=self.exports / name))
         return jobs
+
+    def feature_layers(self) -> list[int]:
+        """Hidden states the stacks' layer-wise distillation compares: after a third and two thirds of the base's
+        text layers, and the last (``[-1]`` alone when the base's config does not say how many layers it has)."""
+        try:
+            config = json.loads((self.base_export / "config.json").read_text())
+            layers = int(config.get("text_config", config)["num_hidden_layers"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return [-1]
+        return sorted({layers // 3, 2 * layers // 3} - {0}) + [-1]
 
     def bpv(self) -> None:
         """Each export's ``*_bpv.json`` summary (bits per weight over the packed layers) into ``bpv.json``."""
@@ -527,6 +540,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stack_teacher", choices=["base", "float_finetune"], default="base",
                         help="the --stack_distill teacher: the base, or the float fine-tune as long as the stacked "
                              "runs (trained first when missing)")
+    parser.add_argument("--stack_feature_weight", type=float, default=0.0,
+                        help="with --stack_distill: also distil the text model's hidden states after a third and two "
+                             "thirds of its layers and the last (plugins.distillation feature_weight; 0: off); run "
+                             "names end in _features")
     parser.add_argument("--qlora_bases", nargs="*", choices=["bnb_nf4", "bnb_int8"], default=[],
                         help="the qalft stage also trains LoRA on these bitsandbytes bases of float LoRA's start "
                              "(weights only, QLoRA style; runs qlora_nf4_<task>, qlora_int8_<task>)")
@@ -536,6 +553,8 @@ def main(argv: list[str] | None = None) -> None:
     opts = parser.parse_args(argv)
     if opts.stack_teacher != "base" and not opts.stack_distill:
         parser.error("--stack_teacher picks the teacher of --stack_distill; without it no stacked run distils")
+    if not opts.stack_feature_weight >= 0 or (opts.stack_feature_weight > 0 and not opts.stack_distill):
+        parser.error("--stack_feature_weight: a weight >= 0 for the layer-wise term of --stack_distill, which it needs")
     if opts.smoke:
         opts.base_steps, opts.qat_steps, opts.lora_steps, opts.ft_batch = 6, 4, 4, 4
         opts.parallel, opts.workers = min(opts.parallel, 2), 0

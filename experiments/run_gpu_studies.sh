@@ -248,14 +248,16 @@ fi
 # STACK_SCOPES picks the runs (quantization_study.py --stack_scopes), STACK_DISTILL=1 adds distillation from the base,
 # QAT_STEPS sets their length, e.g. STACK_SCOPES=whole_dense_head QAT_STEPS=1000 STACK_DISTILL=1. QAT_REFERENCE=base
 # measures agreement against the base and skips the float fine-tune (its numbers are known from an earlier call);
-# STACK_TEACHER=float_finetune distils from that fine-tune instead of the base (it then trains first).
+# STACK_TEACHER=float_finetune distils from that fine-tune instead of the base (it then trains first);
+# STACK_FEATURE_WEIGHT=1 adds layer-wise distillation (the hidden states) to it.
 stack_study() {
   local scopes
   read -r -a scopes <<< "${STACK_SCOPES:-language_model whole whole_dense_head}"
   $PY experiments/quantization_study.py stacked collect --base_export "$base" --out "$RES/quantization" \
     --work "$WORK/quantization" --stack_scopes "${scopes[@]}" --qat_steps "${QAT_STEPS:-300}" \
     --qat_reference "${QAT_REFERENCE:-float_finetune}" \
-    ${STACK_DISTILL:+--stack_distill --stack_teacher "${STACK_TEACHER:-base}"} --parallel "${#scopes[@]}" \
+    ${STACK_DISTILL:+--stack_distill --stack_teacher "${STACK_TEACHER:-base}" \
+      --stack_feature_weight "${STACK_FEATURE_WEIGHT:-0}"} --parallel "${#scopes[@]}" \
     --workers "${STACK_WORKERS:-8}" --gpus "$GPUS" > "$WORK/logs/quantization_study.log" 2>&1
   log "stack rc=$?"
 }

@@ -335,6 +335,16 @@ class Study:
                                       temperature=2.0)],
                             self.from_base(o.l0_steps, o.ft_lr),
                             export_to=self.work / "exports" / f"l0_50_improved{suffix}", after=after))
+        # The same with layer-wise distillation as well (CoFi pairs it with structured pruning): the hidden states
+        # after a third and two thirds of the text tower's 12 layers and the last, against the dense reference's.
+        # Pruned hidden dims are zero in the student, a constant part of the error once the masks are exact.
+        jobs.append(Job("l0_50_improved_distill_ft_features", "fit",
+                        [callback("plugins.l0_pruning.L0Pruning", target_fraction=0.5, method="improved",
+                                  multiple_of=self.multiple_of),
+                         callback("plugins.distillation.Distillation", teacher=str(l0_teacher), weight=1.0,
+                                  temperature=2.0, feature_weight=1.0, feature_layers=[4, 8, -1])],
+                        self.from_base(o.l0_steps, o.ft_lr),
+                        export_to=self.work / "exports" / "l0_50_improved_distill_ft_features", after=l0_teacher.name))
         dense_finetune = self.work / "exports" / "dense_finetune"
         jobs.append(Job("dense_finetune", "fit", overrides=self.from_base(o.ft_steps, o.ft_lr),
                         export_to=dense_finetune))

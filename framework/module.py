@@ -224,7 +224,11 @@ class VLMModule(pl.LightningModule):
 
     @override
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        out = self.model(**training_inputs(batch))
+        plugins = find_plugins(self._trainer)
+        inputs = training_inputs(batch)
+        if any(plugin.needs_hidden_states for plugin in plugins):
+            inputs["output_hidden_states"] = True
+        out = self.model(**inputs)
         # A progress-bar metric is read back to the host every step (a sync on a GPU): only when a bar shows it.
         # Otherwise step metrics are logged only on the steps the trainer writes (each call costs host time).
         shown = self._trainer is not None and self._trainer.progress_bar_callback is not None
@@ -232,7 +236,7 @@ class VLMModule(pl.LightningModule):
         if logging:
             self.log("train/loss", out.loss, prog_bar=shown, batch_size=batch["num_answer_tokens"])
         loss = out.loss
-        for plugin in find_plugins(self._trainer):
+        for plugin in plugins:
             for term, value in plugin.loss_terms(self.model, batch, out).items():
                 if logging:
                     self.log(f"compression/{plugin.name}/loss_{term}", value.detach(), on_step=True, on_epoch=False)

@@ -73,6 +73,10 @@ class CompressionPlugin(Callback):
         """Raise :class:`PluginConflictError` if this plugin cannot run beside ``others``."""
 
     # ----------------------------------------------------------------- training objective
+    #: Whether :meth:`loss_terms` reads the per-layer hidden states of the step (``outputs.hidden_states``): the
+    #: training step then asks the model for them (an instance may set it from its configuration).
+    needs_hidden_states: bool = False
+
     def loss_terms(self, model: nn.Module, batch: dict[str, Any], outputs: Any) -> dict[str, torch.Tensor]:
         """Extra loss terms for this training step, added to the task loss and logged as
         ``compression/<name>/loss_<term>``. ``outputs`` is the HF model output of the step (logits, loss)."""

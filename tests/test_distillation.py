@@ -13,7 +13,7 @@ from helpers import fit_straight_and_resumed, make_cli, model_state, tiny_config
 from framework.cli import main
 from framework.data.tasks import make_task
 from framework.export import export_model
-from framework.losses import answer_distillation_kl
+from framework.losses import answer_distillation_kl, answer_positions, relative_feature_error
 from framework.models import load_vlm
 from framework.module import training_inputs
 from framework.processing import VLMProcessor, family_for
@@ -50,6 +50,11 @@ RAMP = {"class_path": "plugins.sparsity.SparsityRamp",
     ({"teacher": ""}, r"distillation.teacher: must be a model folder"),
     ({"teacher": "x", "weight": 0.0}, r"distillation.weight: must be > 0"),
     ({"teacher": "x", "temperature": -1.0}, r"distillation.temperature: must be > 0"),
+    ({"teacher": "x", "feature_weight": -0.5}, r"distillation.feature_weight: must be >= 0"),
+    ({"teacher": "x", "feature_weight": float("nan")}, r"distillation.feature_weight: must be >= 0"),
+    ({"teacher": "x", "feature_layers": []}, r"distillation.feature_layers: must be distinct hidden-state indices"),
+    ({"teacher": "x", "feature_layers": [1, 1]}, r"distillation.feature_layers: must be distinct"),
+    ({"teacher": "x", "feature_layers": ["last"]}, r"distillation.feature_layers: must be distinct"),
 ])
 def test_misconfiguration_fails_in_init(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -90,6 +95,76 @@ def test_term_is_zero_for_the_teacher_itself_and_positive_once_it_differs(dense:
     assert all(p.grad is None for p in plugin.teacher(student).parameters())
 
 
+def test_feature_term_is_zero_for_the_teacher_itself_and_trains_the_layers_that_differ(dense: Path) -> None:
+    loaded = load_vlm(str(dense))
+    student = loaded.model.train()
+    plugin = Distillation(teacher=str(dense), feature_weight=2.0, feature_layers=[1, -1])
+    assert plugin.needs_hidden_states and not Distillation(teacher=str(dense)).needs_hidden_states
+    plugin.check_features(student, plugin.teacher(student))
+    batch = _batch(loaded)
+    outputs = student(**training_inputs(batch), output_hidden_states=True)
+    terms = plugin.loss_terms(student, batch, outputs)
+    assert set(terms) == {"kl", "features"} and float(terms["features"]) == pytest.approx(0.0, abs=1e-6)
+    layer = student.get_submodule("model.language_model.layers.0.mlp.down_proj")
+    with torch.no_grad():
+        layer.weight.mul_(3.0)
+    outputs = student(**training_inputs(batch), output_hidden_states=True)
+    features = plugin.loss_terms(student, batch, outputs)["features"]
+    assert features > 1e-3 and features.requires_grad
+    features.backward()
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+    # The step's outputs must carry the hidden states the term reads.
+    with pytest.raises(RuntimeError, match=r"distillation: the training step's outputs hold no hidden_states"):
+        plugin.loss_terms(student, batch, student(**training_inputs(batch)))
+
+
+def test_feature_layers_and_widths_are_checked_at_start_up(dense: Path, tmp_path: Path) -> None:
+    cli = make_cli(tiny_config(tmp_path, spec=str(dense), max_steps=4,
+                               callbacks=[_distill(dense, feature_weight=1.0, feature_layers=[0, 3])], **NO_VAL))
+    with pytest.raises(ValueError, match=r"distillation.feature_layers: \[3\] outside the student's 3 hidden "
+                                         r"states \(indices -3..2\)"):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 0
+    spec = json.loads(FAMILY_SPECS["llava"].read_text())
+    spec["hf_config"]["text_config"].update(hidden_size=48)
+    wider = tmp_path / "wider.json"
+    wider.write_text(json.dumps(spec))
+    student = load_vlm(str(dense)).model
+    plugin = Distillation(teacher=str(wider), feature_weight=1.0)
+    with pytest.raises(ValueError, match=r"distillation.feature_weight: the student's hidden size is 32, the "
+                                         r"teacher's 48"):
+        plugin.check_features(student, plugin.teacher(student))
+
+
+def _feature_error_to_teacher(model: torch.nn.Module, teacher: Path) -> float:
+    loaded = load_vlm(str(teacher))
+    batch = _batch(loaded)
+    with torch.no_grad():
+        inputs = {**training_inputs(batch), "output_hidden_states": True}
+        student, reference = model.eval()(**inputs).hidden_states, loaded.model.eval()(**inputs).hidden_states
+    span, mask = answer_positions(batch, batch["input_ids"].shape[1])
+    return sum(float(relative_feature_error(s[:, span], t[:, span], mask)) for s, t in zip(student[1:], reference[1:]))
+
+
+def test_stacked_with_a_sparsity_ramp_feature_distillation_keeps_the_hidden_states_closer(dense: Path,
+                                                                                        tmp_path: Path) -> None:
+    errors = {}
+    for name, callbacks in (("kl", [RAMP, _distill(dense, weight=1.0)]),
+                            ("kl_features", [RAMP, _distill(dense, weight=1.0, feature_weight=5.0,
+                                                            feature_layers=[1, 2])])):
+        folder = tmp_path / name
+        folder.mkdir()
+        cli = make_cli(tiny_config(folder, spec=str(dense), max_steps=10, callbacks=callbacks, **NO_VAL),
+                       "--model.init_args.lr=0.01")
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        weight = cli.model.model.get_submodule("model.language_model.layers.0.mlp.down_proj").weight
+        assert float((weight == 0).float().mean()) == pytest.approx(0.5, abs=0.02)
+        metrics = cli.trainer.callback_metrics
+        assert ("compression/distillation/feature_error" in metrics) == (name == "kl_features")
+        errors[name] = _feature_error_to_teacher(cli.model.model, dense)
+    assert errors["kl_features"] < 0.8 * errors["kl"], errors
+
+
 def _kl_to_teacher(model: torch.nn.Module, teacher: Path) -> float:
     loaded = load_vlm(str(teacher))
     batch = _batch(loaded)
@@ -117,7 +192,7 @@ def test_stacked_with_a_sparsity_ramp_the_student_stays_closer_to_the_teacher(de
 
 
 def test_resume_matches_the_uninterrupted_run(dense: Path, tmp_path: Path) -> None:
-    callbacks = [RAMP, _distill(dense, weight=2.0, temperature=2.0)]
+    callbacks = [RAMP, _distill(dense, weight=2.0, temperature=2.0, feature_weight=1.0)]
     runs = fit_straight_and_resumed(
         tmp_path, lambda folder: tiny_config(folder, spec=str(dense), max_steps=8, callbacks=callbacks, **NO_VAL))
     states = {name: model_state(cli.model) for name, cli in runs.items()}
@@ -125,8 +200,11 @@ def test_resume_matches_the_uninterrupted_run(dense: Path, tmp_path: Path) -> No
     for key, value in states["straight"].items():
         torch.testing.assert_close(states["resumed"][key], value, rtol=0, atol=1e-6, msg=key)
     plugin = next(c for c in runs["resumed"].trainer.callbacks if isinstance(c, Distillation))
-    other = Distillation(teacher=str(dense), weight=3.0, temperature=2.0)
+    other = Distillation(teacher=str(dense), weight=3.0, temperature=2.0, feature_weight=1.0)
     with pytest.raises(ValueError, match=r"another distillation configuration \(weight: checkpoint 2.0, config 3.0\)"):
+        other.load_state_dict(plugin.state_dict())
+    other = Distillation(teacher=str(dense), weight=2.0, temperature=2.0, feature_weight=1.0, feature_layers=[1])
+    with pytest.raises(ValueError, match=r"another distillation configuration \(feature_layers: checkpoint \[-1\]"):
         other.load_state_dict(plugin.state_dict())
 
 
@@ -159,12 +237,15 @@ def test_stacked_with_l0_pruning_the_pruned_export_is_the_student(dense: Path, t
 
     l0 = {"class_path": "plugins.l0_pruning.L0Pruning",
           "init_args": {"target_fraction": 0.5, "method": "improved", "hard_from": 0.25, "target_warmup": 0.4}}
-    config = tiny_config(tmp_path, spec=str(dense), max_steps=10, callbacks=[l0, _distill(dense, temperature=2.0)],
-                         **NO_VAL)
+    # Layer-wise too (sparsity_study's l0_50_improved_distill_ft_features): the masked student keeps its shapes
+    # while it trains, so its hidden states compare with the teacher's until the export removes the units.
+    distill = _distill(dense, temperature=2.0, feature_weight=1.0, feature_layers=[1, -1])
+    config = tiny_config(tmp_path, spec=str(dense), max_steps=10, callbacks=[l0, distill], **NO_VAL)
     cli = make_cli(config, "--model.init_args.lr=0.01")
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     metrics = cli.trainer.callback_metrics
     assert torch.isfinite(metrics["compression/distillation/kl"]) and metrics["compression/distillation/kl"] > 0
+    assert 0 < metrics["compression/distillation/feature_error"] < 1
     assert metrics["compression/l0_pruning/fractional_gates"] == 0.0
     main(["export", "--config", str(config), "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt"),
           "--out", str(tmp_path / "export")])

@@ -31,7 +31,8 @@ def _study(tmp_path: Path):
                      stack_scopes=["language_model", "whole", "whole_dense_head", "whole_dense_head_global",
                                    "whole_dense_tables", "whole_dense_head_rows", "whole_dense_head_table_rows",
                                    "whole_vision50_text80"],
-                     stack_distill=False, stack_teacher="base", stack_sparsity_scope=None,
+                     stack_distill=False, stack_teacher="base", stack_feature_weight=0.0,
+                     stack_sparsity_scope=None,
                      lora_float_base="base", qlora_bases=["bnb_nf4", "bnb_int8"])
     return module.Study(opts)
 
@@ -322,14 +323,31 @@ def test_stacked_runs_can_distil_from_the_float_finetune(tmp_path: Path, monkeyp
          "--stack_distill", "--stack_teacher", "float_finetune"])
     assert ran[0] == ["float_finetune"]
     (job,) = ran[1]
-    with pytest.raises(SystemExit):  # a teacher without distillation is a mistake, not a no-op
-        sys.modules["quantization_study"].main(["stacked", "--smoke", "--base_export", str(base), "--stack_teacher",
-                                                "float_finetune"])
     assert job.name == "stacked_whole_vision50_text80_qat_w4a8_distill_ft"
     teacher = job.callbacks[-1]["init_args"]["teacher"]
     assert Path(teacher) == (tmp_path / "work" / "exports" / "float_finetune").resolve()
     qat = next(cb for cb in job.callbacks if cb["class_path"].endswith("QuantizationAwareTraining"))
     assert Path(qat["init_args"]["float_reference"]) == base.resolve()
+    with pytest.raises(SystemExit):  # a teacher without distillation is a mistake, not a no-op
+        sys.modules["quantization_study"].main(["stacked", "--smoke", "--base_export", str(base), "--stack_teacher",
+                                                "float_finetune"])
+    with pytest.raises(SystemExit):  # so is a layer-wise weight
+        sys.modules["quantization_study"].main(["stacked", "--smoke", "--base_export", str(base),
+                                                "--stack_feature_weight", "1"])
+
+
+def test_stacked_runs_can_distil_hidden_states_too(tmp_path: Path) -> None:
+    study = _study(tmp_path)
+    study.opts.stack_distill, study.opts.stack_feature_weight = True, 0.5
+    study.opts.stack_scopes = ["whole_vision50_text80"]
+    assert study.feature_layers() == [-1]  # no readable base config
+    study.base_export.mkdir(parents=True, exist_ok=True)
+    (study.base_export / "config.json").write_text(json.dumps({"text_config": {"num_hidden_layers": 12}}))
+    (job,) = study.stacked_jobs()
+    assert job.name == "stacked_whole_vision50_text80_qat_w4a8_distill_features"
+    distill = job.callbacks[-1]["init_args"]
+    assert distill["feature_weight"] == 0.5 and distill["feature_layers"] == [4, 8, -1]
+    _instantiate(job.callbacks[-1])
 
 
 def test_float_lora_can_start_from_the_float_finetune(tmp_path: Path) -> None:

@@ -100,8 +100,8 @@ def test_reading_stack_takes_its_scopes_steps_and_distillation(tmp_path: Path) -
     second = tmp_path / "second"
     second.mkdir()
     result, calls = _drive(second, "reading_stack", STACK_SCOPES="whole_vision50_text80", QAT_REFERENCE="base",
-                           STACK_DISTILL="1", STACK_TEACHER="float_finetune")
+                           STACK_DISTILL="1", STACK_TEACHER="float_finetune", STACK_FEATURE_WEIGHT="1")
     assert result.returncode == 0, result.stderr
     (stack,) = [call for call in calls if "quantization_study.py stacked" in call]
     assert ("--stack_scopes whole_vision50_text80 --qat_steps 300 --qat_reference base --stack_distill "
-            "--stack_teacher float_finetune --parallel 1") in stack
+            "--stack_teacher float_finetune --stack_feature_weight 1 --parallel 1") in stack

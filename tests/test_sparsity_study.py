@@ -54,6 +54,10 @@ def test_every_run_has_a_unique_name_and_valid_plugin_arguments(tmp_path: Path) 
     assert by_name["l0_50_improved_distill_ft"].after == "dense_finetune_l0" == reference.name
     teacher = by_name["l0_50_improved_distill_ft"].callbacks[1]["init_args"]["teacher"]
     assert teacher == str(reference)
+    features = by_name["l0_50_improved_distill_ft_features"]
+    assert features.after == "dense_finetune_l0"
+    assert features.callbacks[1]["init_args"] | {"teacher": None} == {
+        "teacher": None, "weight": 1.0, "temperature": 2.0, "feature_weight": 1.0, "feature_layers": [4, 8, -1]}
     keep_hidden = by_name["l0_50_improved_keep_hidden"].callbacks[0]["init_args"]
     assert keep_hidden["prune_hidden"] is False and keep_hidden["target_fraction"] == 0.5
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -9,13 +10,19 @@ import torch
 import torch.nn as nn
 from typing_extensions import override
 
-from framework.losses import answer_distillation_kl
+from framework.losses import answer_distillation_kl, answer_positions, relative_feature_error
 from framework.module import training_inputs
 from framework.plugin import CompressionPlugin
 
 
 class Distillation(CompressionPlugin):
-    """Add ``weight * KL(teacher || student)`` on the answer tokens to every training step.
+    """Add ``weight * KL(teacher || student)`` on the answer tokens to every training step, and optionally
+    ``feature_weight`` times the students' hidden states' relative squared error to the teacher's.
+
+    The feature term (layer-wise distillation, as CoFi pairs with structured pruning) compares the text model's
+    hidden states at ``feature_layers`` (indices into the model's ``hidden_states``: 0 the embeddings, ``-1`` the
+    last layer after its final norm) on the positions the KL uses: ``sum ||h_s - h_t||^2 / sum ||h_t||^2`` per
+    layer, averaged over the layers. It gives the student a target inside the network, not only at its output.
 
     Args:
         teacher: the teacher model: an exported HF folder, a hub id or a tiny spec JSON (``framework.models``);
@@ -25,11 +32,16 @@ class Distillation(CompressionPlugin):
         weight: factor of the KL term (> 0); the task loss on the labels keeps weight 1.
         temperature: softens both distributions (> 0); the term is multiplied by ``temperature**2`` so its
             gradient keeps the task loss's scale.
+        feature_weight: factor of the hidden-state term (>= 0; 0 turns it off, and the model is not asked for
+            its hidden states).
+        feature_layers: which hidden states the feature term compares (default ``[-1]``, the last layer's).
         name: log namespace and checkpoint key.
 
     Raises:
-        ValueError: ``weight`` or ``temperature`` not > 0, an empty ``teacher``; when training starts, a teacher
-            that does not load (naming ``teacher``), of another model class or vocabulary size.
+        ValueError: ``weight`` or ``temperature`` not > 0, ``feature_weight`` negative, ``feature_layers`` empty,
+            repeated or not integers, an empty ``teacher``; when training starts, a teacher that does not load
+            (naming ``teacher``), of another model class or vocabulary size, and with ``feature_weight`` a student
+            or teacher without one of ``feature_layers`` or of another hidden size (e.g. an already pruned export).
 
     Example::
 
@@ -38,20 +50,30 @@ class Distillation(CompressionPlugin):
             - class_path: plugins.sparsity.SparsityRamp
               init_args: {final_sparsity: 0.75, start: 0.0, end: 0.7}
             - class_path: plugins.distillation.Distillation
-              init_args: {teacher: runs/exports/dense_base, weight: 1.0, temperature: 2.0}
+              init_args: {teacher: runs/exports/dense_base, weight: 1.0, temperature: 2.0,
+                          feature_weight: 1.0, feature_layers: [4, 8, -1]}
     """
 
     config_name = "distillation"
 
-    def __init__(self, teacher: str, weight: float = 1.0, temperature: float = 1.0,
-                 name: str = "distillation") -> None:
+    def __init__(self, teacher: str, weight: float = 1.0, temperature: float = 1.0, feature_weight: float = 0.0,
+                 feature_layers: list[int] | None = None, name: str = "distillation") -> None:
         if not isinstance(teacher, str) or not teacher:
             raise ValueError(f"{name}.teacher: must be a model folder, hub id or spec JSON, got {teacher!r}")
         if not weight > 0:
             raise ValueError(f"{name}.weight: must be > 0, got {weight}")
         if not temperature > 0:
             raise ValueError(f"{name}.temperature: must be > 0, got {temperature}")
+        if not (feature_weight >= 0 and math.isfinite(feature_weight)):
+            raise ValueError(f"{name}.feature_weight: must be >= 0 (0: off), got {feature_weight}")
+        layers = [-1] if feature_layers is None else list(feature_layers)
+        if not layers or any(isinstance(i, bool) or not isinstance(i, int) for i in layers) \
+                or len(set(layers)) != len(layers):
+            raise ValueError(f"{name}.feature_layers: must be distinct hidden-state indices (0 the embeddings, -1 "
+                             f"the last layer), got {feature_layers!r}")
         self.teacher_source, self.weight, self.temperature, self.name = teacher, float(weight), float(temperature), name
+        self.feature_weight, self.feature_layers = float(feature_weight), layers
+        self.needs_hidden_states = self.feature_weight > 0
         self._teacher: nn.Module | None = None
         self._pl_module: pl.LightningModule | None = None
 
@@ -87,24 +109,66 @@ class Distillation(CompressionPlugin):
         # Loaded when training starts, so a wrong teacher fails before the first step; exporting or validating
         # the student never needs it.
         self._pl_module = pl_module
-        self.teacher(pl_module.model)
+        teacher = self.teacher(pl_module.model)
+        if self.feature_weight > 0:
+            self.check_features(pl_module.model, teacher)
+
+    def check_features(self, student: nn.Module, teacher: nn.Module) -> None:
+        """Both models have every ``feature_layers`` index and one hidden size.
+
+        Raises:
+            ValueError: naming ``feature_layers`` or ``feature_weight`` and what differs.
+        """
+        shapes = {}
+        for role, model in (("student", student), ("teacher", teacher)):
+            text = model.config.get_text_config()
+            states = int(text.num_hidden_layers) + 1  # the embeddings, then each layer's output
+            outside = [i for i in self.feature_layers if not -states <= i < states]
+            if outside:
+                raise ValueError(f"{self.name}.feature_layers: {outside} outside the {role}'s {states} hidden states "
+                                 f"(indices {-states}..{states - 1})")
+            shapes[role] = int(text.hidden_size)
+        if shapes["student"] != shapes["teacher"]:
+            raise ValueError(f"{self.name}.feature_weight: the student's hidden size is {shapes['student']}, the "
+                             f"teacher's {shapes['teacher']}; hidden states compare only at one width (distil "
+                             "features before exporting a pruned model, or set feature_weight: 0)")
 
     @override
     def loss_terms(self, model: nn.Module, batch: dict[str, Any], outputs: Any) -> dict[str, torch.Tensor]:
         teacher = self.teacher(model)
+        features = self.feature_weight > 0
         with torch.no_grad():
             # The student's own inputs (the training step's): the same positions, the same attention path.
-            teacher_logits = teacher(**{k: v for k, v in training_inputs(batch).items() if k != "labels"}).logits
-        kl = answer_distillation_kl(outputs.logits, teacher_logits, batch, self.temperature)
+            inputs = {k: v for k, v in training_inputs(batch).items() if k != "labels"}
+            teacher_out = teacher(**inputs, output_hidden_states=features)
+        kl = answer_distillation_kl(outputs.logits, teacher_out.logits, batch, self.temperature)
+        self._log("kl", kl)
+        terms = {"kl": self.weight * kl}
+        if features:
+            student_states = getattr(outputs, "hidden_states", None)
+            if student_states is None:
+                raise RuntimeError(f"{self.name}: the training step's outputs hold no hidden_states; the module "
+                                   "must ask the model for them (needs_hidden_states)")
+            span, mask = answer_positions(batch, outputs.logits.shape[1])
+            error = torch.stack([
+                relative_feature_error(student_states[i][:, span], teacher_out.hidden_states[i][:, span], mask)
+                for i in self.feature_layers]).mean()
+            self._log("feature_error", error)
+            terms["features"] = self.feature_weight * error
+        return terms
+
+    def _log(self, metric: str, value: torch.Tensor) -> None:
         module = self._pl_module
         if module is not None and module._trainer is not None and module.training:
-            self.log_metric(module, "kl", kl)
-        return {"kl": self.weight * kl}
+            self.log_metric(module, metric, value)
 
     # ------------------------------------------------------------------ state and results
     @override
     def config_echo(self) -> dict[str, Any]:
-        return {"teacher": self.teacher_source, "weight": self.weight, "temperature": self.temperature}
+        echo = {"teacher": self.teacher_source, "weight": self.weight, "temperature": self.temperature}
+        if self.feature_weight > 0:  # checkpoints from before the feature term resume as they were
+            echo.update(feature_weight=self.feature_weight, feature_layers=self.feature_layers)
+        return echo
 
     @override
     def summary(self, model: nn.Module) -> dict[str, float | int | str]:
