@@ -329,7 +329,11 @@ class Study(sparsity_study.Study):
         self.plans.mkdir(parents=True, exist_ok=True)
         config = self.work / "configs" / "sensitivity.yaml"
         config.parent.mkdir(parents=True, exist_ok=True)
-        config.write_text(yaml.safe_dump({"trainer": {"callbacks": [self.qat(4)]}}))
+        # The plans are measured with the weight quantizer of the runs that use them: PTQ's (MSE-searched scales)
+        # where the plans are only validated with PTQ, QAT's otherwise. A table of min-max weights chose plans for
+        # a PTQ with MSE scales before (cpu_quickstart/mixed_refine/plan_check).
+        plugin = self.ptq(4) if self.opts.mixed_ptq_only else self.qat(4)
+        config.write_text(yaml.safe_dump({"trainer": {"callbacks": [plugin]}}))
         if all(self.plan_path(b).exists() for b in BUDGETS) and not self.opts.rerun:
             self.publish_plans()  # plans made earlier (or by hand) still go beside the results that used them
             return 0
@@ -455,7 +459,11 @@ class Study(sparsity_study.Study):
         o = self.opts
         config = self.work / "configs" / "overhead_qat_w4a8.yaml"
         config.parent.mkdir(parents=True, exist_ok=True)
-        config.write_text(yaml.safe_dump({"trainer": {"callbacks": [self.qat(4)]}}))
+        # The plans are measured with the weight quantizer of the runs that use them: PTQ's (MSE-searched scales)
+        # where the plans are only validated with PTQ, QAT's otherwise. A table of min-max weights chose plans for
+        # a PTQ with MSE scales before (cpu_quickstart/mixed_refine/plan_check).
+        plugin = self.ptq(4) if self.opts.mixed_ptq_only else self.qat(4)
+        config.write_text(yaml.safe_dump({"trainer": {"callbacks": [plugin]}}))
         steps = ["--steps", "3", "--warmup", "1"] if o.smoke else ["--steps", "40", "--warmup", "20"]
         return self.python("overhead_qat_w4a8", [
             "-m", "framework.cli", "bench", *self.common(), "--config", str(config),

@@ -29,6 +29,8 @@ from plugins.quantization import (
 )
 from plugins.quantization.encodings import decode_entries
 from plugins.quantization.sensitivity import JointMeasure, pareto_curve, refine_plan, uniform_delta
+from plugins.quantization.plan_check import check_plans, format_check, sign_test_p
+from plugins.quantization.plan_check import main as plan_check_main
 from plugins.quantization.sensitivity import main as sensitivity_main
 
 LM = ModuleSelection(include="language_model", exclude="lm_head")
@@ -450,3 +452,64 @@ def test_plan_mismatch_names_the_layer(tmp_path: Path) -> None:
         QuantizationAwareTraining(weights=None, activations=QuantSpec(bits=8, granularity="tensor"), plan="p.json")
     with pytest.raises(ValueError, match="PostTrainingQuantization.plan: must be the path"):
         PostTrainingQuantization(plan="")
+
+
+# ---------------------------------------------------------------------------------------------- checking plans
+def test_sign_test_p_values() -> None:
+    assert sign_test_p(0, 0) == 1.0
+    assert sign_test_p(5, 0) == pytest.approx(2 / 32) and sign_test_p(0, 5) == pytest.approx(2 / 32)
+    assert sign_test_p(10, 10) == 1.0
+    assert sign_test_p(20, 5) < 0.01 < sign_test_p(12, 8)
+
+
+def test_check_plans_pairs_plans_with_uniform_widths_token_by_token() -> None:
+    torch.manual_seed(0)
+    loaded = load_vlm(str(FAMILY_SPECS["llava"]))
+    model, batches = loaded.model, _batches(loaded, 3)
+    _fit(model, batches)
+    layers = _lm_layers(model)
+    spec = QuantSpec(bits=8, granularity="channel")
+    coarse = {**dict.fromkeys(layers, 8), layers[0]: 2, layers[1]: 2}
+    with JointMeasure(model, batches, layers, spec, metric="disagreement") as measure:
+        result = check_plans(measure, {"same_as_4": dict.fromkeys(layers, 4), "coarse": coarse}, [2, 4])
+        disagreement_2 = measure(dict.fromkeys(layers, 2))
+    rows = result["rows"]
+    assert rows["same_as_4"] == rows["uniform_4"]  # one plan, one measurement
+    assert rows["uniform_2"]["disagreement"] == pytest.approx(disagreement_2)
+    assert rows["uniform_2"]["disagreeing_tokens"] == round(disagreement_2 * result["scored_tokens"])
+    pairs = {(p["plan"], p["uniform"]): p for p in result["pairs"]}
+    same = pairs[("same_as_4", 4)]
+    assert same["only_plan_wrong"] == same["only_uniform_wrong"] == 0 and same["sign_test_p"] == 1.0
+    # Discordant counts are the difference of the two plans' disagreeing tokens, token by token.
+    vs_two = pairs[("coarse", 2)]
+    assert vs_two["only_plan_wrong"] - vs_two["only_uniform_wrong"] == (rows["coarse"]["disagreeing_tokens"]
+                                                                       - rows["uniform_2"]["disagreeing_tokens"])
+    assert "uniform 2 bits: only the plan wrong on" in format_check(result)
+    with JointMeasure(model, batches, layers, spec, metric="kl") as measure:
+        with pytest.raises(ValueError, match="disagreeing_tokens: needs metric 'disagreement'"):
+            measure.disagreeing_tokens(coarse)
+        kl = check_plans(measure, {"coarse": coarse}, [8])
+    assert kl["pairs"] == [] and kl["rows"]["coarse"]["kl"] > kl["rows"]["uniform_8"]["kl"] >= 0
+
+
+def test_plan_check_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = tiny_config(tmp_path, max_steps=1, callbacks=[_qat()], limit_val_batches=0)
+    plan_path = tmp_path / "plans" / "plan_avg4.json"
+    sensitivity_main(["--config", str(config), "--budget_avg_bits", "4", "--bits", "2", "4", "8", "--batches", "1",
+                      "--metric", "kl", "--out", str(plan_path)])
+    out = tmp_path / "check.json"
+    result = plan_check_main(["--config", str(config), "--plans", str(plan_path), "--uniform", "4", "--skip", "1",
+                              "--batches", "2", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert result["batches"] == 2 and result["skip"] == 1 and set(result["rows"]) == {"plan_avg4", "uniform_4"}
+    assert "plan_avg4 vs uniform 4 bits" in capsys.readouterr().out
+    other = json.loads(plan_path.read_text())
+    other["layers"].pop(next(iter(other["layers"])))
+    (tmp_path / "other").mkdir()
+    write_plan(other, tmp_path / "other" / "plan_avg4.json")
+    with pytest.raises(SystemExit, match="--plans: other/plan_avg4 plans other layers than plans/plan_avg4"):
+        plan_check_main(["--config", str(config), "--plans", str(plan_path), str(tmp_path / "other" / "plan_avg4.json")])
+    with pytest.raises(SystemExit, match=r"--uniform: widths must be in \[2, 8\]"):
+        plan_check_main(["--config", str(config), "--plans", str(plan_path), "--uniform", "9"])
+    with pytest.raises(FileNotFoundError, match="--plans: plan file .*missing.json does not exist"):
+        plan_check_main(["--config", str(config), "--plans", str(tmp_path / "missing.json")])

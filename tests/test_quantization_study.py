@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from conftest import ROOT
 
 from framework.selection import ModuleSelection
@@ -216,6 +217,15 @@ def test_sensitivity_stage_passes_its_metric(metric: str, tmp_path: Path, monkey
     study.opts.mixed_refine_held_out = 16
     study.sensitivity()
     assert calls[-1][calls[-1].index("--refine_held_out") + 1] == "16"
+    # The table quantizes weights as the runs that use its plans do: QAT's, or with PTQ only PTQ's MSE scales.
+    (config,) = [arg for arg in calls[-1] if str(arg).endswith("sensitivity.yaml")]
+    (plugin,) = yaml.safe_load(Path(config).read_text())["trainer"]["callbacks"]
+    assert plugin["class_path"].endswith("QuantizationAwareTraining") and "observer" not in plugin["init_args"]["weights"]
+    study.opts.mixed_ptq_only = True
+    study.sensitivity()
+    (plugin,) = yaml.safe_load(Path(config).read_text())["trainer"]["callbacks"]
+    assert plugin["class_path"].endswith("PostTrainingQuantization") and plugin["init_args"]["weights"] == {
+        "bits": 4, "symmetric": True, "granularity": "channel", "observer": "mse"}
     # Plans that exist already are not measured again, and still land beside the results that use them.
     study.opts.rerun = False
     study.plans.mkdir(parents=True, exist_ok=True)

@@ -460,15 +460,7 @@ class JointMeasure:
     def __call__(self, plan: Mapping[str, int], held_out: bool = False) -> float:
         """Mean KL, loss change or top-1 disagreement per scored token with each layer of ``plan`` at its width, on
         the searched batches (or the held-out ones)."""
-        if not hasattr(self, "_reference"):
-            raise RuntimeError("JointMeasure: measure plans inside `with JointMeasure(...) as measure:`")
-        missing = [name for name in self.layers if name not in plan]
-        if missing:
-            raise ValueError(f"plan: layer {missing[0]} has no width")
-        for name, bits in plan.items():
-            if self._current.get(name) != bits:
-                self.layers[name].weight.copy_(self._weight(name, int(bits)))
-                self._current[name] = int(bits)
+        self._apply(plan)
         indices = self._subsets[bool(held_out)]
         if not indices:
             raise ValueError("held_out: this JointMeasure keeps no batch apart (held_out=0)")
@@ -484,6 +476,28 @@ class JointMeasure:
                                         reduction="sum"))
         self.evaluations += 1
         return total / sum(self._counts[i] for i in indices)
+
+    @torch.no_grad()
+    def disagreeing_tokens(self, plan: Mapping[str, int]) -> torch.Tensor:
+        """For every scored token of every batch (searched, then held out), whether ``plan``'s top-1 prediction
+        differs from the float model's: two plans' vectors pair token by token (metric ``disagreement`` only)."""
+        if self.metric != "disagreement":
+            raise ValueError(f"disagreeing_tokens: needs metric 'disagreement', this JointMeasure has {self.metric!r}")
+        self._apply(plan)
+        self.evaluations += 1
+        return torch.cat([(_scored_logits(self.model, b, m).argmax(dim=-1) != r).cpu()
+                          for b, m, r in zip(self.batches, self.masks, self._reference)])
+
+    def _apply(self, plan: Mapping[str, int]) -> None:
+        if not hasattr(self, "_reference"):
+            raise RuntimeError("JointMeasure: measure plans inside `with JointMeasure(...) as measure:`")
+        missing = [name for name in self.layers if name not in plan]
+        if missing:
+            raise ValueError(f"plan: layer {missing[0]} has no width")
+        for name, bits in plan.items():
+            if self._current.get(name) != bits:
+                self.layers[name].weight.copy_(self._weight(name, int(bits)))
+                self._current[name] = int(bits)
 
 
 def refine_plan(plan: Mapping[str, Any], measure: JointMeasure, max_evaluations: int = 40,
@@ -690,8 +704,8 @@ def _plugin_choice(plugins: list[Any]) -> tuple[ModuleSelection, QuantSpec]:
     return default_targets(), QuantSpec(bits=8, granularity="channel")
 
 
-def calibration_batches(cli: Any, count: int) -> list[dict[str, Any]]:
-    """The first ``count`` training batches of a CLI-built run (model and datamodule, not yet fitted)."""
+def calibration_batches(cli: Any, count: int, start: int = 0) -> list[dict[str, Any]]:
+    """``count`` training batches of a CLI-built run (model and datamodule, not yet fitted), from batch ``start``."""
     module, datamodule, trainer = cli.model, cli.datamodule, cli.trainer
     if datamodule is None:
         raise ValueError("data: the config needs a datamodule to draw calibration batches from")
@@ -701,12 +715,13 @@ def calibration_batches(cli: Any, count: int) -> list[dict[str, Any]]:
     if hasattr(datamodule, "max_length") and hasattr(module, "processor"):
         module.processor.max_length = datamodule.max_length  # as VLMModule.setup does under fit
     if hasattr(datamodule, "training_batch"):
-        return [datamodule.training_batch(i) for i in range(count)]
+        return [datamodule.training_batch(i) for i in range(start, start + count)]
     batches = []
-    for batch in datamodule.train_dataloader():
+    for index, batch in enumerate(datamodule.train_dataloader()):
         if len(batches) >= count:
             break
-        batches.append(batch)
+        if index >= start:
+            batches.append(batch)
     return batches
 
 
