@@ -100,6 +100,11 @@ def _sha(folder: Path) -> dict[str, str]:
         ({"base": "float", "temperature": 0.0}, ValueError, r"QALFT.temperature: must be a positive number"),
         ({"base": "float", "sft_weight": 0.0}, ValueError, r"QALFT.sft_weight: mode 'sft' with sft_weight 0"),
         ({"base": "bnb_nf4", "mode": "distill"}, ValueError, r"QALFT.mode: 'distill' needs the float teacher"),
+        ({"base": "float", "feature_weight": 1.0}, ValueError, r"QALFT.feature_weight: .* needs mode: distill"),
+        ({"base": "float", "mode": "distill", "feature_weight": -1.0}, ValueError,
+         r"QALFT.feature_weight: must be a number >= 0"),
+        ({"base": "float", "mode": "distill", "feature_weight": 1.0, "feature_layers": [2, 2]}, ValueError,
+         r"QALFT.feature_layers: must be distinct hidden-state indices"),
     ],
 )
 def test_misconfiguration_fails_in_init(kwargs: dict, error: type, message: str) -> None:
@@ -243,6 +248,32 @@ def test_kv_cache_quantized_after_the_lora_sum(base_export: Path) -> None:
     torch.testing.assert_close(codes, codes.round(), atol=1e-3, rtol=0)  # the cache holds grid values
 
 
+def test_feature_term_is_zero_in_float_and_positive_quantized(base_export: Path) -> None:
+    loaded = load_vlm(str(base_export))
+    model = loaded.model
+    plugin = QALFT(encodings=str(base_export / "ptq.encodings"), mode="distill", feature_weight=2.0,
+                   feature_layers=[1, -1])
+    assert plugin.needs_hidden_states and not QALFT(base="float", mode="distill").needs_hidden_states
+    plugin.transform(model)
+    model.train()
+    batch = {**_batch(loaded)}
+    with quantization_disabled(model):
+        terms = plugin.loss_terms(model, batch, model(**batch, output_hidden_states=True))
+    assert set(terms) == {"distill", "features", "sft_reweight"}
+    assert float(terms["features"]) == pytest.approx(0.0, abs=1e-9)  # B = 0 and float: student == teacher
+    terms = plugin.loss_terms(model, batch, model(**batch, output_hidden_states=True))
+    assert float(terms["features"]) > 1e-6 and terms["features"].requires_grad
+    terms["features"].backward()
+    grads = [p.grad for p in plugin.lora_parameters(model).values() if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)  # the adapters learn from it
+    with pytest.raises(RuntimeError, match="qalft: the training step's outputs hold no hidden_states"):
+        plugin.loss_terms(model, batch, model(**batch))
+    fresh = load_vlm(str(base_export)).model
+    with pytest.raises(ValueError, match=r"qalft.feature_layers: \[7\] outside the model's 3 hidden states"):
+        QALFT(encodings=str(base_export / "ptq.encodings"), mode="distill", feature_weight=1.0,
+              feature_layers=[7]).transform(fresh)
+
+
 def test_distill_term_is_zero_in_float_and_positive_quantized(base_export: Path) -> None:
     loaded = load_vlm(str(base_export))
     model = loaded.model
@@ -307,7 +338,7 @@ def test_fixed_batch_loss_decreases_and_only_lora_changes(base_export: Path) -> 
 
 def test_fit_trains_only_lora_validates_quantized_and_resumes(base_export: Path, tmp_path: Path) -> None:
     qalft = _qalft(base_export / "ptq.encodings", mode="distill", sft_weight=0.5, temperature=2.0,
-                   adapter_name="autofill")
+                   adapter_name="autofill", feature_weight=0.5, feature_layers=[1, -1])
     straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
     straight_dir.mkdir()
     resumed_dir.mkdir()
@@ -319,7 +350,8 @@ def test_fit_trains_only_lora_validates_quantized_and_resumes(base_export: Path,
     initial = probe.initial
     assert probe.seen and all(probe.seen), "quantizers must stay on during validation"
     logged = straight.trainer.callback_metrics
-    for key in ("compression/qalft/kl", "compression/qalft/sft", "compression/qalft/loss_distill"):
+    for key in ("compression/qalft/kl", "compression/qalft/sft", "compression/qalft/loss_distill",
+                "compression/qalft/feature_error", "compression/qalft/loss_features"):
         assert torch.isfinite(logged[key]), key
     final = model_state(straight.model)
     changed = {k for k in initial if not torch.equal(initial[k], final[k])}

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 from typing_extensions import override
 
-from framework.losses import answer_distillation_kl
+from framework.losses import answer_distillation_kl, answer_positions, relative_feature_error
 from framework.module import model_inputs
 from framework.plugin import CompressionPlugin, PluginConflictError
 from framework.selection import ModuleSelection
@@ -72,7 +72,9 @@ class QALFT(CompressionPlugin):
     ``mode: sft`` trains on the task loss (times ``sft_weight``, default 1). ``mode: distill`` adds
     ``distill_weight * T^2 * KL(teacher || student)`` over the answer tokens, the teacher being the same model in
     float without adapters (no gradients, eval mode), and scales the task loss by ``sft_weight`` (default 0). The
-    terms are logged as ``compression/<name>/loss_distill`` (weighted), ``kl`` and ``sft`` (raw).
+    terms are logged as ``compression/<name>/loss_distill`` (weighted), ``kl`` and ``sft`` (raw). With
+    ``feature_weight`` > 0 it also matches the teacher's hidden states at ``feature_layers`` (their squared error
+    relative to the teacher's, on the same positions; ``loss_features`` and ``feature_error``).
 
     Export (``vlmc export``) writes the base once (HF folder with the grid values of each quantized weight, the
     encodings ``<name>.encodings``, bit-packed integer codes) and the adapter under
@@ -95,6 +97,9 @@ class QALFT(CompressionPlugin):
         temperature: distillation temperature, > 0.
         distill_weight: weight of the KL term (``mode: distill``), > 0.
         sft_weight: weight of the task loss; default 1 for ``sft`` and 0 for ``distill``.
+        feature_weight: weight of the hidden-state term (``mode: distill``; >= 0, 0: off).
+        feature_layers: the hidden states it compares (indices into ``hidden_states``: 0 the embeddings, -1 the
+            last layer); default ``[-1]``.
         bnb_targets: layers quantized by bitsandbytes (``base: bnb_*``); default as ``targets``' default.
         expect_quantized: Linear layers whose weights the encodings must quantize (``base: encodings``; default
             the language model's except ``lm_head``, the QAT default), so no layer is silently left in float.
@@ -106,7 +111,9 @@ class QALFT(CompressionPlugin):
 
     Raises:
         ValueError: a value outside its range (naming the key); ``encodings`` missing for, or given to, a base that
-            does (not) use it; ``distill`` with a bitsandbytes base (no float teacher). In ``transform``:
+            does (not) use it; ``distill`` with a bitsandbytes base (no float teacher); ``feature_weight`` without
+            ``mode: distill``; ``feature_layers`` empty, repeated or not integers. In ``transform``: a
+            ``feature_layers`` index the model does not have;
             encodings that do not fit the model (naming the tensor), ``targets`` that match nothing.
         FileNotFoundError: ``encodings`` does not exist (naming the file).
         ImportError: ``base: bnb_*`` without bitsandbytes.
@@ -142,6 +149,8 @@ class QALFT(CompressionPlugin):
         temperature: float = 1.0,
         distill_weight: float = 1.0,
         sft_weight: float | None = None,
+        feature_weight: float = 0.0,
+        feature_layers: list[int] | None = None,
         bnb_targets: ModuleSelection | None = None,
         expect_quantized: ModuleSelection | None = None,
         adapters_to: str | None = None,
@@ -180,6 +189,16 @@ class QALFT(CompressionPlugin):
         if mode == "distill" and base in BNB_KINDS:
             raise ValueError(f"{key}.mode: 'distill' needs the float teacher, which a bitsandbytes base ({base!r}) "
                              "does not keep; use base: encodings or mode: sft")
+        if not (feature_weight >= 0 and math.isfinite(feature_weight)):
+            raise ValueError(f"{key}.feature_weight: must be a number >= 0 (0: off), got {feature_weight!r}")
+        if feature_weight > 0 and mode != "distill":
+            raise ValueError(f"{key}.feature_weight: the hidden-state term distils from the float teacher; it needs "
+                             "mode: distill")
+        layers = [-1] if feature_layers is None else list(feature_layers)
+        if not layers or any(isinstance(i, bool) or not isinstance(i, int) for i in layers) \
+                or len(set(layers)) != len(layers):
+            raise ValueError(f"{key}.feature_layers: must be distinct hidden-state indices (0 the embeddings, -1 the "
+                             f"last layer), got {feature_layers!r}")
         if bnb_targets is not None and base not in BNB_KINDS:
             raise ValueError(f"{key}.bnb_targets: only used with base: bnb_nf4 / bnb_int8; leave it unset")
         self.base = base
@@ -191,6 +210,8 @@ class QALFT(CompressionPlugin):
         self.temperature = float(temperature)
         self.distill_weight = float(distill_weight)
         self.sft_weight = float(sft_weight if sft_weight is not None else (1.0 if mode == "sft" else 0.0))
+        self.feature_weight, self.feature_layers = float(feature_weight), layers
+        self.needs_hidden_states = self.feature_weight > 0
         self.bnb_targets = bnb_targets or default_targets()
         self.expect_quantized = expect_quantized or default_targets()
         self.adapters_to = adapters_to
@@ -217,6 +238,12 @@ class QALFT(CompressionPlugin):
     def transform(self, model: nn.Module) -> None:
         if self.adapter_name in adapter_names(model):  # idempotent
             return
+        if self.feature_weight > 0:  # the teacher is this model: one layer count for both
+            states = int(model.config.get_text_config().num_hidden_layers) + 1
+            outside = [i for i in self.feature_layers if not -states <= i < states]
+            if outside:
+                raise ValueError(f"{self.name}.feature_layers: {outside} outside the model's {states} hidden states "
+                                 f"(indices {-states}..{states - 1})")
         if self.base == "encodings":
             encodings = read_encodings(self.encodings, f"{self.name}.encodings")
             self._encodings_sha = _sha256(Path(self.encodings))
@@ -251,12 +278,13 @@ class QALFT(CompressionPlugin):
         return adapter_parameters(model, self.adapter_name)
 
     # ------------------------------------------------------------------ objective
-    def _teacher_logits(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    def _teacher(self, model: nn.Module, batch: dict[str, Any]) -> Any:
         modes = [(module, module.training) for module in model.modules()]  # restored module by module
         model.eval()
         try:
             with torch.no_grad(), quantization_disabled(model), adapters_disabled(model):
-                return model(**model_inputs(batch, labels=False), use_cache=False).logits
+                return model(**model_inputs(batch, labels=False), use_cache=False,
+                             output_hidden_states=self.needs_hidden_states)
         finally:
             for module, training in modes:
                 module.training = training
@@ -266,10 +294,20 @@ class QALFT(CompressionPlugin):
         terms: dict[str, torch.Tensor] = {}
         task = getattr(outputs, "loss", None)
         if self.mode == "distill":
-            teacher = self._teacher_logits(model, batch)
-            kl = answer_distillation_kl(outputs.logits, teacher, batch, self.temperature)
+            teacher = self._teacher(model, batch)
+            kl = answer_distillation_kl(outputs.logits, teacher.logits, batch, self.temperature)
             terms["distill"] = self.distill_weight * kl
             self._log("kl", kl)
+            if self.feature_weight > 0:
+                states = getattr(outputs, "hidden_states", None)
+                if states is None:
+                    raise RuntimeError(f"{self.name}: the training step's outputs hold no hidden_states; the module "
+                                       "must ask the model for them (needs_hidden_states)")
+                span, mask = answer_positions(batch, outputs.logits.shape[1])
+                error = torch.stack([relative_feature_error(states[i][:, span], teacher.hidden_states[i][:, span], mask)
+                                     for i in self.feature_layers]).mean()
+                terms["features"] = self.feature_weight * error
+                self._log("feature_error", error)
         if task is not None:
             self._log("sft", task)
             if self.sft_weight != 1.0:
