@@ -415,16 +415,6 @@ class Study(sparsity_study.Study):
                             export_to=self.exports / name))
         return jobs
 
-    def feature_layers(self) -> list[int]:
-        """Hidden states the stacks' layer-wise distillation compares: after a third and two thirds of the base's
-        text layers, and the last (``[-1]`` alone when the base's config does not say how many layers it has)."""
-        try:
-            config = json.loads((self.base_export / "config.json").read_text())
-            layers = int(config.get("text_config", config)["num_hidden_layers"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return [-1]
-        return sorted({layers // 3, 2 * layers // 3} - {0}) + [-1]
-
     def bpv(self) -> None:
         """Each export's ``*_bpv.json`` summary (bits per weight over the packed layers) into ``bpv.json``."""
         rows = {}

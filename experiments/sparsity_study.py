@@ -294,6 +294,16 @@ class Study:
                                "--multiple_of", str(self.multiple_of), "--out", str(self.scratch_spec)], cwd=ROOT)
         return self.scratch_spec
 
+    def feature_layers(self) -> list[int]:
+        """Hidden states that layer-wise distillation compares: after a third and two thirds of the base's text
+        layers, and the last (``[-1]`` alone when the base's config does not say how many layers it has)."""
+        try:
+            config = json.loads((self.base_export / "config.json").read_text())
+            layers = int(config.get("text_config", config)["num_hidden_layers"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return [-1]
+        return sorted({layers // 3, 2 * layers // 3} - {0}) + [-1]
+
     def sweep_jobs(self) -> list[Job]:
         """The fine-tunes, longest first so the pool's last runs are short ones."""
         o = self.opts
@@ -336,13 +346,13 @@ class Study:
                             self.from_base(o.l0_steps, o.ft_lr),
                             export_to=self.work / "exports" / f"l0_50_improved{suffix}", after=after))
         # The same with layer-wise distillation as well (CoFi pairs it with structured pruning): the hidden states
-        # after a third and two thirds of the text tower's 12 layers and the last, against the dense reference's.
+        # after a third and two thirds of the text tower's layers and the last, against the dense reference's.
         # Pruned hidden dims are zero in the student, a constant part of the error once the masks are exact.
         jobs.append(Job("l0_50_improved_distill_ft_features", "fit",
                         [callback("plugins.l0_pruning.L0Pruning", target_fraction=0.5, method="improved",
                                   multiple_of=self.multiple_of),
                          callback("plugins.distillation.Distillation", teacher=str(l0_teacher), weight=1.0,
-                                  temperature=2.0, feature_weight=1.0, feature_layers=[4, 8, -1])],
+                                  temperature=2.0, feature_weight=1.0, feature_layers=self.feature_layers())],
                         self.from_base(o.l0_steps, o.ft_lr),
                         export_to=self.work / "exports" / "l0_50_improved_distill_ft_features", after=l0_teacher.name))
         dense_finetune = self.work / "exports" / "dense_finetune"

@@ -29,6 +29,9 @@ def _study(tmp_path: Path, seeds: tuple[int, ...] = ()):
 
 def test_every_run_has_a_unique_name_and_valid_plugin_arguments(tmp_path: Path) -> None:
     study = _study(tmp_path)
+    assert study.feature_layers() == [-1]  # no base config to count layers in
+    study.base_export.mkdir(parents=True, exist_ok=True)
+    (study.base_export / "config.json").write_text(json.dumps({"text_config": {"num_hidden_layers": 12}}))
     jobs = study.sweep_jobs() + study.oneshot_jobs()
     names = [job.name for job in jobs]
     assert len(names) == len(set(names))
