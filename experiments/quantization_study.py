@@ -449,11 +449,7 @@ class Study(sparsity_study.Study):
         o = self.opts
         config = self.work / "configs" / "overhead_qat_w4a8.yaml"
         config.parent.mkdir(parents=True, exist_ok=True)
-        # The plans are measured with the weight quantizer of the runs that use them: PTQ's (MSE-searched scales)
-        # where the plans are only validated with PTQ, QAT's otherwise. A table of min-max weights chose plans for
-        # a PTQ with MSE scales before (cpu_quickstart/mixed_refine/plan_check).
-        plugin = self.ptq(4) if self.opts.mixed_ptq_only else self.qat(4)
-        config.write_text(yaml.safe_dump({"trainer": {"callbacks": [plugin]}}))
+        config.write_text(yaml.safe_dump({"trainer": {"callbacks": [self.qat(4)]}}))
         steps = ["--steps", "3", "--warmup", "1"] if o.smoke else ["--steps", "40", "--warmup", "20"]
         return self.python("overhead_qat_w4a8", [
             "-m", "framework.cli", "bench", *self.common(), "--config", str(config),

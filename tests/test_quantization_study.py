@@ -226,6 +226,10 @@ def test_sensitivity_stage_passes_its_metric(metric: str, tmp_path: Path, monkey
     (plugin,) = yaml.safe_load(Path(config).read_text())["trainer"]["callbacks"]
     assert plugin["class_path"].endswith("PostTrainingQuantization") and plugin["init_args"]["weights"] == {
         "bits": 4, "symmetric": True, "granularity": "channel", "observer": "mse"}
+    # The overhead bench measures QAT whatever the mixed stage validates with.
+    assert study.overhead() == 0
+    (plugin,) = yaml.safe_load((study.work / "configs" / "overhead_qat_w4a8.yaml").read_text())["trainer"]["callbacks"]
+    assert plugin["class_path"].endswith("QuantizationAwareTraining")
     # Plans that exist already are not measured again, and still land beside the results that use them.
     study.opts.rerun = False
     study.plans.mkdir(parents=True, exist_ok=True)
