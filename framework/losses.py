@@ -47,6 +47,51 @@ def relative_feature_error(student: torch.Tensor, teacher: torch.Tensor,
     return error.sum() / energy.sum().clamp(min=1e-12)
 
 
+def feature_layers_arg(layers: Any, key: str) -> list[int]:
+    """A ``feature_layers`` argument checked and defaulted: distinct hidden-state indices, ``[-1]`` when ``None``.
+
+    Raises:
+        ValueError: naming ``key``: an empty list, a repeated index or one that is not an integer.
+    """
+    chosen = [-1] if layers is None else list(layers)
+    if not chosen or any(isinstance(i, bool) or not isinstance(i, int) for i in chosen) \
+            or len(set(chosen)) != len(chosen):
+        raise ValueError(f"{key}: must be distinct hidden-state indices (0 the embeddings, -1 the last layer), "
+                         f"got {layers!r}")
+    return chosen
+
+
+def check_feature_layers(model: Any, layers: list[int], key: str, role: str = "model") -> int:
+    """That ``model``'s text model has a hidden state at every index of ``layers``; returns its hidden size.
+
+    Raises:
+        ValueError: naming ``key`` and the indices the model does not have.
+    """
+    text = model.config.get_text_config()
+    states = int(text.num_hidden_layers) + 1  # the embeddings, then each layer's output
+    outside = [i for i in layers if not -states <= i < states]
+    if outside:
+        raise ValueError(f"{key}: {outside} outside the {role}'s {states} hidden states (indices {-states}..{states - 1})")
+    return int(text.hidden_size)
+
+
+def answer_feature_error(student: Any, teacher: Any, batch: dict[str, Any], layers: list[int],
+                         key: str) -> torch.Tensor:
+    """Mean over ``layers`` of :func:`relative_feature_error` between two model outputs' hidden states, on the
+    positions :func:`answer_positions` picks.
+
+    Raises:
+        RuntimeError: naming ``key`` when the student's outputs hold no hidden states.
+    """
+    states = getattr(student, "hidden_states", None)
+    if states is None:
+        raise RuntimeError(f"{key}: the training step's outputs hold no hidden_states; the module must ask the model "
+                           "for them (needs_hidden_states)")
+    span, mask = answer_positions(batch, student.logits.shape[1])
+    return torch.stack([relative_feature_error(states[i][:, span], teacher.hidden_states[i][:, span], mask)
+                        for i in layers]).mean()
+
+
 def answer_distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, batch: dict[str, Any],
                            temperature: float = 1.0) -> torch.Tensor:
     """:func:`distillation_kl` on the positions that predict answer tokens (logits at ``t`` predict token

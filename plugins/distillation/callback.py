@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from typing_extensions import override
 
-from framework.losses import answer_distillation_kl, answer_positions, relative_feature_error
+from framework.losses import answer_distillation_kl, answer_feature_error, check_feature_layers, feature_layers_arg
 from framework.module import training_inputs
 from framework.plugin import CompressionPlugin
 
@@ -66,11 +66,7 @@ class Distillation(CompressionPlugin):
             raise ValueError(f"{name}.temperature: must be > 0, got {temperature}")
         if not (feature_weight >= 0 and math.isfinite(feature_weight)):
             raise ValueError(f"{name}.feature_weight: must be >= 0 (0: off), got {feature_weight}")
-        layers = [-1] if feature_layers is None else list(feature_layers)
-        if not layers or any(isinstance(i, bool) or not isinstance(i, int) for i in layers) \
-                or len(set(layers)) != len(layers):
-            raise ValueError(f"{name}.feature_layers: must be distinct hidden-state indices (0 the embeddings, -1 "
-                             f"the last layer), got {feature_layers!r}")
+        layers = feature_layers_arg(feature_layers, f"{name}.feature_layers")
         self.teacher_source, self.weight, self.temperature, self.name = teacher, float(weight), float(temperature), name
         self.feature_weight, self.feature_layers = float(feature_weight), layers
         self.needs_hidden_states = self.feature_weight > 0
@@ -119,15 +115,8 @@ class Distillation(CompressionPlugin):
         Raises:
             ValueError: naming ``feature_layers`` or ``feature_weight`` and what differs.
         """
-        shapes = {}
-        for role, model in (("student", student), ("teacher", teacher)):
-            text = model.config.get_text_config()
-            states = int(text.num_hidden_layers) + 1  # the embeddings, then each layer's output
-            outside = [i for i in self.feature_layers if not -states <= i < states]
-            if outside:
-                raise ValueError(f"{self.name}.feature_layers: {outside} outside the {role}'s {states} hidden states "
-                                 f"(indices {-states}..{states - 1})")
-            shapes[role] = int(text.hidden_size)
+        shapes = {role: check_feature_layers(model, self.feature_layers, f"{self.name}.feature_layers", role)
+                  for role, model in (("student", student), ("teacher", teacher))}
         if shapes["student"] != shapes["teacher"]:
             raise ValueError(f"{self.name}.feature_weight: the student's hidden size is {shapes['student']}, the "
                              f"teacher's {shapes['teacher']}; hidden states compare only at one width (distil "
@@ -145,14 +134,7 @@ class Distillation(CompressionPlugin):
         self._log("kl", kl)
         terms = {"kl": self.weight * kl}
         if features:
-            student_states = getattr(outputs, "hidden_states", None)
-            if student_states is None:
-                raise RuntimeError(f"{self.name}: the training step's outputs hold no hidden_states; the module "
-                                   "must ask the model for them (needs_hidden_states)")
-            span, mask = answer_positions(batch, outputs.logits.shape[1])
-            error = torch.stack([
-                relative_feature_error(student_states[i][:, span], teacher_out.hidden_states[i][:, span], mask)
-                for i in self.feature_layers]).mean()
+            error = answer_feature_error(outputs, teacher_out, batch, self.feature_layers, self.name)
             self._log("feature_error", error)
             terms["features"] = self.feature_weight * error
         return terms

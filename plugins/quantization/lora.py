@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 from typing_extensions import override
 
-from framework.losses import answer_distillation_kl, answer_positions, relative_feature_error
+from framework.losses import answer_distillation_kl, answer_feature_error, check_feature_layers, feature_layers_arg
 from framework.module import model_inputs
 from framework.plugin import CompressionPlugin, PluginConflictError
 from framework.selection import ModuleSelection
@@ -194,11 +194,7 @@ class QALFT(CompressionPlugin):
         if feature_weight > 0 and mode != "distill":
             raise ValueError(f"{key}.feature_weight: the hidden-state term distils from the float teacher; it needs "
                              "mode: distill")
-        layers = [-1] if feature_layers is None else list(feature_layers)
-        if not layers or any(isinstance(i, bool) or not isinstance(i, int) for i in layers) \
-                or len(set(layers)) != len(layers):
-            raise ValueError(f"{key}.feature_layers: must be distinct hidden-state indices (0 the embeddings, -1 the "
-                             f"last layer), got {feature_layers!r}")
+        layers = feature_layers_arg(feature_layers, f"{key}.feature_layers")
         if bnb_targets is not None and base not in BNB_KINDS:
             raise ValueError(f"{key}.bnb_targets: only used with base: bnb_nf4 / bnb_int8; leave it unset")
         self.base = base
@@ -239,11 +235,7 @@ class QALFT(CompressionPlugin):
         if self.adapter_name in adapter_names(model):  # idempotent
             return
         if self.feature_weight > 0:  # the teacher is this model: one layer count for both
-            states = int(model.config.get_text_config().num_hidden_layers) + 1
-            outside = [i for i in self.feature_layers if not -states <= i < states]
-            if outside:
-                raise ValueError(f"{self.name}.feature_layers: {outside} outside the model's {states} hidden states "
-                                 f"(indices {-states}..{states - 1})")
+            check_feature_layers(model, self.feature_layers, f"{self.name}.feature_layers")
         if self.base == "encodings":
             encodings = read_encodings(self.encodings, f"{self.name}.encodings")
             self._encodings_sha = _sha256(Path(self.encodings))
@@ -299,13 +291,7 @@ class QALFT(CompressionPlugin):
             terms["distill"] = self.distill_weight * kl
             self._log("kl", kl)
             if self.feature_weight > 0:
-                states = getattr(outputs, "hidden_states", None)
-                if states is None:
-                    raise RuntimeError(f"{self.name}: the training step's outputs hold no hidden_states; the module "
-                                       "must ask the model for them (needs_hidden_states)")
-                span, mask = answer_positions(batch, outputs.logits.shape[1])
-                error = torch.stack([relative_feature_error(states[i][:, span], teacher.hidden_states[i][:, span], mask)
-                                     for i in self.feature_layers]).mean()
+                error = answer_feature_error(outputs, teacher, batch, self.feature_layers, self.name)
                 terms["features"] = self.feature_weight * error
                 self._log("feature_error", error)
         if task is not None:
