@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -136,6 +137,18 @@ def test_feature_layers_and_widths_are_checked_at_start_up(dense: Path, tmp_path
         plugin.check_features(student, plugin.teacher(student))
 
 
+def _fit_with_ramp(dense: Path, folder: Path, callbacks: list[dict]) -> Any:
+    """A 10-step fit from the dense model in ``folder`` with ``callbacks`` (RAMP among them), checked to have reached
+    the ramp's 50%."""
+    folder.mkdir()
+    cli = make_cli(tiny_config(folder, spec=str(dense), max_steps=10, callbacks=callbacks, **NO_VAL),
+                   "--model.init_args.lr=0.01")
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    weight = cli.model.model.get_submodule("model.language_model.layers.0.mlp.down_proj").weight
+    assert float((weight == 0).float().mean()) == pytest.approx(0.5, abs=0.02)  # the ramp did its part
+    return cli
+
+
 def _feature_error_to_teacher(model: torch.nn.Module, teacher: Path) -> float:
     loaded = load_vlm(str(teacher))
     batch = _batch(loaded)
@@ -152,13 +165,7 @@ def test_stacked_with_a_sparsity_ramp_feature_distillation_keeps_the_hidden_stat
     for name, callbacks in (("kl", [RAMP, _distill(dense, weight=1.0)]),
                             ("kl_features", [RAMP, _distill(dense, weight=1.0, feature_weight=5.0,
                                                             feature_layers=[1, 2])])):
-        folder = tmp_path / name
-        folder.mkdir()
-        cli = make_cli(tiny_config(folder, spec=str(dense), max_steps=10, callbacks=callbacks, **NO_VAL),
-                       "--model.init_args.lr=0.01")
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-        weight = cli.model.model.get_submodule("model.language_model.layers.0.mlp.down_proj").weight
-        assert float((weight == 0).float().mean()) == pytest.approx(0.5, abs=0.02)
+        cli = _fit_with_ramp(dense, tmp_path / name, callbacks)
         metrics = cli.trainer.callback_metrics
         assert ("compression/distillation/feature_error" in metrics) == (name == "kl_features")
         errors[name] = _feature_error_to_teacher(cli.model.model, dense)
@@ -177,13 +184,7 @@ def _kl_to_teacher(model: torch.nn.Module, teacher: Path) -> float:
 def test_stacked_with_a_sparsity_ramp_the_student_stays_closer_to_the_teacher(dense: Path, tmp_path: Path) -> None:
     kls = {}
     for name, callbacks in (("ramp", [RAMP]), ("ramp_distill", [RAMP, _distill(dense, weight=5.0)])):
-        folder = tmp_path / name
-        folder.mkdir()
-        cli = make_cli(tiny_config(folder, spec=str(dense), max_steps=10, callbacks=callbacks, **NO_VAL),
-                       "--model.init_args.lr=0.01")
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-        weight = cli.model.model.get_submodule("model.language_model.layers.0.mlp.down_proj").weight
-        assert float((weight == 0).float().mean()) == pytest.approx(0.5, abs=0.02)  # the ramp did its part
+        cli = _fit_with_ramp(dense, tmp_path / name, callbacks)
         kls[name] = _kl_to_teacher(cli.model.model, dense)
         if name == "ramp_distill":
             assert torch.isfinite(cli.trainer.callback_metrics["compression/distillation/kl"])
