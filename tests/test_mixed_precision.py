@@ -6,14 +6,17 @@ import itertools
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import FAMILY_SPECS
 from helpers import make_cli, tiny_config
 
 from framework.data.tasks import make_task
 from framework.models import load_vlm
+from framework.module import model_inputs
 from framework.processing import VLMProcessor, family_for
 from framework.selection import ModuleSelection
 from plugins.quantization import (
@@ -24,11 +27,18 @@ from plugins.quantization import (
     load_plan,
     measure_sensitivity,
     plan_bits,
+    quantization_disabled,
     quantizers_of,
     write_plan,
 )
 from plugins.quantization.encodings import decode_entries
-from plugins.quantization.sensitivity import JointMeasure, pareto_curve, refine_plan, uniform_delta
+from plugins.quantization.sensitivity import (
+    JointMeasure,
+    calibration_batches,
+    pareto_curve,
+    refine_plan,
+    uniform_delta,
+)
 from plugins.quantization.plan_check import check_plans, format_check, sign_test_p
 from plugins.quantization.plan_check import main as plan_check_main
 from plugins.quantization.sensitivity import main as sensitivity_main
@@ -513,3 +523,110 @@ def test_plan_check_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
         plan_check_main(["--config", str(config), "--plans", str(plan_path), "--uniform", "9"])
     with pytest.raises(FileNotFoundError, match="--plans: plan file .*missing.json does not exist"):
         plan_check_main(["--config", str(config), "--plans", str(tmp_path / "missing.json")])
+
+
+def test_joint_measure_calibrates_activations_for_each_plan() -> None:
+    torch.manual_seed(0)
+    loaded = load_vlm(str(FAMILY_SPECS["llava"]))
+    model, batches = loaded.model, _batches(loaded)
+    layers = _lm_layers(model)
+    spec = QuantSpec(bits=8, granularity="channel")
+    with JointMeasure(model, batches, layers, spec, metric="kl") as measure:
+        floating = measure(dict.fromkeys(layers, 4))
+    ptq = PostTrainingQuantization(weights=None, activations=QuantSpec(bits=8, granularity="tensor", symmetric=False),
+                                   calibration_batches=1)
+    ptq.transform(model)
+    last = [q for n, q in ptq.quantizers.items() if n.endswith(".input")][-1]  # reads quantized layers' outputs
+    calls, scales = [], []
+
+    def calibrate() -> None:
+        ptq.recalibrate(model, batches[:1])
+        calls.append(1)
+        scales.append(last.scale.detach().clone())
+
+    with JointMeasure(model, batches, layers, spec, metric="kl", calibrate_activations=calibrate) as measure:
+        four = measure(dict.fromkeys(layers, 4))
+        assert measure(dict.fromkeys(layers, 4)) == four, "an unchanged plan keeps its encodings"
+        two = measure(dict.fromkeys(layers, 2))
+        assert measure(dict.fromkeys(layers, 4)) == pytest.approx(four, rel=1e-9)
+    assert len(calls) == 3 and four != floating and two > four > 0
+    # Each calibration starts from scratch: the 4-bit plan's encodings again, not widened by the 2-bit plan's ranges.
+    assert torch.equal(scales[0], scales[2]) and not torch.equal(scales[0], scales[1])
+    assert not any(q.enabled for q in quantizers_of(model).values()), "quantizers are switched off again on exit"
+    weighted = load_vlm(str(FAMILY_SPECS["llava"])).model
+    PostTrainingQuantization(weights=QuantSpec(bits=4)).transform(weighted)
+    with pytest.raises(ValueError, match=f"calibrate_activations: {layers[0]} has a weight quantizer"):
+        JointMeasure(weighted, batches, layers, spec, calibrate_activations=calibrate)
+
+
+def _ptq(plan: str | None = None, **kwargs: Any) -> dict:
+    """PTQ W4A8 as the study validates plans: MSE weight scales, min/max per-tensor inputs, the KV cache per token,
+    the projector output, one quantizer per tensor read by several siblings."""
+    dynamic = {"bits": 8, "granularity": "token", "mode": "dynamic", "symmetric": False}
+    return {"class_path": "plugins.quantization.PostTrainingQuantization",
+            "init_args": {"weights": {"bits": 4, "granularity": "channel", "observer": "mse"},
+                          "activations": {"bits": 8, "granularity": "tensor", "symmetric": False},
+                          "activation_sites": [
+                              {"targets": {"include": "language_model.*(k_proj|v_proj)$"}, "points": ["output"],
+                               "spec": dynamic},
+                              {"targets": {"include": "multi_modal_projector$", "types": ["Module"]},
+                               "points": ["output"]}],
+                          "shared_inputs": [["q_proj", "k_proj", "v_proj"], ["gate_proj", "up_proj"]],
+                          "calibration_batches": 2, "plan": plan, **kwargs}}
+
+
+def test_plan_check_measures_activations_as_ptq_validates(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    plan_path = tmp_path / "plans" / "plan_avg4.json"
+    config = tiny_config(tmp_path, max_steps=1, callbacks=[_ptq(str(plan_path))], limit_val_batches=1)
+    sensitivity_main(["--config", str(config), "--budget_avg_bits", "4", "--bits", "2", "4", "8", "--batches", "1",
+                      "--metric", "kl", "--out", str(plan_path)])
+    common = ["--config", str(config), "--plans", str(plan_path), "--uniform", "4", "--skip", "2", "--batches", "2",
+              "--metric", "kl"]
+    floating = plan_check_main(common)
+    quantized = plan_check_main([*common, "--activations", "config"])
+    assert "calibrated per plan on 2 training batches" in capsys.readouterr().out
+    assert floating["activations"] == "float"
+    assert quantized["activations"]["calibration_batches"] == 2 and quantized["activations"]["points"] == ["input"]
+    assert quantized["activations"]["quantizers"] > 0 and len(quantized["activations"]["sites"]) == 2
+    for name in ("plan_avg4", "uniform_4"):
+        assert quantized["rows"][name]["kl"] != pytest.approx(floating["rows"][name]["kl"], rel=1e-3)
+
+    # The same plan validated by PTQ itself (its hooks calibrate on the trainer's training batches), then measured
+    # on the batches the check read: the same KL from the float model.
+    cli = make_cli(config)
+    cli.trainer.validate(cli.model, datamodule=cli.datamodule)
+    model = cli.model.model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in calibration_batches(cli, 2, start=2):
+            mask = batch["labels"][:, 1:] != -100
+            inputs = model_inputs(batch, labels=False)
+            validated = model(**inputs).logits[:, :-1][mask].float()
+            with quantization_disabled(model):
+                reference = model(**inputs).logits[:, :-1][mask].float()
+            total += float(F.kl_div(F.log_softmax(validated, -1), F.log_softmax(reference, -1), log_target=True,
+                                    reduction="sum"))
+            count += int(mask.sum())
+    assert count == quantized["scored_tokens"]
+    assert quantized["rows"]["plan_avg4"]["kl"] == pytest.approx(total / count, rel=1e-5)
+
+
+def test_plan_check_activations_misconfiguration(tmp_path: Path) -> None:
+    weights_only = tiny_config(tmp_path, max_steps=1, callbacks=[_qat()], limit_val_batches=0)
+    plan_path = tmp_path / "plan.json"
+    sensitivity_main(["--config", str(weights_only), "--budget_avg_bits", "4", "--bits", "4", "8", "--batches", "1",
+                      "--metric", "kl", "--out", str(plan_path)])
+    common = ["--plans", str(plan_path), "--batches", "1", "--activations", "config"]
+    with pytest.raises(SystemExit, match=r"--activations config: QuantizationAwareTraining \(qat\) quantizes no "
+                                         "activations"):
+        plan_check_main(["--config", str(weights_only), *common])
+    bare = tiny_config(tmp_path, max_steps=1, limit_val_batches=0, name="bare.yaml")
+    with pytest.raises(SystemExit, match="--activations config: the config has no quantization plugin"):
+        plan_check_main(["--config", str(bare), *common])
+    two = tiny_config(tmp_path, max_steps=1, limit_val_batches=0, name="two.yaml",
+                      callbacks=[_ptq(), _ptq(name="ptq_vision", targets={"include": "vision_tower"})])
+    with pytest.raises(SystemExit, match=r"--activations config: the config has 2 quantization plugins \(ptq, "
+                                         r"ptq_vision\)"):
+        plan_check_main(["--config", str(two), *common])
+    with pytest.raises(SystemExit):  # argparse: not one of the choices
+        plan_check_main(["--config", str(weights_only), "--plans", str(plan_path), "--activations", "int8"])

@@ -2,20 +2,28 @@
 
 Plans are chosen (and refined) on a few calibration batches, and a small validation set cannot tell apart plans
 whose top-1 agreement differs by a tenth of a point (a few tokens). This measures each plan, and uniform widths
-beside it, with every layer at its width at once (:class:`~plugins.quantization.sensitivity.JointMeasure`: weights
-quantized, activations float) on training batches drawn after the ones the plans were made on. With the
-``disagreement`` metric it also pairs each plan with each uniform width token by token: the tokens only the plan
-gets wrong against those only the uniform width gets wrong (a sign test's discordant pairs), so a difference can be
-told from noise.
+beside it, with every layer at its width at once (:class:`~plugins.quantization.sensitivity.JointMeasure`) on
+training batches drawn after the ones the plans were made on. With the ``disagreement`` metric it also pairs each
+plan with each uniform width token by token: the tokens only the plan gets wrong against those only the uniform
+width gets wrong (a sign test's discordant pairs), so a difference can be told from noise.
+
+Weights are quantized with the config's weight spec and activations stay float (``--activations float``, the
+default), or, with ``--activations config``, the activations are quantized as the config's quantization plugin
+places them (its ``activations``, ``activation_points``, ``activation_sites`` and ``shared_inputs``: the W?A8 a
+plan is validated as) and calibrated for each plan's weights as PTQ calibrates them
+(:meth:`~plugins.quantization.PostTrainingQuantization.recalibrate`: static ranges observed on the first
+``calibration_batches`` training batches with the plan's weights quantized). Give the config that validates the
+plans, e.g. the study's ``sensitivity.yaml`` (a PTQ with the plans' weight spec and the validated activations).
 
     python -m plugins.quantization.plan_check --config experiments/quickstart.yaml --config <sensitivity config> \\
         --model.init_args.model=<export> --plans plans/plan_avg3.json plans/plan_avg4.json --uniform 3 4 \\
-        --skip 48 --batches 64 --out plan_check.json
+        --skip 48 --batches 64 [--activations config] --out plan_check.json
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -24,8 +32,13 @@ from typing import Any
 import torch
 
 from framework.io import atomic_write_json
+from plugins.quantization.common import QuantizedModules
 from plugins.quantization.config import BITS
+from plugins.quantization.ptq import PostTrainingQuantization
 from plugins.quantization.sensitivity import JOINT_METRICS, JointMeasure, calibration_batches, load_plan
+
+#: ``--activations``: float, or quantized as the config's quantization plugin places them.
+ACTIVATIONS = ("float", "config")
 
 
 def sign_test_p(only_a: int, only_b: int) -> float:
@@ -63,9 +76,57 @@ def check_plans(measure: JointMeasure, plans: dict[str, dict[str, int]], uniform
             "rows": rows, "pairs": pairs}
 
 
+def activation_quantizers(plugins: list[Any]) -> PostTrainingQuantization:
+    """The activation quantizers of the run's quantization plugin, as a PTQ without weight quantizers (the plans'
+    weights are written by :class:`~plugins.quantization.sensitivity.JointMeasure`): the same targets, activation
+    spec, points, sites, shared inputs and calibration batches (at least 1). A QAT config gives the encodings its
+    calibration starts from (learning then moves them); a PTQ config the ones it validates with.
+
+    Raises:
+        SystemExit: naming ``--activations``: no quantization plugin in the config, several, or one that quantizes
+            no activations.
+    """
+    found = [p for p in plugins if isinstance(p, QuantizedModules)]
+    if not found:
+        raise SystemExit("--activations config: the config has no quantization plugin (QAT / PTQ) to take the "
+                         "activation quantizers from; add the config that validates the plans")
+    if len(found) > 1:
+        raise SystemExit(f"--activations config: the config has {len(found)} quantization plugins "
+                         f"({', '.join(p.name for p in found)}); give the one that validates the plans")
+    plugin = found[0]
+    if plugin.activations is None and not plugin.activation_sites:
+        raise SystemExit(f"--activations config: {type(plugin).__name__} ({plugin.name}) quantizes no activations; "
+                         "give the config that validates the plans (its activations / activation_sites), or "
+                         "--activations float")
+    return PostTrainingQuantization(
+        weights=None, activations=plugin.activations, targets=plugin.targets,
+        activation_points=plugin.activation_points, activation_sites=plugin.activation_sites,
+        calibration_batches=max(1, int(getattr(plugin, "calibration_batches", 1))), runtime=plugin.runtime,
+        name=plugin.name, shared_inputs=plugin.shared_inputs)
+
+
+def describe_activations(ptq: PostTrainingQuantization | None, model: torch.nn.Module) -> str | dict[str, Any]:
+    """``"float"``, or how the activations were quantized (for the result JSON)."""
+    if ptq is None:
+        return "float"
+    summary = ptq.summary(model)
+    return {"spec": None if ptq.activations is None else ptq.activations.to_dict(),
+            "points": ptq.activation_points,
+            "sites": [{"targets": dataclasses.asdict(site.targets), "points": site.points,
+                       "spec": None if site.spec is None else site.spec.to_dict()} for site in ptq.activation_sites],
+            "shared_inputs": ptq.shared_inputs, "quantizers": summary["activation_quantizers"],
+            "calibration_batches": ptq.calibration_batches}
+
+
 def format_check(result: dict[str, Any]) -> str:
     metric = result["metric"]
-    lines = [f"{result['batches']} batches, {result['scored_tokens']} scored tokens, metric {metric}",
+    activations = result.get("activations", "float")
+    quantized = "float" if activations == "float" else (
+        f"{activations['quantizers']} activation quantizers of the config, calibrated per plan on "
+        f"{activations['calibration_batches']} training batches as PTQ calibrates them")
+    head = (f"{result['batches']} batches, {result['scored_tokens']} scored tokens, metric {metric}, "
+            f"activations {quantized}")
+    lines = [head,
              f"{'plan':<28} {metric:>13}" + ("  disagreeing tokens" if metric == "disagreement" else "")]
     for name, row in result["rows"].items():
         extra = f"  {row['disagreeing_tokens']:>18}" if "disagreeing_tokens" in row else ""
@@ -89,6 +150,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="training batches to skip first: those the plans' table and refining used")
     parser.add_argument("--batches", type=int, default=64, help="training batches to measure on")
     parser.add_argument("--metric", choices=JOINT_METRICS, default="disagreement")
+    parser.add_argument("--activations", choices=ACTIVATIONS, default="float",
+                        help="float, or quantized as the config's quantization plugin places them (W?A8 as validated), "
+                             "calibrated for each plan as PTQ calibrates them")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--out", default=None, help="JSON file for the results (written atomically)")
     opts, rest = parser.parse_known_args(argv)
@@ -115,14 +179,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from plugins.quantization.sensitivity import _plugin_choice
 
     cli = build([a for c in opts.config for a in ("--config", c)] + rest, run=False)
-    _, template = _plugin_choice(find_plugins(cli.trainer))
+    plugins = find_plugins(cli.trainer)
+    _, template = _plugin_choice(plugins)
+    ptq = activation_quantizers(plugins) if opts.activations == "config" else None
     batches = calibration_batches(cli, opts.batches, start=opts.skip)
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cli.model.to(device)
+    model = cli.model.model
+    calibrate = None
+    if ptq is not None:
+        ptq.transform(model)  # activation quantizers only, off until calibrated
+        calibration = calibration_batches(cli, ptq.calibration_batches)  # what PTQ observes: batches 0..n-1
+
+        def calibrate() -> None:
+            ptq.recalibrate(model, calibration)
+
     with cli.trainer.precision_plugin.forward_context(), \
-            JointMeasure(cli.model.model, batches, sorted(first), template, opts.metric) as measure:
+            JointMeasure(model, batches, sorted(first), template, opts.metric,
+                         calibrate_activations=calibrate) as measure:
         result = check_plans(measure, plans, opts.uniform)
-    result.update(skip=opts.skip, plans={name: str(path) for name, path in zip(plans, opts.plans)})
+    result.update(skip=opts.skip, activations=describe_activations(ptq, model),
+                  plans={name: str(path) for name, path in zip(plans, opts.plans)})
     print(format_check(result))
     if opts.out:
         atomic_write_json(opts.out, result)

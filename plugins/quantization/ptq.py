@@ -1,8 +1,15 @@
-"""PostTrainingQuantization: the PTQ baseline, calibrated once and fixed (round to nearest, no training)."""
+"""PostTrainingQuantization: the PTQ baseline, calibrated once and fixed (round to nearest, no training).
+
+Weight quantizers take their qparams from the weights; static activation quantizers observe a few training batches
+run with the weights already quantized (:func:`observe_activations`, pure torch), then every encoding is fixed.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -16,6 +23,47 @@ from framework.selection import ModuleSelection
 from framework.sharding import full_parameters
 from plugins.quantization.common import QuantizedModules, freeze_observers
 from plugins.quantization.config import ActivationSite, QuantSpec
+from plugins.quantization.placement import distinct
+from plugins.quantization.quantizer import FakeQuantizer
+
+
+@torch.no_grad()
+def observe_activations(model: nn.Module, quantizers: Mapping[str, FakeQuantizer], pending: Sequence[FakeQuantizer],
+                        batches: Iterable[Mapping[str, Any]], device: torch.device | None = None,
+                        context: contextlib.AbstractContextManager | None = None) -> None:
+    """PTQ's calibration of static activation ranges: fix the encodings of ``pending`` from ``batches``.
+
+    ``model`` runs in eval mode on each batch's model inputs (no labels, no KV cache), with the quantizers in
+    ``quantizers`` that already quantize switched on (weights, dynamic activations, calibrated activations) and
+    ``pending`` observing; then their observers freeze (ranges combined across data-parallel ranks). Train/eval modes
+    are restored; the quantizers' flags are left for the caller to set.
+
+    Args:
+        model: the HF model the quantizers are attached to.
+        quantizers: a plugin's quantizers by tensor name.
+        pending: the static activation quantizers to calibrate (each observes from scratch when it has observed
+            nothing yet, e.g. after :meth:`~plugins.quantization.quantizer.FakeQuantizer.reset`).
+        batches: collated batches (moved to ``device``).
+        device: default: the model's.
+        context: entered around the forward passes (a trainer's precision, e.g. bf16 autocast); default none.
+    """
+    device = device or next(model.parameters()).device
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    for quantizer in quantizers.values():  # weights on, activations observe
+        quantizer.enabled = quantizer.observing = False
+        if quantizer in pending:
+            quantizer.observing = True
+        elif quantizer.is_initialized or not quantizer.static:
+            quantizer.enabled = True
+    try:
+        with context or contextlib.nullcontext():
+            for batch in batches:
+                model(**model_inputs(move_data_to_device(batch, device), labels=False), use_cache=False)
+        freeze_observers(list(pending))
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
 
 
 class PostTrainingQuantization(QuantizedModules):
@@ -125,25 +173,28 @@ class PostTrainingQuantization(QuantizedModules):
         if datamodule is None or not hasattr(datamodule, "train_dataloader"):
             raise ValueError(f"{self.name}.calibration_batches: static activations calibrate on training batches; "
                              "run with a datamodule that provides train_dataloader()")
-        model = pl_module.model
-        modes = {module: module.training for module in model.modules()}
-        model.eval()
-        for quantizer in self.quantizers.values():  # weights on, activations observe
-            quantizer.enabled = quantizer.observing = False
-            if quantizer in pending:
-                quantizer.observing = True
-            elif quantizer.is_initialized or not quantizer.static:
-                quantizer.enabled = True
-        try:
-            with trainer.precision_plugin.forward_context():
-                for index, batch in enumerate(datamodule.train_dataloader()):
-                    if index >= self.calibration_batches:
-                        break
-                    model(**model_inputs(move_data_to_device(batch, pl_module.device), labels=False), use_cache=False)
-            freeze_observers(pending)
-        finally:
-            for module, mode in modes.items():
-                module.training = mode
+        observe_activations(pl_module.model, self.quantizers, pending,
+                            itertools.islice(datamodule.train_dataloader(), self.calibration_batches),
+                            pl_module.device, trainer.precision_plugin.forward_context())
+
+    @torch.no_grad()
+    def recalibrate(self, model: nn.Module, batches: Iterable[Mapping[str, Any]]) -> None:
+        """Calibrate every static quantizer again, from scratch, for the weights ``model`` holds now, as
+        :meth:`calibrate` does at the start of a run: weights from themselves, activations observed on ``batches``
+        (what PTQ observes: the first ``calibration_batches`` training batches); then everything on.
+
+        Pure torch, one process, in the caller's precision context: a plan check writes each plan's quantized weights
+        into a model that carries only this plugin's activation quantizers, and calibrates them for it here.
+        """
+        for quantizer in distinct(q for q in self.quantizers.values() if q.static):
+            quantizer.reset()
+        self.init_weight_quantizers(model)
+        pending = list(self.static_quantizers("activation").values())
+        if pending:
+            observe_activations(model, self.quantizers, pending, batches)
+        self.calibrated = True
+        for quantizer in self.quantizers.values():
+            quantizer.enabled, quantizer.observing = True, False
 
     # ------------------------------------------------------------------ hooks: whichever comes first
     @override

@@ -421,6 +421,17 @@ class FakeQuantizer(nn.Module):
         self._mark_initialized()
         self.observing = False
 
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Forget the observed range and the encoding: a static quantizer is uncalibrated again (observe and
+        :meth:`freeze_observer`, or :meth:`calibrate`, before it quantizes)."""
+        if self.scale is None:
+            return
+        self.obs_count.zero_()
+        self._observed = 0
+        self.initialized.fill_(False)
+        self._initialized = False
+
     def calibrate(self, x: torch.Tensor) -> None:
         """Observe ``x`` alone and freeze (weights: round-to-nearest qparams from the weight itself)."""
         if self.scale is None:

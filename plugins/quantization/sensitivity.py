@@ -24,7 +24,7 @@ import dataclasses
 import json
 import math
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from typing_extensions import Self
 from framework.io import atomic_write_json
 from framework.selection import ModuleSelection
 from plugins.quantization.config import BITS, QuantSpec, check_spec
-from plugins.quantization.placement import quantization_disabled
+from plugins.quantization.placement import WEIGHT, quantization_disabled
 from plugins.quantization.quantizer import FakeQuantizer
 
 METRICS = ("loss", "kl")
@@ -389,11 +389,20 @@ class JointMeasure:
     ``measure(plan, held_out=True)`` these, so a search over plans can check its choices on batches it did not pick
     them on.
 
-    Use as a context manager: the weights are restored exactly and train/eval modes reset on exit.
+    Activations are float unless ``calibrate_activations`` is given: then the model carries activation quantizers
+    (and no weight quantizer on a measured layer: the weights are quantized here), and the function calibrates them
+    for the weights the model holds and switches them on, e.g. ``lambda: ptq.recalibrate(model, calibration)`` of a
+    :class:`~plugins.quantization.PostTrainingQuantization` without weights. It is called whenever a plan with other
+    widths than the last one is written, so each plan is measured with the activation encodings PTQ would calibrate
+    for it (W?A8 as validated); the float reference runs with every quantizer off.
+
+    Use as a context manager: the weights are restored exactly, and train/eval modes and quantizer switches reset on
+    exit.
     """
 
     def __init__(self, model: nn.Module, batches: Sequence[Mapping[str, Any]], layers: Sequence[str],
-                 spec_template: QuantSpec | None = None, metric: str = "kl", held_out: int = 0) -> None:
+                 spec_template: QuantSpec | None = None, metric: str = "kl", held_out: int = 0,
+                 calibrate_activations: Callable[[], None] | None = None) -> None:
         if metric not in JOINT_METRICS:
             raise ValueError(f"metric: must be one of {', '.join(repr(m) for m in JOINT_METRICS)}, got {metric!r}")
         if not batches:
@@ -403,6 +412,13 @@ class JointMeasure:
         self.model, self.metric = model, metric
         self.template = spec_template or QuantSpec(bits=8, granularity="channel")
         self.layers = _select_layers(model, list(layers))
+        if calibrate_activations is not None:
+            quantized = [name for name, layer in self.layers.items() if isinstance(getattr(layer, WEIGHT, None),
+                                                                                  FakeQuantizer)]
+            if quantized:
+                raise ValueError(f"calibrate_activations: {quantized[0]} has a weight quantizer; plans write their "
+                                 "quantized weights themselves, so attach activation quantizers only (weights: null)")
+        self.calibrate_activations = calibrate_activations
         device = next(model.parameters()).device
         self.batches = [_to_device(b, device) for b in batches]
         self.masks = [_token_mask(b, metric) for b in self.batches]
@@ -494,10 +510,14 @@ class JointMeasure:
         missing = [name for name in self.layers if name not in plan]
         if missing:
             raise ValueError(f"plan: layer {missing[0]} has no width")
+        changed = False
         for name, bits in plan.items():
             if self._current.get(name) != bits:
                 self.layers[name].weight.copy_(self._weight(name, int(bits)))
                 self._current[name] = int(bits)
+                changed = True
+        if changed and self.calibrate_activations is not None:
+            self.calibrate_activations()  # encodings for these weights, as PTQ calibrates them
 
 
 def refine_plan(plan: Mapping[str, Any], measure: JointMeasure, max_evaluations: int = 40,
