@@ -10,7 +10,7 @@ def cb(kind, wbits, abits, gran):
             "activation_points": ["input"], "activation_sites": [KV], "calibration_batches": 8}
     cls = "plugins.quantization.PostTrainingQuantization" if kind == "ptq" else "plugins.quantization.QuantizationAwareTraining"
     if kind == "qat":
-        args.pop("calibration_batches"); args["calibration_batches"] = 8
+        args["calibration_batches"] = 8
     return {"trainer": {"callbacks": [{"class_path": cls, "init_args": args}]}}
 for kind in ("ptq", "qat"):
     for w, a in ((8, 8), (4, 8), (4, 16), (2, 8)):
