@@ -246,7 +246,8 @@ fi
 # beside the language-model-only stack, against a float fine-tune as long: `bash experiments/run_gpu_studies.sh
 # reading_stack`. Sized for one 10-minute call on two GPUs (the base, then the float fine-tune, then three runs).
 # STACK_SCOPES picks the runs (quantization_study.py --stack_scopes), STACK_DISTILL=1 adds distillation from the base,
-# QAT_STEPS sets their length, e.g. STACK_SCOPES=whole_dense_head QAT_STEPS=1000 STACK_DISTILL=1. QAT_REFERENCE=base
+# QAT_STEPS and QAT_LR set their length and learning rate (and the float fine-tune's, trained the same way), e.g.
+# STACK_SCOPES=whole_dense_head QAT_STEPS=1000 QAT_LR=2e-4 STACK_DISTILL=1. QAT_REFERENCE=base
 # measures agreement against the base and skips the float fine-tune (its numbers are known from an earlier call);
 # STACK_TEACHER=float_finetune distils from that fine-tune instead of the base (it then trains first);
 # STACK_FEATURE_WEIGHT=1 adds layer-wise distillation (the hidden states) to it.
@@ -255,7 +256,7 @@ stack_study() {
   read -r -a scopes <<< "${STACK_SCOPES:-language_model whole whole_dense_head}"
   $PY experiments/quantization_study.py stacked collect --base_export "$base" --out "$RES/quantization" \
     --work "$WORK/quantization" --stack_scopes "${scopes[@]}" --qat_steps "${QAT_STEPS:-300}" \
-    --qat_reference "${QAT_REFERENCE:-float_finetune}" \
+    --qat_lr "${QAT_LR:-1e-4}" --qat_reference "${QAT_REFERENCE:-float_finetune}" \
     ${STACK_DISTILL:+--stack_distill --stack_teacher "${STACK_TEACHER:-base}" \
       --stack_feature_weight "${STACK_FEATURE_WEIGHT:-0}"} --parallel "${#scopes[@]}" \
     --workers "${STACK_WORKERS:-8}" --gpus "$GPUS" > "$WORK/logs/quantization_study.log" 2>&1
