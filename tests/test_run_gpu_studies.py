@@ -90,10 +90,10 @@ def test_reading_qalft_takes_float_lora_start_and_qlora_bases(tmp_path: Path) ->
 
 def test_reading_stack_takes_its_scopes_steps_and_distillation(tmp_path: Path) -> None:
     result, calls = _drive(tmp_path, "reading_stack", STACK_SCOPES="whole_dense_head whole_dense_head_global",
-                           QAT_STEPS="1000", STACK_DISTILL="1")
+                           QAT_STEPS="1000", QAT_LR="2e-4", STACK_DISTILL="1")
     assert result.returncode == 0, result.stderr
     (stack,) = [call for call in calls if "quantization_study.py stacked" in call]
-    assert "--stack_scopes whole_dense_head whole_dense_head_global --qat_steps 1000" in stack
+    assert "--stack_scopes whole_dense_head whole_dense_head_global --qat_steps 1000 --qat_lr 2e-4" in stack
     assert "--qat_reference float_finetune --stack_distill --stack_teacher base" in stack
     assert "--parallel 2" in stack
     # QAT_REFERENCE=base: agreement against the base, no float fine-tune first.
@@ -103,5 +103,5 @@ def test_reading_stack_takes_its_scopes_steps_and_distillation(tmp_path: Path) -
                            STACK_DISTILL="1", STACK_TEACHER="float_finetune", STACK_FEATURE_WEIGHT="1")
     assert result.returncode == 0, result.stderr
     (stack,) = [call for call in calls if "quantization_study.py stacked" in call]
-    assert ("--stack_scopes whole_vision50_text80 --qat_steps 300 --qat_reference base --stack_distill "
+    assert ("--stack_scopes whole_vision50_text80 --qat_steps 300 --qat_lr 1e-4 --qat_reference base --stack_distill "
             "--stack_teacher float_finetune --stack_feature_weight 1 --parallel 1") in stack
