@@ -38,9 +38,9 @@ def test_every_run_has_a_unique_name_and_valid_plugin_arguments(tmp_path: Path) 
     assert {"dense", "dense_finetune", "ramp75", "ramp2of4", "oneshot_act_75", "oneshot_mag_2of4",
             "l0_50_improved", "l0_90_plain", "dense_finetune_l0"} <= set(names)
     # Longest runs first: the L0 fine-tunes and their dense reference lead the pool.
-    assert names[:9] == ["l0_50_improved", "l0_50_plain", "l0_90_improved", "l0_90_plain", "l0_50_improved_hard20",
-                         "l0_50_improved_hard50", "l0_90_improved_hard20", "l0_50_improved_keep_hidden",
-                         "dense_finetune_l0"]
+    assert names[:10] == ["l0_50_improved", "l0_50_plain", "l0_90_improved", "l0_90_plain", "l0_50_improved_hard20",
+                          "l0_50_improved_hard50", "l0_90_improved_hard20", "l0_50_improved_keep_hidden",
+                          "l0_50_improved_keep_heads", "dense_finetune_l0"]
     for job in jobs:
         for callback in job.callbacks:
             module_name, class_name = callback["class_path"].rsplit(".", 1)
@@ -63,6 +63,8 @@ def test_every_run_has_a_unique_name_and_valid_plugin_arguments(tmp_path: Path) 
         "teacher": None, "weight": 1.0, "temperature": 2.0, "feature_weight": 1.0, "feature_layers": [4, 8, -1]}
     keep_hidden = by_name["l0_50_improved_keep_hidden"].callbacks[0]["init_args"]
     assert keep_hidden["prune_hidden"] is False and keep_hidden["target_fraction"] == 0.5
+    keep_heads = by_name["l0_50_improved_keep_heads"].callbacks[0]["init_args"]
+    assert keep_heads["prune_heads"] is False and keep_heads.get("prune_hidden", True) is True
 
 
 def test_base_arguments_reach_the_base_run_and_its_export_only(tmp_path: Path) -> None:
@@ -124,6 +126,14 @@ def test_seed_replicas_pair_a_ramp_with_its_reference(tmp_path: Path) -> None:
             assert replica.overrides[-2:] == [f"--seed_everything={seed}", f"--data.init_args.seed={seed}"]
             assert replica.export_to is None and replica.after is None
     assert not any(name.startswith("ramp50_seed") for name in jobs)
+    # L0 and its dense reference are paired too; the gates' noise follows the seed, the other arguments do not change.
+    for seed in (1, 2):
+        replica = jobs[f"l0_50_improved_seed{seed}"]
+        (gates,) = replica.callbacks
+        assert gates["init_args"] == {**jobs["l0_50_improved"].callbacks[0]["init_args"], "seed": seed}
+        assert replica.overrides[-2:] == [f"--seed_everything={seed}", f"--data.init_args.seed={seed}"]
+        assert jobs[f"dense_finetune_l0_seed{seed}"].overrides[-1] == f"--data.init_args.seed={seed}"
+    assert jobs["l0_50_improved"].callbacks[0]["init_args"].get("seed", 0) == 0
 
 
 def test_scratch_baseline_gets_the_same_compute(tmp_path: Path) -> None:
