@@ -630,3 +630,15 @@ def test_plan_check_activations_misconfiguration(tmp_path: Path) -> None:
         plan_check_main(["--config", str(two), *common])
     with pytest.raises(SystemExit):  # argparse: not one of the choices
         plan_check_main(["--config", str(weights_only), "--plans", str(plan_path), "--activations", "int8"])
+
+
+def test_calibration_batches_are_shaped_as_training_batches(tmp_path: Path) -> None:
+    """With ``pad_to_max_length`` training pads every batch to ``max_length``; batches drawn for measuring must too."""
+    from helpers import TINY_DATA
+
+    data = {**TINY_DATA, "init_args": {**TINY_DATA["init_args"], "pad_to_max_length": True}}
+    cli = make_cli(tiny_config(tmp_path, max_steps=1, data=data))
+    lengths = {batch["input_ids"].shape[1] for batch in calibration_batches(cli, 2)}
+    assert lengths == {cli.datamodule.max_length}
+    unpadded = make_cli(tiny_config(tmp_path, max_steps=1, name="unpadded.yaml"))
+    assert all(b["input_ids"].shape[1] < unpadded.datamodule.max_length for b in calibration_batches(unpadded, 2))
