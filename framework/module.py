@@ -15,6 +15,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 import torch.nn as nn
+from lightning.pytorch.strategies import ModelParallelStrategy
 from typing_extensions import override
 
 from framework.compiling import CUDA_GRAPH_MODES, compile_blocks
@@ -22,6 +23,7 @@ from framework.metrics import MeanTokenLoss, TaskMetrics
 from framework.models import load_vlm
 from framework.plugin import check_plugins, find_plugins, writes_step_logs
 from framework.processing import VLMProcessor, family_for
+from framework.sharding import fsdp_root, shard_model
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_grid_thw", "mm_token_type_ids")
@@ -52,21 +54,33 @@ def training_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     return inputs
 
 
-def check_strategy(trainer: Any) -> None:
+def check_strategy(trainer: Any, compile: bool = False) -> None:
     """Refuse strategies whose sharding the module and its plugins do not apply or handle.
 
-    Lightning's ``ModelParallelStrategy`` (FSDP2's ``fully_shard``, tensor parallelism) leaves parallelising to
-    ``configure_model``; this module does not shard there, so each rank would train its own unsynchronised copy, and
-    the plugins' between-step hooks handle FSDP1's flat shards (``framework.sharding``), not DTensors.
+    Lightning's ``ModelParallelStrategy`` runs here as FSDP2 (:func:`framework.sharding.shard_model` in
+    ``configure_model``): data parallel over every device, so ``tensor_parallel_size`` must be 1, and checkpoints whole
+    (``save_distributed_checkpoint: false``), written atomically and read by ``vlmc export``.
 
     Raises:
-        ValueError: under ``ModelParallelStrategy``, naming ``trainer.strategy`` and what works instead.
+        ValueError: naming the ``trainer.strategy`` key: tensor parallelism, sharded checkpoints, or FSDP2 with
+            compiled blocks.
     """
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    if trainer is not None and isinstance(trainer.strategy, ModelParallelStrategy):
-        raise ValueError("trainer.strategy: ModelParallelStrategy (FSDP2 fully_shard / tensor parallel) is not "
-                         "supported; use strategy: fsdp (FSDP1, sharded) or ddp")
+    if trainer is None or not isinstance(trainer.strategy, ModelParallelStrategy):
+        return
+    strategy = trainer.strategy
+    tensor_parallel = strategy._tensor_parallel_size
+    if tensor_parallel != 1:
+        raise ValueError("trainer.strategy.init_args.tensor_parallel_size: ModelParallelStrategy runs as FSDP2 data "
+                         f"parallelism here; tensor parallelism is not supported, got {tensor_parallel!r}: set it to "
+                         "1 and data_parallel_size to the number of devices")
+    if strategy._save_distributed_checkpoint:
+        raise ValueError("trainer.strategy.init_args.save_distributed_checkpoint: must be false (whole checkpoints, "
+                         "written to a temporary file and renamed, which vlmc export reads); got true")
+    if compile:
+        raise ValueError("model.init_args.compile: compiled blocks under ModelParallelStrategy (FSDP2) are not "
+                         "supported; set it to false, or use strategy: fsdp or ddp")
 
 
 class VLMModule(pl.LightningModule):
@@ -182,11 +196,14 @@ class VLMModule(pl.LightningModule):
     # ------------------------------------------------------------------ structure
     @override
     def configure_model(self) -> None:
-        check_strategy(self._trainer)
+        check_strategy(self._trainer, compile=bool(self.hparams.compile))
         plugins = find_plugins(self._trainer)
         for plugin in plugins:
             plugin.transform(self.model)
         check_plugins(plugins, self.model)
+        if self._trainer is not None and isinstance(self._trainer.strategy, ModelParallelStrategy):
+            # After the plugins: their masks, quantizers and gates are sharded with the blocks that hold them.
+            shard_model(self.model, self._trainer.strategy.device_mesh["data_parallel"])
         if self.hparams.compile and not self._compiled:
             # After the plugins: their masks and hooks are part of what gets compiled.
             compile_blocks(self.model, self.hparams.compile_mode, dynamic=self.compile_dynamic())
@@ -319,6 +336,11 @@ class VLMModule(pl.LightningModule):
         else:
             torch.nn.utils.clip_grad_norm_(params, gradient_clip_val, foreach=True)
 
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if isinstance(self._trainer.strategy, ModelParallelStrategy):
+            fill_missing_optimizer_state(checkpoint, list(self.parameters()))
+
     # ------------------------------------------------------------------ evaluation
     def _eval_step(self, batch: dict[str, Any], batch_idx: int, stage: str) -> None:
         task = batch["task"]
@@ -385,14 +407,36 @@ class VLMModule(pl.LightningModule):
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         width = inputs["input_ids"].shape[1]
+        # Sharded weights are gathered in every forward, a collective: ranks keep stepping until all have finished.
+        sharded = self._trainer is not None and self._trainer.world_size > 1 and fsdp_root(self) is not None
         output = self.model.generate(
             **inputs,
             max_new_tokens=max_new_tokens or self.hparams.max_new_tokens,
             do_sample=False,
             pad_token_id=self.processor.pad_id,
             eos_token_id=self.processor.eos_id,
+            synced_gpus=sharded,
         )
         return self.processor.decode(output[:, width:])
+
+
+def fill_missing_optimizer_state(checkpoint: dict[str, Any], params: list[nn.Parameter]) -> None:
+    """Give every trainable parameter without AdamW state (one no batch has reached yet, or never will: a vision
+    tower's unused last norm) the state AdamW starts from (step 0, zero moments) in a whole checkpoint's optimizer
+    states, keyed by parameter index as Lightning saves them under FSDP2. Its loading requires a state for every
+    trainable parameter; a fresh state and none are the same to AdamW, which skips parameters without gradients.
+    """
+    for optimizer_state in checkpoint.get("optimizer_states", []):
+        state = optimizer_state.get("state", {})
+        template = next((entry for entry in state.values() if entry), None)
+        if template is None:  # other ranks' states are empty; no step yet
+            continue
+        listed = {index for group in optimizer_state.get("param_groups", []) for index in group["params"]}
+        for index in sorted(listed - state.keys()):
+            if isinstance(index, int) and index < len(params) and params[index].requires_grad:
+                shape = params[index].shape
+                state[index] = {key: torch.zeros(shape, dtype=value.dtype) if value.dim() else torch.zeros_like(value)
+                                for key, value in template.items()}
 
 
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float, decay_from: int | None = None) -> float:

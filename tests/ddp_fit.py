@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback
+from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -42,7 +43,8 @@ class SaveRankState(Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         with full_parameters(trainer):
-            full = pl_module.model.state_dict()
+            # FSDP2's state dict hands out its shards (DTensors) even while unsharded: gathered (a collective).
+            full = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in pl_module.model.state_dict().items()}
             masked = {k.removesuffix("_mask") for k in full if k.endswith(".weight_mask")}
             state = {k: v.detach().cpu().clone() for k, v in full.items()
                      if k.endswith(KEEP) or k.startswith(GATES) or k in masked}

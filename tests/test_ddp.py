@@ -17,14 +17,17 @@ from helpers import tiny_config
 
 NO_VAL = {"limit_val_batches": 0, "val_check_interval": None}
 CPU_FSDP = {"class_path": "cpu_fsdp.CPUFSDPStrategy"}
+#: FSDP2 (torch's fully_shard) through Lightning's ModelParallelStrategy, data parallel over both processes.
+FSDP2 = {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
+         "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1, "save_distributed_checkpoint": False}}
 
 
 def _fit_on_two_ranks(tmp_path: Path, callbacks: list, max_steps: int, ckpt_path: Path | None = None,
-                      **trainer: object) -> list[dict[str, torch.Tensor]]:
+                      validate: bool = False, **trainer: object) -> list[dict[str, torch.Tensor]]:
     # Unless a strategy is given the CLI picks DDP that looks for unused parameters (see test_cli).
-    trainer = {"accelerator": "cpu", "devices": 2, **trainer}
+    trainer = {"accelerator": "cpu", "devices": 2, **trainer, **({} if validate else NO_VAL)}
     tmp_path.mkdir(parents=True, exist_ok=True)
-    config = tiny_config(tmp_path, max_steps=max_steps, callbacks=callbacks, logger=False, **trainer, **NO_VAL)
+    config = tiny_config(tmp_path, max_steps=max_steps, callbacks=callbacks, logger=False, **trainer)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     resume = [str(ckpt_path)] if ckpt_path is not None else []
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -88,7 +91,21 @@ def test_sparsity_and_qat_under_fsdp_on_cpu(tmp_path: Path) -> None:
         assert torch.equal(resumed[0][key], ranks[0][key]), key
 
 
-def test_oneshot_ptq_and_channel_ablation_under_fsdp_on_cpu(tmp_path: Path) -> None:
+def test_sparsity_and_qat_under_fsdp2_on_cpu(tmp_path: Path) -> None:
+    # FSDP2 shows each rank a DTensor of its rows: the same invariants through framework.sharding, and a resumed run
+    # (from a whole checkpoint) ends with the same masks.
+    ranks = _fit_on_two_ranks(tmp_path, _ramp_and_qat(), max_steps=6, strategy=FSDP2)
+    _check_sparsity_and_quantizers(ranks)
+    assert all(int(ranks[0][k]) > 0 for k in ranks[0] if k.endswith("input_count"))
+    resumed = _fit_on_two_ranks(tmp_path / "resumed", _ramp_and_qat(), max_steps=6, strategy=FSDP2,
+                                ckpt_path=tmp_path / "ckpt" / "epoch=0-step=4.ckpt")
+    _check_sparsity_and_quantizers(resumed)
+    for key in (k for k in ranks[0] if k.endswith("weight_mask")):
+        assert torch.equal(resumed[0][key], ranks[0][key]), key
+
+
+@pytest.mark.parametrize("strategy", [CPU_FSDP, FSDP2], ids=["fsdp", "fsdp2"])
+def test_oneshot_ptq_and_channel_ablation_under_fsdp_on_cpu(tmp_path: Path, strategy: dict) -> None:
     # Calibration runs the model from hooks, outside the trainer's forward: inside full_parameters under FSDP.
     oneshot = {"class_path": "plugins.sparsity.OneShotPruning",
                "init_args": {"method": "activation", "sparsity": 0.5, "scope": "global", "calibration_batches": 2}}
@@ -98,13 +115,38 @@ def test_oneshot_ptq_and_channel_ablation_under_fsdp_on_cpu(tmp_path: Path) -> N
                          "calibration_batches": 2}}
     ablation = {"class_path": "plugins.channel_ablation.ChannelAblation",
                 "init_args": {"fraction": 0.25, "targets": {"include": "vision_tower", "types": ["Linear"]}}}
-    ranks = _fit_on_two_ranks(tmp_path, [oneshot, ptq, ablation], max_steps=4, strategy=CPU_FSDP)
+    ranks = _fit_on_two_ranks(tmp_path, [oneshot, ptq, ablation], max_steps=4, strategy=strategy)
     _check_sparsity_and_quantizers(ranks)
     summary = json.loads((tmp_path / "summary.json").read_text())["plugins"]
     assert summary["ptq"]["calibrated"] == 1 and summary["channel_ablation"]["zeroed_fraction"] == 0.25
 
 
-@pytest.mark.parametrize("strategy", [None, CPU_FSDP], ids=["ddp", "fsdp"])
+def test_fsdp2_validates_by_generation_and_exports(tmp_path: Path) -> None:
+    # Generation gathers the sharded blocks in every forward: ranks whose answers end early keep stepping with the
+    # others (HF's synced_gpus) instead of leaving them waiting in a collective. The whole checkpoint exports as
+    # from a single device.
+    ramp = _ramp_and_qat(score="magnitude", scope="layer")[0]
+    _fit_on_two_ranks(tmp_path, [ramp], max_steps=6, validate=True, strategy=FSDP2)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["eval_step"] == 6 and "val/caption/fact_recall" in summary["metrics"]
+    assert summary["plugins"]["sparsity"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+    out = tmp_path / "export"
+    subprocess.run([sys.executable, "-m", "framework.cli", "export", "--config", str(tmp_path / "config.yaml"),
+                    "--trainer.devices=1", "--trainer.strategy=auto", "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt"),
+                    "--out", str(out)], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"},
+                   check=True, capture_output=True, timeout=600)
+    from framework.models import load_vlm
+
+    exported = load_vlm(str(out)).model.state_dict()
+    trained = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["state_dict"]
+    weights = {k.removeprefix("model."): v for k, v in trained.items() if k.startswith("model.") and "_mask" not in k}
+    for name, tensor in exported.items():
+        if name in weights:
+            torch.testing.assert_close(tensor, weights[name], rtol=0, atol=0, msg=name)
+    assert sum(name in weights for name in exported) > 20
+
+
+@pytest.mark.parametrize("strategy", [None, CPU_FSDP, FSDP2], ids=["ddp", "fsdp", "fsdp2"])
 def test_l0_gates_agree_across_ranks(tmp_path: Path, strategy: dict | None) -> None:
     l0 = {"class_path": "plugins.l0_pruning.L0Pruning", "init_args": {"target_fraction": 0.5, "method": "improved"}}
     ranks = _fit_on_two_ranks(tmp_path, [l0], max_steps=6, **({"strategy": strategy} if strategy else {}))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
@@ -271,13 +273,32 @@ def test_two_processes_train_bit_identical_weights_whatever_the_hash_seed(tmp_pa
         assert torch.equal(tensor, states[1][name]), name
 
 
-def test_model_parallel_strategy_is_refused_at_start_up(tmp_path: Path) -> None:
-    """FSDP2 / tensor parallelism through Lightning's ModelParallelStrategy: the module does not shard in
-    configure_model, so each rank would train an unsynchronised copy; it fails before training with the key."""
+@pytest.mark.parametrize(("init_args", "compile", "key"), [
+    ({"data_parallel_size": 1, "tensor_parallel_size": 2}, False, "tensor_parallel_size"),
+    ({"data_parallel_size": 1, "tensor_parallel_size": 1}, False, "save_distributed_checkpoint"),
+    ({"data_parallel_size": 1, "tensor_parallel_size": 1, "save_distributed_checkpoint": False}, True,
+     "model.init_args.compile"),
+])
+def test_model_parallel_strategy_misconfiguration(init_args: dict, compile: bool, key: str) -> None:
+    """ModelParallelStrategy runs as FSDP2 data parallelism: tensor parallelism, sharded checkpoints (not written
+    atomically, not read by export) and compiled blocks are refused with the key to change."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from framework.module import check_strategy
+
+    trainer = SimpleNamespace(strategy=ModelParallelStrategy(**init_args))
+    with pytest.raises(ValueError, match=re.escape(key)):
+        check_strategy(trainer, compile=compile)
+    check_strategy(SimpleNamespace(strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1,
+                                                                  save_distributed_checkpoint=False)))
+
+
+def test_model_parallel_strategy_with_sharded_checkpoints_fails_at_start_up(tmp_path: Path) -> None:
+    """Through the CLI: the strategy's defaults (sharded checkpoints) stop the run before training, naming the key."""
     config = tiny_config(tmp_path, strategy={"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"},
                          accelerator="cpu", devices=1)
     try:
-        with pytest.raises(ValueError, match=r"trainer\.strategy: ModelParallelStrategy .* use strategy: fsdp"):
+        with pytest.raises(ValueError, match=r"trainer\.strategy\.init_args\.save_distributed_checkpoint"):
             main(["fit", "--config", str(config)])
     finally:  # the strategy set up a one-process group before the module refused it
         if torch.distributed.is_initialized():
