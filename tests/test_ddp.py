@@ -160,7 +160,8 @@ def test_l0_gates_agree_across_ranks(tmp_path: Path, strategy: dict | None) -> N
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (the CPU variant runs everywhere)")
-def test_sparsity_and_qat_under_fsdp(tmp_path: Path) -> None:
+@pytest.mark.parametrize("strategy", ["fsdp", FSDP2], ids=["fsdp", "fsdp2"])
+def test_sparsity_and_qat_under_fsdp(tmp_path: Path, strategy: str | dict) -> None:
     ranks = _fit_on_two_ranks(tmp_path, _ramp_and_qat(score="magnitude", scope="layer"), max_steps=6,
-                              accelerator="gpu", strategy="fsdp")
+                              accelerator="gpu", strategy=strategy)
     _check_sparsity_and_quantizers(ranks)
