@@ -187,3 +187,10 @@ def shard_model(model: nn.Module, mesh: object) -> nn.Module:
             fully_shard(module, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
+
+
+def unsharded_class(module: nn.Module) -> type:
+    """``module``'s own class: FSDP2's ``fully_shard`` gives a sharded module a subclass (``FSDP<Class>``)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(cls for cls in type(module).__mro__ if not issubclass(cls, FSDPModule))

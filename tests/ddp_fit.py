@@ -23,6 +23,7 @@ from framework.sharding import full_parameters
 
 KEEP = ("weight_mask", "input_sq_mean", "input_count", "scale", "zero_point")
 GATES = "l0_masks."  # the L0 plugin's gate parameters
+LORA = ".lora_"  # PEFT's adapter weights
 
 
 class SaveRankState(Callback):
@@ -47,7 +48,7 @@ class SaveRankState(Callback):
             full = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in pl_module.model.state_dict().items()}
             masked = {k.removesuffix("_mask") for k in full if k.endswith(".weight_mask")}
             state = {k: v.detach().cpu().clone() for k, v in full.items()
-                     if k.endswith(KEEP) or k.startswith(GATES) or k in masked}
+                     if k.endswith(KEEP) or k.startswith(GATES) or k in masked or LORA in k}
         state["pruned_grads"] = torch.tensor(self.pruned_grads)
         torch.save(state, self.folder / f"rank{trainer.global_rank}.pt")
 

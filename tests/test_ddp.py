@@ -146,6 +146,24 @@ def test_fsdp2_validates_by_generation_and_exports(tmp_path: Path) -> None:
     assert sum(name in weights for name in exported) > 20
 
 
+def test_qalft_with_distillation_under_fsdp2_on_cpu(tmp_path: Path) -> None:
+    # LoRA (PEFT) is injected before sharding, so the adapters are sharded with their blocks; the teacher is a whole
+    # frozen copy on each rank. The adapters train and come out the same on both ranks.
+    from framework.export import export_model
+    from framework.models import load_vlm
+
+    torch.manual_seed(0)
+    loaded = load_vlm(str(ROOT / "experiments" / "models" / "llava-test.json"))
+    teacher = export_model(loaded.model, loaded.tokenizer, loaded.image_processor, tmp_path / "teacher", [])
+    qalft = {"class_path": "plugins.quantization.QALFT",
+             "init_args": {"base": "float", "r": 4, "alpha": 8.0, "adapter_name": "caption"}}
+    distill = {"class_path": "plugins.distillation.Distillation", "init_args": {"teacher": str(teacher)}}
+    ranks = _fit_on_two_ranks(tmp_path / "run", [qalft, distill], max_steps=4, strategy=FSDP2)
+    adapters = [k for k in ranks[0] if ".lora_B." in k]
+    assert adapters and all(ranks[0][k].shape[1] == 4 for k in adapters)
+    assert any(ranks[0][k].abs().sum() > 0 for k in adapters), "LoRA B starts at zero and must have trained"
+
+
 @pytest.mark.parametrize("strategy", [None, CPU_FSDP, FSDP2], ids=["ddp", "fsdp", "fsdp2"])
 def test_l0_gates_agree_across_ranks(tmp_path: Path, strategy: dict | None) -> None:
     l0 = {"class_path": "plugins.l0_pruning.L0Pruning", "init_args": {"target_fraction": 0.5, "method": "improved"}}

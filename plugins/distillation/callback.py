@@ -13,6 +13,7 @@ from typing_extensions import override
 from framework.losses import answer_distillation_kl, answer_feature_error, check_feature_layers, feature_layers_arg
 from framework.module import training_inputs
 from framework.plugin import CompressionPlugin
+from framework.sharding import unsharded_class
 
 
 class Distillation(CompressionPlugin):
@@ -84,9 +85,9 @@ class Distillation(CompressionPlugin):
                 model = load_vlm(self.teacher_source).model
             except (FileNotFoundError, ValueError, OSError) as err:
                 raise type(err)(f"{self.name}.teacher: {err}") from err
-            if type(model).__name__ != type(like).__name__:
+            if unsharded_class(model).__name__ != unsharded_class(like).__name__:
                 raise ValueError(f"{self.name}.teacher: {self.teacher_source} is a {type(model).__name__}, the "
-                                 f"student a {type(like).__name__}; both must read the same batches")
+                                 f"student a {unsharded_class(like).__name__}; both must read the same batches")
             vocab = (model.get_output_embeddings().out_features, like.get_output_embeddings().out_features)
             if vocab[0] != vocab[1]:
                 raise ValueError(f"{self.name}.teacher: vocabulary of {vocab[0]} tokens, the student's {vocab[1]}")

@@ -40,7 +40,7 @@ from framework.metrics import Top1Agreement
 from framework.module import model_inputs
 from framework.plugin import CompressionPlugin
 from framework.selection import ModuleSelection
-from framework.sharding import full_parameters
+from framework.sharding import full_parameters, unsharded_class
 from plugins.quantization.config import ActivationSite, QuantSpec, check_points, check_runtime, check_spec
 from plugins.quantization.encodings import export_encodings, weight_codes, write_quantized_export
 from plugins.quantization.placement import (
@@ -295,9 +295,10 @@ class QuantizedModules(CompressionPlugin):
                 model = load_vlm(self.float_reference).model
             except (FileNotFoundError, ValueError, OSError) as err:
                 raise type(err)(f"{type(self).__name__}.float_reference: {err}") from err
-            if type(model).__name__ != type(like).__name__:  # the same batch must be a valid input of both
+            # The same batch must be a valid input of both.
+            if unsharded_class(model).__name__ != unsharded_class(like).__name__:
                 raise ValueError(f"{type(self).__name__}.float_reference: {self.float_reference} is a "
-                                 f"{type(model).__name__}, the trained model a {type(like).__name__}")
+                                 f"{type(model).__name__}, the trained model a {unsharded_class(like).__name__}")
             param = next(like.parameters())
             self._reference_model = model.to(param.device).eval().requires_grad_(False)
         return self._reference_model
