@@ -77,27 +77,16 @@ def test_sparsity_and_qat_agree_across_ranks(tmp_path: Path) -> None:
     assert all(int(ranks[0][k]) > 0 for k in ranks[0] if k.endswith("input_count"))
 
 
-def test_sparsity_and_qat_under_fsdp_on_cpu(tmp_path: Path) -> None:
-    # Outside forward FSDP shows each rank a flat shard of every parameter: masks are scored on the whole
-    # weights, re-applied after each step and the quantizers calibrated through framework.sharding.
-    ranks = _fit_on_two_ranks(tmp_path, _ramp_and_qat(), max_steps=6, strategy=CPU_FSDP)
+@pytest.mark.parametrize("strategy", [CPU_FSDP, FSDP2], ids=["fsdp", "fsdp2"])
+def test_sparsity_and_qat_under_fsdp_on_cpu(tmp_path: Path, strategy: dict) -> None:
+    # Outside forward FSDP shows each rank a flat shard of every parameter (FSDP2: a DTensor of its rows): masks
+    # are scored on the whole weights, re-applied after each step and the quantizers calibrated through
+    # framework.sharding.
+    ranks = _fit_on_two_ranks(tmp_path, _ramp_and_qat(), max_steps=6, strategy=strategy)
     _check_sparsity_and_quantizers(ranks)
     assert all(int(ranks[0][k]) > 0 for k in ranks[0] if k.endswith("input_count"))
-    # Resumed after the ramp's last update (step 4), through FSDP's full state dict: the same final masks.
-    resumed = _fit_on_two_ranks(tmp_path / "resumed", _ramp_and_qat(), max_steps=6, strategy=CPU_FSDP,
-                                ckpt_path=tmp_path / "ckpt" / "epoch=0-step=4.ckpt")
-    _check_sparsity_and_quantizers(resumed)
-    for key in (k for k in ranks[0] if k.endswith("weight_mask")):
-        assert torch.equal(resumed[0][key], ranks[0][key]), key
-
-
-def test_sparsity_and_qat_under_fsdp2_on_cpu(tmp_path: Path) -> None:
-    # FSDP2 shows each rank a DTensor of its rows: the same invariants through framework.sharding, and a resumed run
-    # (from a whole checkpoint) ends with the same masks.
-    ranks = _fit_on_two_ranks(tmp_path, _ramp_and_qat(), max_steps=6, strategy=FSDP2)
-    _check_sparsity_and_quantizers(ranks)
-    assert all(int(ranks[0][k]) > 0 for k in ranks[0] if k.endswith("input_count"))
-    resumed = _fit_on_two_ranks(tmp_path / "resumed", _ramp_and_qat(), max_steps=6, strategy=FSDP2,
+    # Resumed after the ramp's last update (step 4), through a whole checkpoint: the same final masks.
+    resumed = _fit_on_two_ranks(tmp_path / "resumed", _ramp_and_qat(), max_steps=6, strategy=strategy,
                                 ckpt_path=tmp_path / "ckpt" / "epoch=0-step=4.ckpt")
     _check_sparsity_and_quantizers(resumed)
     for key in (k for k in ranks[0] if k.endswith("weight_mask")):
