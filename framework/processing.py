@@ -211,19 +211,22 @@ class VLMProcessor:
         if self.pad_id is None:
             self.pad_id = self.eos_id
 
-    def _tokens(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+    def _tokens(self, texts: list[str]) -> list[list[int]]:
+        # One call for the batch: the tokenizer's per-call overhead, not its work, dominated per-text calls.
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
 
     def encode(self, samples: list[Sample], *, with_answer: bool = True) -> dict[str, Any]:
         """A padded batch. With ``with_answer`` the answer and EOS follow the prompt and labels are set."""
         images = [s.image for s in samples if s.image is not None]
         pixel, counts = self.family.pixel_inputs(images) if images else ({}, [])
         counts_iter = iter(counts)
+        prompts = self._tokens([(self.family.placeholder(next(counts_iter)) if s.image is not None else "")
+                                + s.prompt + "\n" for s in samples])
+        answers = self._tokens([s.answer for s in samples]) if with_answer else []
         rows: list[tuple[list[int], list[int]]] = []
-        for sample in samples:
-            text = self.family.placeholder(next(counts_iter)) if sample.image is not None else ""
-            prompt = ([self.bos_id] if self.bos_id is not None else []) + self._tokens(text + sample.prompt + "\n")
-            answer = self._tokens(sample.answer) + [self.eos_id] if with_answer else []
+        for index, sample in enumerate(samples):
+            prompt = ([self.bos_id] if self.bos_id is not None else []) + prompts[index]
+            answer = answers[index] + [self.eos_id] if with_answer else []
             if len(prompt) + len(answer) > self.max_length:
                 raise ValueError(
                     f"{sample.source or sample.task}: prompt + answer take {len(prompt) + len(answer)} tokens but "

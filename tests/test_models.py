@@ -28,10 +28,16 @@ def test_family_trains_and_generates(family: str) -> None:
     samples = [make_task("caption", image_size=64)[0], make_task("autofill", image_size=64)[1],
                make_task("longcall", min_words=320, max_words=400)[2]]
     batch = processor.encode(samples)
-    # Labels cover exactly the answer tokens plus EOS of each row.
-    for row, sample in zip(batch["labels"], samples):
+    # Labels cover exactly the answer tokens plus EOS of each row, and the prompt before them is the text's own
+    # tokens (the batch is tokenized in one call: the same tokens as one call per text).
+    for ids, row, sample in zip(batch["input_ids"], batch["labels"], samples):
         answer = processor.tokenizer(sample.answer, add_special_tokens=False)["input_ids"] + [processor.eos_id]
         assert row[row != IGNORE_INDEX].tolist() == answer
+        count = processor.family.pixel_inputs([sample.image])[1][0] if sample.image is not None else 0
+        text = (processor.family.placeholder(count) if sample.image is not None else "") + sample.prompt + "\n"
+        prompt = [processor.bos_id] * (processor.bos_id is not None) + processor.tokenizer(
+            text, add_special_tokens=False)["input_ids"]
+        assert ids[: len(prompt)].tolist() == prompt and int((row != IGNORE_INDEX).nonzero()[0]) == len(prompt)
     out = loaded.model(**batch)
     assert torch.isfinite(out.loss)
     out.loss.backward()
