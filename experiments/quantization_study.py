@@ -123,6 +123,8 @@ STACK_SCOPES = {
                               _WHOLE),
 }
 BUDGETS = (3, 4, 5)
+#: Where the stacked runs' sparsity ramps end, as a share of the run: the rest recovers at the final sparsity.
+STACK_RAMP_END = 0.7
 
 
 def weight_spec(bits: int, granularity: str, observer: str | None = None) -> dict[str, Any]:
@@ -392,7 +394,7 @@ class Study(sparsity_study.Study):
             else:
                 suffix = ""
             # Two ramps on disjoint tensors keep their state under their own names.
-            sparsity = [callback(RAMP, final_sparsity=final, schedule="cubic", start=0.0, end=0.7,
+            sparsity = [callback(RAMP, final_sparsity=final, schedule="cubic", start=0.0, end=o.stack_ramp_end,
                                  update_every=max(1, o.qat_steps // 50), targets=targets, scope=ranking,
                                  name="sparsity" if index == 0 else f"sparsity_{index}")
                         for index, (targets, ranking, final) in enumerate(ramps)]
@@ -400,6 +402,8 @@ class Study(sparsity_study.Study):
             qat["init_args"]["targets"] = qat_targets
             # Shares other than 75%: the scope's name says them.
             ramp = "" if any(final != 0.75 for _, _, final in ramps) else "_ramp75"
+            if o.stack_ramp_end != STACK_RAMP_END:  # the share of the run the ramp takes, when not the default
+                ramp += f"_end{round(o.stack_ramp_end * 100)}"
             name = ("stacked" if scope == "language_model" else f"stacked_{scope}") + f"{suffix}{ramp}_qat_w4a8"
             plugins = [*sparsity, qat]
             if o.stack_distill:
@@ -528,6 +532,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stack_sparsity_scope", choices=["layer", "row", "global"], default=None,
                         help="the stacked runs' sparsity ranking instead of each scope's own; runs that change get "
                              "it in their names (stacked_<scope>_<ranking>_ramp75_qat_w4a8)")
+    parser.add_argument("--stack_ramp_end", type=float, default=STACK_RAMP_END,
+                        help="where the stacked runs' cubic sparsity ramps end, as a share of the run (the rest "
+                             "recovers at the final sparsity); other than the default, run names carry _end<percent>")
     parser.add_argument("--stack_distill", action="store_true",
                         help="the stacked runs also distil from a float teacher (plugins.distillation, weight 1, "
                              "temperature 2); their names end in _distill (teacher: the base) or _distill_ft")
@@ -545,6 +552,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="the width of the QALFT stage's quantized base (its table QAT export, per channel) and "
                              "PTQ; runs other than W4A8 carry it in their names")
     opts = parser.parse_args(argv)
+    if not 0.0 < opts.stack_ramp_end <= 1.0:
+        parser.error(f"--stack_ramp_end: a share of the run in (0, 1], got {opts.stack_ramp_end}")
     if opts.stack_teacher != "base" and not opts.stack_distill:
         parser.error("--stack_teacher picks the teacher of --stack_distill; without it no stacked run distils")
     if not opts.stack_feature_weight >= 0 or (opts.stack_feature_weight > 0 and not opts.stack_distill):

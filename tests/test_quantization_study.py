@@ -33,7 +33,7 @@ def _study(tmp_path: Path):
                                    "whole_dense_tables", "whole_dense_head_rows", "whole_dense_head_table_rows",
                                    "whole_vision50_text80"],
                      stack_distill=False, stack_teacher="base", stack_feature_weight=0.0,
-                     stack_sparsity_scope=None,
+                     stack_sparsity_scope=None, stack_ramp_end=0.7,
                      lora_float_base="base", qlora_bases=["bnb_nf4", "bnb_int8"])
     return module.Study(opts)
 
@@ -432,6 +432,20 @@ def test_a_failed_run_fails_the_study_after_every_stage_ran(tmp_path: Path, monk
               "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")])
     status = json.loads((tmp_path / "out" / "study_status.json").read_text())
     assert status["codes"]["stacked_whole_ramp75_qat_w4a8"] == 1 and status["codes"]["stacked_ramp75_qat_w4a8"] == 0
+
+
+def test_stacked_runs_take_another_ramp_end_in_their_names(tmp_path: Path) -> None:
+    study = _study(tmp_path)
+    default = {job.name: job for job in study.stacked_jobs()}
+    assert all(c["init_args"]["end"] == 0.7 for job in default.values() for c in job.callbacks if "end" in c["init_args"])
+    study.opts.stack_ramp_end = 0.5
+    jobs = {job.name: job for job in study.stacked_jobs()}
+    assert {"stacked_ramp75_end50_qat_w4a8", "stacked_whole_vision50_text80_end50_qat_w4a8"} <= set(jobs)
+    ramps = [c for job in jobs.values() for c in job.callbacks if c["class_path"] == "plugins.sparsity.SparsityRamp"]
+    assert ramps and all(c["init_args"]["end"] == 0.5 for c in ramps)
+    with pytest.raises(SystemExit):
+        sys.modules["quantization_study"].main(["stacked", "--smoke", "--stack_ramp_end", "0", "--base_export",
+                                                str(tmp_path)])
 
 
 def test_stacked_runs_take_another_sparsity_ranking_in_their_names(tmp_path: Path) -> None:

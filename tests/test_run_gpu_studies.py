@@ -94,6 +94,7 @@ def test_reading_stack_takes_its_scopes_steps_and_distillation(tmp_path: Path) -
     assert result.returncode == 0, result.stderr
     (stack,) = [call for call in calls if "quantization_study.py stacked" in call]
     assert "--stack_scopes whole_dense_head whole_dense_head_global --qat_steps 1000 --qat_lr 2e-4" in stack
+    assert "--stack_ramp_end 0.7" in stack
     assert "--qat_reference float_finetune --stack_distill --stack_teacher base" in stack
     assert "--parallel 2" in stack
     # QAT_REFERENCE=base: agreement against the base, no float fine-tune first.
