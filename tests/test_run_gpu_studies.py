@@ -94,15 +94,16 @@ def test_reading_stack_takes_its_scopes_steps_and_distillation(tmp_path: Path) -
     assert result.returncode == 0, result.stderr
     (stack,) = [call for call in calls if "quantization_study.py stacked" in call]
     assert "--stack_scopes whole_dense_head whole_dense_head_global --qat_steps 1000 --qat_lr 2e-4" in stack
-    assert "--stack_ramp_end 0.7" in stack
-    assert "--qat_reference float_finetune --stack_distill --stack_teacher base" in stack
+    assert "--qat_reference float_finetune --stack_ramp_end 0.7 --stack_distill --stack_teacher base" in stack
     assert "--parallel 2" in stack
     # QAT_REFERENCE=base: agreement against the base, no float fine-tune first.
     second = tmp_path / "second"
     second.mkdir()
     result, calls = _drive(second, "reading_stack", STACK_SCOPES="whole_vision50_text80", QAT_REFERENCE="base",
-                           STACK_DISTILL="1", STACK_TEACHER="float_finetune", STACK_FEATURE_WEIGHT="1")
+                           STACK_DISTILL="1", STACK_TEACHER="float_finetune", STACK_FEATURE_WEIGHT="1",
+                           STACK_RAMP_END="0.5")
     assert result.returncode == 0, result.stderr
     (stack,) = [call for call in calls if "quantization_study.py stacked" in call]
-    assert ("--stack_scopes whole_vision50_text80 --qat_steps 300 --qat_lr 1e-4 --qat_reference base --stack_distill "
+    assert ("--stack_scopes whole_vision50_text80 --qat_steps 300 --qat_lr 1e-4 --qat_reference base "
+            "--stack_ramp_end 0.5 --stack_distill "
             "--stack_teacher float_finetune --stack_feature_weight 1 --parallel 1") in stack
