@@ -24,6 +24,7 @@ from framework.sharding import full_parameters
 KEEP = ("weight_mask", "input_sq_mean", "input_count", "scale", "zero_point")
 GATES = "l0_masks."  # the L0 plugin's gate parameters
 LORA = ".lora_"  # PEFT's adapter weights
+HEADS = ("glyph_head.",)  # a training aid's head on the model
 
 
 class SaveRankState(Callback):
@@ -33,6 +34,7 @@ class SaveRankState(Callback):
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.pruned_grads = 0
+        self.initial: dict[str, torch.Tensor] = {}
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         with full_parameters(trainer, with_grads=True):
@@ -42,13 +44,21 @@ class SaveRankState(Callback):
                 if grad is not None:
                     self.pruned_grads += int(grad[~mask].count_nonzero())
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Trainable additions (adapters, heads) as they start, so a test can tell that they trained.
+        with full_parameters(trainer):
+            self.initial = {f"initial.{k}": (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().clone()
+                            for k, v in pl_module.model.state_dict().items() if LORA in k or k.startswith(HEADS)}
+
     def on_train_end(self, trainer, pl_module) -> None:
         with full_parameters(trainer):
             # FSDP2's state dict hands out its shards (DTensors) even while unsharded: gathered (a collective).
             full = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in pl_module.model.state_dict().items()}
             masked = {k.removesuffix("_mask") for k in full if k.endswith(".weight_mask")}
             state = {k: v.detach().cpu().clone() for k, v in full.items()
-                     if k.endswith(KEEP) or k.startswith(GATES) or k in masked or LORA in k}
+                     if k.endswith(KEEP) or k.startswith(GATES) or k in masked or LORA in k
+                     or k.startswith(HEADS)}
+        state.update(self.initial)
         state["pruned_grads"] = torch.tensor(self.pruned_grads)
         torch.save(state, self.folder / f"rank{trainer.global_rank}.pt")
 
