@@ -31,7 +31,7 @@ def _study(tmp_path: Path):
                      settings=["w8a8", "w4a8", "w4a16", "w2a8"], granularities=["ch", "g32"],
                      stack_scopes=["language_model", "whole", "whole_dense_head", "whole_dense_head_global",
                                    "whole_dense_tables", "whole_dense_head_rows", "whole_dense_head_table_rows",
-                                   "whole_vision50_text80"],
+                                   "whole_vision50_text80", "whole_vision50_text78", "whole_vision40_text80"],
                      stack_distill=False, stack_teacher="base", stack_feature_weight=0.0,
                      stack_sparsity_scope=None, stack_ramp_end=0.7,
                      lora_float_base="base", qlora_bases=["bnb_nf4", "bnb_int8"])
@@ -301,12 +301,18 @@ def test_stacked_runs_can_distil_from_the_float_base(tmp_path: Path) -> None:
                          "stacked_whole_dense_tables_ramp75_qat_w4a8_distill",
                          "stacked_whole_dense_head_rows_ramp75_qat_w4a8_distill",
                          "stacked_whole_dense_head_table_rows_ramp75_qat_w4a8_distill",
-                         "stacked_whole_vision50_text80_qat_w4a8_distill"}
+                         "stacked_whole_vision50_text80_qat_w4a8_distill",
+                         "stacked_whole_vision50_text78_qat_w4a8_distill",
+                         "stacked_whole_vision40_text80_qat_w4a8_distill"}
     # A scope with its own sparsity per ramp: each ramp gets its share, under its own state key.
     ramps = [cb["init_args"] for cb in jobs["stacked_whole_vision50_text80_qat_w4a8_distill"].callbacks
              if cb["class_path"].endswith("SparsityRamp")]
     assert [(r["final_sparsity"], r["scope"], r["name"]) for r in ramps] == [
         (0.8, "layer", "sparsity"), (0.8, "row", "sparsity_1"), (0.5, "layer", "sparsity_2")]
+    for scope, text, vision in (("whole_vision50_text78", 0.78, 0.5), ("whole_vision40_text80", 0.8, 0.4)):
+        ramps = [cb["init_args"] for cb in jobs[f"stacked_{scope}_qat_w4a8_distill"].callbacks
+                 if cb["class_path"].endswith("SparsityRamp")]
+        assert [r["final_sparsity"] for r in ramps] == [text, text, vision]
     for job in jobs.values():
         distill = _instantiate(job.callbacks[-1])
         assert type(distill).__name__ == "Distillation"
