@@ -39,9 +39,11 @@ set -uo pipefail
 WORK=${WORK:-/tmp/vlmc_studies}
 PY=${PYTHON:-python3}
 RES=$WORK/results
-if [ "${1:-}" = pack ]; then  # no checkpoints or weights: summaries, tables, logs, bits-per-value and shape JSONs
-  cd "$WORK" && find results logs driver.log */logs */exports -maxdepth 2 \( -name '*.json' -o -name '*.csv' \
-    -o -name '*.log' -o -name '*.txt' -o -name driver.log \) -size -4M 2>/dev/null | tar czf "$2" -T -
+if [ "${1:-}" = pack ]; then  # no checkpoints or weights: summaries, tables, logs, bits-per-value and shape JSONs,
+  # and every run's validation history as it stands (a run stopped before its end still has its earlier validations)
+  cd "$WORK" && { find results logs driver.log */logs */exports -maxdepth 2 \( -name '*.json' -o -name '*.csv' \
+    -o -name '*.log' -o -name '*.txt' -o -name driver.log \) -size -4M 2>/dev/null
+    find . -path './*/runs/*/runs/csv/version_*/metrics.csv' -size -4M 2>/dev/null | sed 's|^\./||'; } | tar czf "$2" -T -
   exit
 fi
 GPUS=${GPUS:-$($PY -c "import torch; print(torch.cuda.device_count())")}

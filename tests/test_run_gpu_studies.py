@@ -107,3 +107,22 @@ def test_reading_stack_takes_its_scopes_steps_and_distillation(tmp_path: Path) -
     assert ("--stack_scopes whole_vision50_text80 --qat_steps 300 --qat_lr 1e-4 --qat_reference base "
             "--stack_ramp_end 0.5 --stack_distill "
             "--stack_teacher float_finetune --stack_feature_weight 1 --parallel 1") in stack
+
+
+def test_pack_takes_summaries_and_the_validation_history_of_unfinished_runs(tmp_path: Path) -> None:
+    import tarfile
+
+    work = tmp_path / "work"
+    files = {"results/quantization/summary_done.json": "{}", "quantization/logs/unfinished.log": "started",
+             "quantization/runs/unfinished/runs/csv/version_0/metrics.csv": "step,val/loss\n500,0.1\n",
+             "quantization/ckpt/unfinished/last.ckpt": "weights", "quantization/exports/done/model.safetensors": "w"}
+    for name, text in files.items():
+        (work / name).parent.mkdir(parents=True, exist_ok=True)
+        (work / name).write_text(text)
+    archive = tmp_path / "results.tgz"
+    subprocess.run(["bash", str(ROOT / "experiments" / "run_gpu_studies.sh"), "pack", str(archive)],
+                   env={**os.environ, "WORK": str(work)}, check=True, capture_output=True, timeout=60)
+    with tarfile.open(archive) as packed:
+        names = set(packed.getnames())
+    assert names == {"results/quantization/summary_done.json", "quantization/logs/unfinished.log",
+                     "quantization/runs/unfinished/runs/csv/version_0/metrics.csv"}  # no weights
