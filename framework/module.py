@@ -65,8 +65,6 @@ def check_strategy(trainer: Any, compile: bool = False) -> None:
         ValueError: naming the ``trainer.strategy`` key: tensor parallelism, sharded checkpoints, or FSDP2 with
             compiled blocks.
     """
-    from lightning.pytorch.strategies import ModelParallelStrategy
-
     if trainer is None or not isinstance(trainer.strategy, ModelParallelStrategy):
         return
     strategy = trainer.strategy
@@ -224,15 +222,19 @@ class VLMModule(pl.LightningModule):
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is None:
             return
-        if hasattr(datamodule, "max_length"):
-            self.processor.max_length = datamodule.max_length
-        self.processor.pad_to_max_length = bool(getattr(datamodule, "pad_to_max_length", False))
+        self.match_processor(datamodule)
         if hasattr(datamodule, "check_lengths"):
             datamodule.check_lengths(self.processor)
         for task in getattr(datamodule, "val_sets", {}):
             if task not in self.val_metrics:
                 self.val_metrics[task] = TaskMetrics(task)
                 self.val_losses[task] = MeanTokenLoss()
+
+    def match_processor(self, datamodule: Any) -> None:
+        """Encode as ``datamodule`` batches: its ``max_length``, and padding to it where it pads training batches."""
+        if hasattr(datamodule, "max_length"):
+            self.processor.max_length = datamodule.max_length
+        self.processor.pad_to_max_length = bool(getattr(datamodule, "pad_to_max_length", False))
 
     # ------------------------------------------------------------------ training
     @override

@@ -86,29 +86,25 @@ def full_parameters(owner: pl.Trainer | pl.LightningModule | nn.Module | None, *
                                "what the inner one needs")
         yield
         return
-    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    from torch.distributed.fsdp import FullyShardedDataParallel
 
-    if not isinstance(root, FullyShardedDataParallel) and isinstance(root, FSDPModule):
-        _ACTIVE[root] = (writeback, with_grads)
-        try:
-            with _gathered_dtensors(root, writeback=writeback, with_grads=with_grads):
-                yield
-        finally:
-            del _ACTIVE[root]
-        return
-    if with_grads and not getattr(root, "_use_orig_params", True):
-        raise ValueError("trainer.strategy.init_args.use_orig_params: plugins that edit gradients under FSDP need "
-                         "true (Lightning's default), got false")
+    if isinstance(root, FullyShardedDataParallel):
+        if with_grads and not getattr(root, "_use_orig_params", True):
+            raise ValueError("trainer.strategy.init_args.use_orig_params: plugins that edit gradients under FSDP "
+                             "need true (Lightning's default), got false")
+        whole = FullyShardedDataParallel.summon_full_params(root, writeback=writeback, with_grads=with_grads)
+    else:  # FSDP2
+        whole = _unsharded_units(root, writeback=writeback, with_grads=with_grads)
     _ACTIVE[root] = (writeback, with_grads)
     try:
-        with FullyShardedDataParallel.summon_full_params(root, writeback=writeback, with_grads=with_grads):
+        with whole:
             yield
     finally:
         del _ACTIVE[root]
 
 
 @contextmanager
-def _gathered_dtensors(root: nn.Module, *, writeback: bool, with_grads: bool) -> Iterator[None]:
+def _unsharded_units(root: nn.Module, *, writeback: bool, with_grads: bool) -> Iterator[None]:
     """FSDP2: every ``fully_shard`` unit under ``root`` unsharded (FSDP2's own all-gather) for the block.
 
     The modules then hold whole plain parameters, as inside a forward, and a forward run inside the block keeps them

@@ -732,10 +732,8 @@ def calibration_batches(cli: Any, count: int, start: int = 0) -> list[dict[str, 
     trainer.strategy.connect(module)  # what fit does first: the datamodule reaches the model's processor
     datamodule.trainer = trainer
     datamodule.setup("fit")
-    if hasattr(module, "processor"):  # as VLMModule.setup does under fit: the batches training would see
-        if hasattr(datamodule, "max_length"):
-            module.processor.max_length = datamodule.max_length
-        module.processor.pad_to_max_length = bool(getattr(datamodule, "pad_to_max_length", False))
+    if hasattr(module, "match_processor"):  # as VLMModule.setup does under fit: the batches training would see
+        module.match_processor(datamodule)
     if hasattr(datamodule, "training_batch"):
         return [datamodule.training_batch(i) for i in range(start, start + count)]
     batches = []
