@@ -556,6 +556,20 @@ def resolve_gpus(opts: argparse.Namespace) -> None:
         opts.gpus = max(1, torch.cuda.device_count())
 
 
+def check_only(study: Study, only: list[str]) -> None:
+    """Fails before any run starts when ``--only`` names a run the study does not have. A seed replica named there
+    (``<run>_seed<n>``) asks for its seed, as ``--seeds n`` would."""
+    for name in only:
+        run, _, seed = name.rpartition("_seed")
+        if run in SEEDED and seed.isdigit() and int(seed) not in study.opts.seeds:
+            study.opts.seeds.append(int(seed))
+    known = {job.name for job in study.sweep_jobs() + study.oneshot_jobs()}
+    known |= {"dense_base", "l0_scratch50", "l0_scratch50_l0compute"}
+    unknown = sorted(set(only) - known)
+    if unknown:
+        raise SystemExit(f"--only: no run named {', '.join(unknown)}; the runs are {', '.join(sorted(known))}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("stages", nargs="*", default=["kernels", "base", "sweep", "latency", "overhead", "collect"],
@@ -573,6 +587,8 @@ def main(argv: list[str] | None = None) -> None:
         opts.base_steps, opts.ft_steps, opts.l0_steps, opts.ft_batch = 6, 4, 6, 4
     resolve_gpus(opts)
     study = Study(opts)
+    if opts.only:
+        check_only(study, opts.only)
     if opts.stages == ["pack"]:
         study.pack(Path(opts.pack))
         return

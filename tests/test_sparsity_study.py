@@ -10,6 +10,7 @@ import sys
 from argparse import Namespace
 from pathlib import Path
 
+import pytest
 from conftest import ROOT
 
 from framework.selection import ModuleSelection
@@ -235,3 +236,17 @@ def test_distillation_from_the_dense_finetune_runs_after_it(tmp_path: Path) -> N
     order.clear()
     codes = study.run_all(list(jobs.values()), parallel=3)
     assert "ramp2of4_distill_ft" not in order and codes["ramp2of4_distill_ft"] == 1
+
+
+def test_only_names_a_seed_replica_or_fails_before_any_run(tmp_path: Path) -> None:
+    study = _study(tmp_path)
+    module = sys.modules["sparsity_study"]
+    # A replica named alone asks for its seed: its run then exists, as with --seeds 1.
+    module.check_only(study, ["l0_50_improved_seed1", "dense_finetune_l0_seed1", "dense_base"])
+    assert study.opts.seeds == [1]
+    names = {job.name for job in study.sweep_jobs()}
+    assert {"l0_50_improved_seed1", "dense_finetune_l0_seed1"} <= names
+    # A name with no run (a typo, or a replica of a run --seeds does not repeat) stops the study, naming it.
+    for wrong in ("l0_50_improvd", "ramp50_seed1"):
+        with pytest.raises(SystemExit, match=f"--only: no run named {wrong}; the runs are .*l0_50_improved"):
+            module.check_only(_study(tmp_path), [wrong])
