@@ -424,7 +424,16 @@ class Study(sparsity_study.Study):
                 name += ("_distill" if o.stack_teacher == "base" else "_distill_ft") + ("_features" if features else "")
             jobs.append(Job(name, "fit", plugins, self.on(self.base_export, o.qat_steps, o.qat_lr),
                             export_to=self.exports / name))
-        return jobs
+        # Seed replicas (model and data seed: data order and validation samples), each with a float fine-tune of
+        # its seed, so a stack and its reference are compared on the same samples. Teachers and the agreement
+        # reference stay the seed-0 models.
+        seeded = []
+        for seed in getattr(o, "stack_seeds", []):
+            flags = [f"--seed_everything={seed}", f"--data.init_args.seed={seed}"]
+            seeded.append(Job(f"float_finetune_seed{seed}", "fit",
+                              overrides=[*self.on(self.base_export, o.qat_steps, o.qat_lr), *flags]))
+            seeded += [Job(f"{job.name}_seed{seed}", job.verb, job.callbacks, [*job.overrides, *flags]) for job in jobs]
+        return jobs + seeded
 
     def bpv(self) -> None:
         """Each export's ``*_bpv.json`` summary (bits per weight over the packed layers) into ``bpv.json``."""
@@ -543,6 +552,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stack_ramp_end", type=float, default=STACK_RAMP_END,
                         help="where the stacked runs' cubic sparsity ramps end, as a share of the run (the rest "
                              "recovers at the final sparsity); other than the default, run names carry _end<percent>")
+    parser.add_argument("--stack_seeds", type=int, nargs="+", default=[],
+                        help="more seeds of the stacked runs (named <run>_seed<n>), each beside a float fine-tune of "
+                             "its seed (float_finetune_seed<n>) to compare with; not exported")
     parser.add_argument("--stack_distill", action="store_true",
                         help="the stacked runs also distil from a float teacher (plugins.distillation, weight 1, "
                              "temperature 2); their names end in _distill (teacher: the base) or _distill_ft")

@@ -461,3 +461,20 @@ def test_stacked_runs_take_another_sparsity_ranking_in_their_names(tmp_path: Pat
     assert {"stacked_row_ramp75_qat_w4a8", "stacked_whole_dense_tables_row_ramp75_qat_w4a8",
             "stacked_whole_dense_head_rows_ramp75_qat_w4a8"} <= set(jobs)  # already row: unchanged
     assert all(job.callbacks[0]["init_args"]["scope"] == "row" for job in jobs.values())
+
+
+def test_stacked_seed_replicas_come_with_a_float_fine_tune_of_their_seed(tmp_path: Path) -> None:
+    study = _study(tmp_path)
+    study.opts.stack_scopes, study.opts.stack_distill = ["whole_vision40_text80"], True
+    (stack,) = study.stacked_jobs()
+    study.opts.stack_seeds = [1, 2]
+    jobs = {job.name: job for job in study.stacked_jobs()}
+    assert set(jobs) == {stack.name, *(f"{name}_seed{seed}" for name in (stack.name, "float_finetune")
+                                       for seed in (1, 2))}
+    for seed in (1, 2):
+        flags = [f"--seed_everything={seed}", f"--data.init_args.seed={seed}"]
+        replica, reference = jobs[f"{stack.name}_seed{seed}"], jobs[f"float_finetune_seed{seed}"]
+        # The same plugins (teacher included) and training, another seed; neither is exported.
+        assert replica.callbacks == stack.callbacks and replica.overrides == [*stack.overrides, *flags]
+        assert reference.callbacks == [] and reference.overrides == [*study.float_finetune_job().overrides, *flags]
+        assert replica.export_to is None and reference.export_to is None

@@ -107,6 +107,14 @@ def test_reading_stack_takes_its_scopes_steps_and_distillation(tmp_path: Path) -
     assert ("--stack_scopes whole_vision50_text80 --qat_steps 300 --qat_lr 1e-4 --qat_reference base "
             "--stack_ramp_end 0.5 --stack_distill "
             "--stack_teacher float_finetune --stack_feature_weight 1 --parallel 1") in stack
+    # STACK_SEEDS: the replicas and their float fine-tunes run beside the seed-0 runs.
+    third = tmp_path / "third"
+    third.mkdir()
+    result, calls = _drive(third, "reading_stack", STACK_SCOPES="whole_vision40_text80 whole_vision50_text80",
+                           STACK_SEEDS="1 2")
+    assert result.returncode == 0, result.stderr
+    (stack,) = [call for call in calls if "quantization_study.py stacked" in call]
+    assert "--stack_ramp_end 0.7 --stack_seeds 1 2 --parallel 8" in stack  # 2 scopes x 3 seeds + 2 fine-tunes
 
 
 def test_pack_takes_summaries_and_the_validation_history_of_unfinished_runs(tmp_path: Path) -> None:
