@@ -10,8 +10,8 @@
    a dense fine-tune as long as the L0 runs (``dense_finetune_l0``) as their reference, and improved L0 with 20% or
    half of the run on exact masks instead of the default 80% (``l0_50_improved_hard20``, ``_hard50``,
    ``l0_90_improved_hard20``), and improved L0 at 50% distilled from the dense base or from its dense reference
-   (``l0_50_improved_distill``, ``l0_50_improved_distill_ft``) or with the hidden width kept
-   (``l0_50_improved_keep_hidden``); the 75% and 2:4 ramps again with distillation from the dense base
+   (``l0_50_improved_distill``, ``l0_50_improved_distill_ft``) or with one kind of unit kept whole
+   (``l0_50_improved_keep_hidden``, ``_keep_heads``, ``_keep_layers``); the 75% and 2:4 ramps again with distillation from the dense base
    (``ramp75_distill``, ``ramp2of4_distill``) and, once the sweep's other runs are done, from the dense fine-tune,
    the ramps' reference (``ramp75_distill_ft``, ``ramp2of4_distill_ft``).
 4. ``latency`` of the exported pruned models against the dense base, and ``overhead`` of each plugin in training
@@ -324,20 +324,15 @@ class Study:
                                                    method="improved", multiple_of=self.multiple_of,
                                                    hard_from=hard_from)],
                             self.from_base(o.l0_steps, o.ft_lr), export_to=self.work / "exports" / name))
-        # The hidden width kept whole (heads, MLP channels and layers pay for the 50%): on the base that reads, the
-        # pruned model loses on the digits, which pass through the projector into the full hidden width.
-        jobs.append(Job("l0_50_improved_keep_hidden", "fit",
-                        [callback(L0, target_fraction=0.5, method="improved",
-                                  multiple_of=self.multiple_of, prune_hidden=False)],
-                        self.from_base(o.l0_steps, o.ft_lr),
-                        export_to=self.work / "exports" / "l0_50_improved_keep_hidden"))
-        # The attention heads kept whole (MLP channels, hidden dims and layers pay): copying a card's digits from the
-        # image tokens is attention's work, and the default run keeps 6 of 8 query heads.
-        jobs.append(Job("l0_50_improved_keep_heads", "fit",
-                        [callback(L0, target_fraction=0.5, method="improved", multiple_of=self.multiple_of,
-                                  prune_heads=False)],
-                        self.from_base(o.l0_steps, o.ft_lr),
-                        export_to=self.work / "exports" / "l0_50_improved_keep_heads"))
+        # One kind of unit kept whole while the others pay for the 50%, to find what the reading needs. On the base
+        # that reads the pruned model loses on the digits: they pass through the projector into the full hidden
+        # width (keep_hidden), copying them from the image tokens is attention's work (keep_heads: the default run
+        # keeps 6 of 8 query heads), and the default run drops 3 of 12 layers (keep_layers).
+        for kept in ("hidden", "heads", "layers"):
+            name = f"l0_50_improved_keep_{kept}"
+            jobs.append(Job(name, "fit", [callback(L0, target_fraction=0.5, method="improved",
+                                                   multiple_of=self.multiple_of, **{f"prune_{kept}": False})],
+                            self.from_base(o.l0_steps, o.ft_lr), export_to=self.work / "exports" / name))
         dense_finetune_l0 = self.work / "exports" / "dense_finetune_l0"
         if o.l0_steps != o.ft_steps:  # the L0 runs' dense reference: fine-tuned as long as they are
             jobs.append(Job("dense_finetune_l0", "fit", overrides=self.from_base(o.l0_steps, o.ft_lr),

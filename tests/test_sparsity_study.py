@@ -39,9 +39,9 @@ def test_every_run_has_a_unique_name_and_valid_plugin_arguments(tmp_path: Path) 
     assert {"dense", "dense_finetune", "ramp75", "ramp2of4", "oneshot_act_75", "oneshot_mag_2of4",
             "l0_50_improved", "l0_90_plain", "dense_finetune_l0"} <= set(names)
     # Longest runs first: the L0 fine-tunes and their dense reference lead the pool.
-    assert names[:10] == ["l0_50_improved", "l0_50_plain", "l0_90_improved", "l0_90_plain", "l0_50_improved_hard20",
+    assert names[:11] == ["l0_50_improved", "l0_50_plain", "l0_90_improved", "l0_90_plain", "l0_50_improved_hard20",
                           "l0_50_improved_hard50", "l0_90_improved_hard20", "l0_50_improved_keep_hidden",
-                          "l0_50_improved_keep_heads", "dense_finetune_l0"]
+                          "l0_50_improved_keep_heads", "l0_50_improved_keep_layers", "dense_finetune_l0"]
     for job in jobs:
         for callback in job.callbacks:
             module_name, class_name = callback["class_path"].rsplit(".", 1)
@@ -62,10 +62,11 @@ def test_every_run_has_a_unique_name_and_valid_plugin_arguments(tmp_path: Path) 
     assert features.after == "dense_finetune_l0"
     assert features.callbacks[1]["init_args"] | {"teacher": None} == {
         "teacher": None, "weight": 1.0, "temperature": 2.0, "feature_weight": 1.0, "feature_layers": [4, 8, -1]}
-    keep_hidden = by_name["l0_50_improved_keep_hidden"].callbacks[0]["init_args"]
-    assert keep_hidden["prune_hidden"] is False and keep_hidden["target_fraction"] == 0.5
-    keep_heads = by_name["l0_50_improved_keep_heads"].callbacks[0]["init_args"]
-    assert keep_heads["prune_heads"] is False and keep_heads.get("prune_hidden", True) is True
+    # One kind of unit kept whole per run, the others left to the plugin's defaults.
+    for kept in ("hidden", "heads", "layers"):
+        args = by_name[f"l0_50_improved_keep_{kept}"].callbacks[0]["init_args"]
+        assert args[f"prune_{kept}"] is False and args["target_fraction"] == 0.5
+        assert not [key for key in args if key.startswith("prune_") and key != f"prune_{kept}"]
 
 
 def test_base_arguments_reach_the_base_run_and_its_export_only(tmp_path: Path) -> None:
