@@ -11,9 +11,9 @@
    half of the run on exact masks instead of the default 80% (``l0_50_improved_hard20``, ``_hard50``,
    ``l0_90_improved_hard20``), and improved L0 at 50% distilled from the dense base or from its dense reference
    (``l0_50_improved_distill``, ``l0_50_improved_distill_ft``) or with one kind of unit kept whole
-   (``l0_50_improved_keep_hidden``, ``_keep_heads``, ``_keep_layers``); the 75% and 2:4 ramps again with distillation from the dense base
-   (``ramp75_distill``, ``ramp2of4_distill``) and, once the sweep's other runs are done, from the dense fine-tune,
-   the ramps' reference (``ramp75_distill_ft``, ``ramp2of4_distill_ft``).
+   (``l0_50_improved_keep_hidden``, ``_keep_heads``, ``_keep_layers``); the 75% and 2:4 ramps again with
+   distillation from the dense base (``ramp75_distill``, ``ramp2of4_distill``) and, once the sweep's other runs are
+   done, from the dense fine-tune, the ramps' reference (``ramp75_distill_ft``, ``ramp2of4_distill_ft``).
 4. ``latency`` of the exported pruned models against the dense base, and ``overhead`` of each plugin in training
    (``vlmc bench --without_plugins``), both with the GPU otherwise idle.
    ``scratch`` alone runs only the from-scratch model of the 50%-pruned shape with the L0 run's compute (the
