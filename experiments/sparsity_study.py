@@ -242,9 +242,16 @@ class Study:
         return code
 
     # ------------------------------------------------------------------ the study's runs
+    @property
+    def epoch_batches(self) -> int:
+        """Batches in an epoch of the base config's data module (1000, the data module's default, where unset)."""
+        config = yaml.safe_load(Path(self.opts.base_config).read_text()) or {}
+        return int(((config.get("data") or {}).get("init_args") or {}).get("batches_per_epoch", 1000))
+
     def steps(self, n: int) -> list[str]:
-        # Validation every half run, at most every 1000 steps (an epoch of the data module).
-        every = max(1, min(n // 2, 1000))
+        # Validation every half run, at most once an epoch of the data module (Lightning counts the interval within
+        # an epoch, and refuses one longer than the epoch).
+        every = max(1, min(n // 2, self.epoch_batches))
         return [f"--trainer.max_steps={n}", f"--trainer.val_check_interval={every}",
                 f"--checkpoint.every_n_train_steps={every}"]
 

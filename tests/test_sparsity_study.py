@@ -251,3 +251,12 @@ def test_only_names_a_seed_replica_or_fails_before_any_run(tmp_path: Path) -> No
     for wrong in ("l0_50_improvd", "ramp50_seed1"):
         with pytest.raises(SystemExit, match=f"--only: no run named {wrong}; the runs are .*l0_50_improved"):
             module.check_only(_study(tmp_path), [wrong])
+
+
+def test_validation_interval_fits_the_base_configs_epoch(tmp_path: Path) -> None:
+    # Lightning refuses a val_check_interval longer than an epoch: the quickstart's is 600 batches, the GPU base's 1000.
+    study = _study(tmp_path)
+    assert "--trainer.val_check_interval=1000" in study.steps(3000)
+    study.opts.base_config = str(ROOT / "experiments" / "quickstart.yaml")
+    assert study.steps(1800)[1:] == ["--trainer.val_check_interval=600", "--checkpoint.every_n_train_steps=600"]
+    assert "--trainer.val_check_interval=150" in study.steps(300)
