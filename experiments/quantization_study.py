@@ -572,6 +572,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="the width of the QALFT stage's quantized base (its table QAT export, per channel) and "
                              "PTQ; runs other than W4A8 carry it in their names")
     opts = parser.parse_args(argv)
+    sparsity_study.check_seeds(parser, "--stack_seeds", opts.stack_seeds)
     if not 0.0 < opts.stack_ramp_end <= 1.0:
         parser.error(f"--stack_ramp_end: a share of the run in (0, 1], got {opts.stack_ramp_end}")
     if opts.stack_teacher != "base" and not opts.stack_distill:

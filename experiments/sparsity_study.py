@@ -558,6 +558,12 @@ def resolve_gpus(opts: argparse.Namespace) -> None:
         opts.gpus = max(1, torch.cuda.device_count())
 
 
+def check_seeds(parser: argparse.ArgumentParser, flag: str, seeds: list[int]) -> None:
+    """Replica seeds are distinct and >= 1: seed 0 is the runs' own (the configs' ``seed_everything``)."""
+    if any(seed < 1 for seed in seeds) or len(set(seeds)) != len(seeds):
+        parser.error(f"{flag}: distinct seeds >= 1 (0 is the runs' own seed), got {' '.join(map(str, seeds))}")
+
+
 def check_only(study: Study, only: list[str]) -> None:
     """Fails before any run starts when ``--only`` names a run the study does not have. A seed replica named there
     (``<run>_seed<n>``) asks for its seed, as ``--seeds n`` would."""
@@ -585,6 +591,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", nargs="+", help="run only these jobs of the base and sweep stages (seed replicas "
                         "follow their run's name; the from-scratch baseline l0_scratch50 only when named)")
     opts = parser.parse_args(argv)
+    check_seeds(parser, "--seeds", opts.seeds)
     if opts.smoke:
         opts.base_steps, opts.ft_steps, opts.l0_steps, opts.ft_batch = 6, 4, 6, 4
     resolve_gpus(opts)

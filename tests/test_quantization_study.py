@@ -463,7 +463,8 @@ def test_stacked_runs_take_another_sparsity_ranking_in_their_names(tmp_path: Pat
     assert all(job.callbacks[0]["init_args"]["scope"] == "row" for job in jobs.values())
 
 
-def test_stacked_seed_replicas_come_with_a_float_fine_tune_of_their_seed(tmp_path: Path) -> None:
+def test_stacked_seed_replicas_come_with_a_float_fine_tune_of_their_seed(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
     study = _study(tmp_path)
     study.opts.stack_scopes, study.opts.stack_distill = ["whole_vision40_text80"], True
     (stack,) = study.stacked_jobs()
@@ -478,3 +479,8 @@ def test_stacked_seed_replicas_come_with_a_float_fine_tune_of_their_seed(tmp_pat
         assert replica.callbacks == stack.callbacks and replica.overrides == [*stack.overrides, *flags]
         assert reference.callbacks == [] and reference.overrides == [*study.float_finetune_job().overrides, *flags]
         assert replica.export_to is None and reference.export_to is None
+    for wrong in (["0"], ["1", "1"]):  # 0 is the runs' own seed; a repeat would run one replica twice
+        with pytest.raises(SystemExit):
+            sys.modules["quantization_study"].main(["stacked", "--smoke", "--base_export", str(tmp_path),
+                                                    "--stack_seeds", *wrong])
+        assert "--stack_seeds: distinct seeds >= 1" in capsys.readouterr().err

@@ -239,7 +239,8 @@ def test_distillation_from_the_dense_finetune_runs_after_it(tmp_path: Path) -> N
     assert "ramp2of4_distill_ft" not in order and codes["ramp2of4_distill_ft"] == 1
 
 
-def test_only_names_a_seed_replica_or_fails_before_any_run(tmp_path: Path) -> None:
+def test_only_names_a_seed_replica_or_fails_before_any_run(tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
     study = _study(tmp_path)
     module = sys.modules["sparsity_study"]
     # A replica named alone asks for its seed: its run then exists, as with --seeds 1.
@@ -251,6 +252,10 @@ def test_only_names_a_seed_replica_or_fails_before_any_run(tmp_path: Path) -> No
     for wrong in ("l0_50_improvd", "ramp50_seed1"):
         with pytest.raises(SystemExit, match=f"--only: no run named {wrong}; the runs are .*l0_50_improved"):
             module.check_only(_study(tmp_path), [wrong])
+    for wrong in (["0"], ["2", "2"], ["-1"]):
+        with pytest.raises(SystemExit):
+            module.main(["sweep", "--smoke", "--seeds", *wrong, "--out", str(tmp_path / "o"), "--work", str(tmp_path)])
+        assert "--seeds: distinct seeds >= 1" in capsys.readouterr().err
 
 
 def test_validation_interval_fits_the_base_configs_epoch(tmp_path: Path) -> None:
