@@ -37,7 +37,9 @@ on one GPU. The machinery (jobs, shared arguments, parallel runs, ``--pack``) is
    exported; ``bpv.json`` under ``--out`` gathers the ``summary`` of every export's ``*_bpv.json``: bits per weight
    over the layers each plugin packs (the language model's Linear layers here). ``qat_bpv.json`` of the stacked
    export counts the sparse integer codes with a bitmask when that is smaller, i.e. sparsity and quantization
-   together; its ``sparsity_bpv.json`` packs the float values.
+   together; its ``sparsity_bpv.json`` packs the float values. ``--stack_seeds`` adds seed replicas, each beside
+   a float fine-tune of its seed; ``--run_tag T`` ends the float fine-tune's and the stacked runs' names in ``_T``
+   (runs of another length or rate: ``run_gpu_studies.sh`` tags them ``_<steps>steps_lr<lr>``).
 6. ``runtime``: every QAT export of ``table`` run by the integer reference runtime
    (``python -m plugins.quantization.runtime``) against its fake-quant model on 64 validation samples per task, on
    the CPU beside the GPU stages: top-1 agreement and largest logit difference in ``runtime_<run>.json``.
@@ -60,6 +62,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import re
 import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -221,9 +224,15 @@ class Study(sparsity_study.Study):
 
     # ------------------------------------------------------------------ the study's runs
     @property
+    def run_tag(self) -> str:
+        """``_<--run_tag>``, or nothing: ends the names of the float fine-tune and the stacked runs."""
+        tag = getattr(self.opts, "run_tag", "")
+        return f"_{tag}" if tag else ""
+
+    @property
     def float_finetune(self) -> Path:
         """The float model QAT rows are compared with: the base fine-tuned like them, without quantization."""
-        return self.exports / "float_finetune"
+        return self.exports / f"float_finetune{self.run_tag}"
 
     @property
     def qat_reference(self) -> Path:
@@ -244,7 +253,7 @@ class Study(sparsity_study.Study):
 
     def float_finetune_job(self) -> Job:
         o = self.opts
-        return Job("float_finetune", "fit", overrides=self.on(self.base_export, o.qat_steps, o.qat_lr),
+        return Job(self.float_finetune.name, "fit", overrides=self.on(self.base_export, o.qat_steps, o.qat_lr),
                    export_to=self.float_finetune)
 
     def table_jobs(self) -> list[Job]:
@@ -422,6 +431,7 @@ class Study(sparsity_study.Study):
                     features = {"feature_weight": o.stack_feature_weight, "feature_layers": self.feature_layers()}
                 plugins.append(callback(DISTILLATION, teacher=str(teacher), weight=1.0, temperature=2.0, **features))
                 name += ("_distill" if o.stack_teacher == "base" else "_distill_ft") + ("_features" if features else "")
+            name += self.run_tag
             jobs.append(Job(name, "fit", plugins, self.on(self.base_export, o.qat_steps, o.qat_lr),
                             export_to=self.exports / name))
         # Seed replicas (model and data seed: data order and validation samples), each with a float fine-tune of
@@ -430,7 +440,7 @@ class Study(sparsity_study.Study):
         seeded = []
         for seed in getattr(o, "stack_seeds", []):
             flags = [f"--seed_everything={seed}", f"--data.init_args.seed={seed}"]
-            seeded.append(Job(f"float_finetune_seed{seed}", "fit",
+            seeded.append(Job(f"{self.float_finetune.name}_seed{seed}", "fit",
                               overrides=[*self.on(self.base_export, o.qat_steps, o.qat_lr), *flags]))
             seeded += [Job(f"{job.name}_seed{seed}", job.verb, job.callbacks, [*job.overrides, *flags]) for job in jobs]
         return jobs + seeded
@@ -552,6 +562,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stack_ramp_end", type=float, default=STACK_RAMP_END,
                         help="where the stacked runs' cubic sparsity ramps end, as a share of the run (the rest "
                              "recovers at the final sparsity); other than the default, run names carry _end<percent>")
+    parser.add_argument("--run_tag", default="",
+                        help="a tag for runs of another length or rate, e.g. 1000steps_lr2e-4: the float fine-tune and "
+                             "the stacked runs are named <run>_<tag>, so they do not meet the default runs' summaries "
+                             "and exports (letters, digits, '.', '-' and '_')")
     parser.add_argument("--stack_seeds", type=int, nargs="+", default=[],
                         help="more seeds of the stacked runs (named <run>_seed<n>), each beside a float fine-tune of "
                              "its seed (float_finetune_seed<n>) to compare with; not exported")
@@ -573,6 +587,8 @@ def main(argv: list[str] | None = None) -> None:
                              "PTQ; runs other than W4A8 carry it in their names")
     opts = parser.parse_args(argv)
     sparsity_study.check_seeds(parser, "--stack_seeds", opts.stack_seeds)
+    if not re.fullmatch(r"[A-Za-z0-9.\-_]*", opts.run_tag):
+        parser.error(f"--run_tag: letters, digits, '.', '-' and '_' only (it ends run names), got {opts.run_tag!r}")
     if not 0.0 < opts.stack_ramp_end <= 1.0:
         parser.error(f"--stack_ramp_end: a share of the run in (0, 1], got {opts.stack_ramp_end}")
     if opts.stack_teacher != "base" and not opts.stack_distill:
@@ -616,7 +632,7 @@ def main(argv: list[str] | None = None) -> None:
                 beside_qat.append(study.float_finetune_job())
             else:
                 # Every QAT run measures agreement against the float fine-tune, so it comes first.
-                codes["float_finetune"] = study.run(study.float_finetune_job())
+                codes[study.float_finetune.name] = study.run(study.float_finetune_job())
         if "table" in opts.stages:
             need_base("table")
             # The stacked run needs nothing from the table: it shares the table's pool instead of waiting for it.

@@ -254,16 +254,18 @@ fi
 # STACK_TEACHER=float_finetune distils from that fine-tune instead of the base (it then trains first);
 # STACK_FEATURE_WEIGHT=1 adds layer-wise distillation (the hidden states) to it; STACK_RAMP_END (default 0.7) is where
 # the ramps end, as a share of the run (the rest recovers at the final sparsity). STACK_SEEDS="1" adds seed
-# replicas of each run, each beside a float fine-tune of its seed; all run at once.
+# replicas of each run, each beside a float fine-tune of its seed; all run at once. Runs of another length or rate
+# than 300 steps at 1e-4 (and their float fine-tune) carry both in their names, e.g. _1000steps_lr2e-4.
 stack_study() {
-  local scopes seeds
+  local scopes seeds tag=""
   read -r -a scopes <<< "${STACK_SCOPES:-language_model whole whole_dense_head}"
   read -r -a seeds <<< "${STACK_SEEDS:-}"
+  if [ "${QAT_STEPS:-300}" != 300 ] || [ "${QAT_LR:-1e-4}" != 1e-4 ]; then tag="${QAT_STEPS:-300}steps_lr${QAT_LR:-1e-4}"; fi
   $PY experiments/quantization_study.py stacked collect --base_export "$base" --out "$RES/quantization" \
     --work "$WORK/quantization" --stack_scopes "${scopes[@]}" --qat_steps "${QAT_STEPS:-300}" \
     --qat_lr "${QAT_LR:-1e-4}" --qat_reference "${QAT_REFERENCE:-float_finetune}" --stack_ramp_end "${STACK_RAMP_END:-0.7}" \
     ${STACK_DISTILL:+--stack_distill --stack_teacher "${STACK_TEACHER:-base}" \
-      --stack_feature_weight "${STACK_FEATURE_WEIGHT:-0}"} ${STACK_SEEDS:+--stack_seeds "${seeds[@]}"} \
+      --stack_feature_weight "${STACK_FEATURE_WEIGHT:-0}"} ${STACK_SEEDS:+--stack_seeds "${seeds[@]}"} ${tag:+--run_tag "$tag"} \
     --parallel "$(( ${#scopes[@]} * (1 + ${#seeds[@]}) + ${#seeds[@]} ))" \
     --workers "${STACK_WORKERS:-8}" --gpus "$GPUS" > "$WORK/logs/quantization_study.log" 2>&1
   log "stack rc=$?"

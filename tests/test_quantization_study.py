@@ -484,3 +484,23 @@ def test_stacked_seed_replicas_come_with_a_float_fine_tune_of_their_seed(tmp_pat
             sys.modules["quantization_study"].main(["stacked", "--smoke", "--base_export", str(tmp_path),
                                                     "--stack_seeds", *wrong])
         assert "--stack_seeds: distinct seeds >= 1" in capsys.readouterr().err
+
+
+def test_run_tag_names_the_float_fine_tune_and_the_stacks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    study = _study(tmp_path)
+    study.opts.stack_scopes, study.opts.stack_distill, study.opts.stack_teacher = ["whole_vision50_text80"], True, \
+        "float_finetune"
+    study.opts.run_tag = "1000steps_lr2e-4"
+    float_finetune = study.float_finetune_job()
+    assert float_finetune.name == "float_finetune_1000steps_lr2e-4" == float_finetune.export_to.name
+    (stack,) = study.stacked_jobs()
+    assert stack.name == "stacked_whole_vision50_text80_qat_w4a8_distill_ft_1000steps_lr2e-4"
+    # The stack learns from and is measured against the fine-tune of its own length, not the default one.
+    teacher = next(c for c in stack.callbacks if c["class_path"].endswith("Distillation"))["init_args"]["teacher"]
+    qat = next(c for c in stack.callbacks if c["class_path"].endswith("QuantizationAwareTraining"))
+    assert teacher == str(float_finetune.export_to) == qat["init_args"]["float_reference"]
+    study.opts.stack_seeds = [1]
+    assert {job.name for job in study.stacked_jobs()} >= {f"{stack.name}_seed1", "float_finetune_1000steps_lr2e-4_seed1"}
+    with pytest.raises(SystemExit):
+        sys.modules["quantization_study"].main(["stacked", "--smoke", "--base_export", str(tmp_path), "--run_tag", "a/b"])
+    assert "--run_tag: letters, digits" in capsys.readouterr().err

@@ -95,6 +95,7 @@ def test_reading_stack_takes_its_scopes_steps_and_distillation(tmp_path: Path) -
     (stack,) = [call for call in calls if "quantization_study.py stacked" in call]
     assert "--stack_scopes whole_dense_head whole_dense_head_global --qat_steps 1000 --qat_lr 2e-4" in stack
     assert "--qat_reference float_finetune --stack_ramp_end 0.7 --stack_distill --stack_teacher base" in stack
+    assert "--run_tag 1000steps_lr2e-4 --parallel 2" in stack  # not the default length: the names say it
     assert "--parallel 2" in stack
     # QAT_REFERENCE=base: agreement against the base, no float fine-tune first.
     second = tmp_path / "second"
@@ -115,6 +116,7 @@ def test_reading_stack_takes_its_scopes_steps_and_distillation(tmp_path: Path) -
     assert result.returncode == 0, result.stderr
     (stack,) = [call for call in calls if "quantization_study.py stacked" in call]
     assert "--stack_ramp_end 0.7 --stack_seeds 1 2 --parallel 8" in stack  # 2 scopes x 3 seeds + 2 fine-tunes
+    assert "--run_tag" not in stack
 
 
 def test_pack_takes_summaries_and_the_validation_history_of_unfinished_runs(tmp_path: Path) -> None:
