@@ -434,15 +434,10 @@ class Study(sparsity_study.Study):
             name += self.run_tag
             jobs.append(Job(name, "fit", plugins, self.on(self.base_export, o.qat_steps, o.qat_lr),
                             export_to=self.exports / name))
-        # Seed replicas (model and data seed: data order and validation samples), each with a float fine-tune of
-        # its seed, so a stack and its reference are compared on the same samples. Teachers and the agreement
-        # reference stay the seed-0 models.
-        seeded = []
-        for seed in getattr(o, "stack_seeds", []):
-            flags = [f"--seed_everything={seed}", f"--data.init_args.seed={seed}"]
-            seeded.append(Job(f"{self.float_finetune.name}_seed{seed}", "fit",
-                              overrides=[*self.on(self.base_export, o.qat_steps, o.qat_lr), *flags]))
-            seeded += [Job(f"{job.name}_seed{seed}", job.verb, job.callbacks, [*job.overrides, *flags]) for job in jobs]
+        # Seed replicas, each with a float fine-tune of its seed, so a stack and its reference are compared on the
+        # same samples. Teachers and the agreement reference stay the seed-0 models.
+        seeded = [sparsity_study.seed_replica(job, seed) for seed in getattr(o, "stack_seeds", [])
+                  for job in (self.float_finetune_job(), *jobs)]
         return jobs + seeded
 
     def bpv(self) -> None:

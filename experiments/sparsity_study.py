@@ -70,6 +70,15 @@ class Job:
     after: str | None = None  # a job of the same stage whose export this one needs: it runs in a second round
 
 
+def seed_replica(job: Job, seed: int) -> Job:
+    """``job`` again as ``<name>_seed<seed>``, not exported: model and data seed both set (data order and validation
+    samples), and L0's gate noise too."""
+    callbacks = [{**c, "init_args": {**c["init_args"], "seed": seed}} if c["class_path"] == L0 else c
+                 for c in job.callbacks]
+    return Job(f"{job.name}_seed{seed}", job.verb, callbacks,
+               [*job.overrides, f"--seed_everything={seed}", f"--data.init_args.seed={seed}"])
+
+
 def split_configs(args: list[str]) -> tuple[list[str], list[str]]:
     """``args`` as (its ``--config`` files, each with its flag and made absolute; everything else), in their order.
 
@@ -385,14 +394,9 @@ class Study:
                                 [callback("plugins.sparsity.SparsityRamp", **ramp, **RAMPS[name]), distill],
                                 self.from_base(o.ft_steps, o.ft_lr), export_to=self.work / "exports" / f"{name}{suffix}",
                                 after=after))
-        # Seed replicas of the goals' runs: model and data seed (data order and validation samples) both set, so a
-        # ramp and its dense reference of one seed are paired on the same samples; L0's gate noise takes the seed too.
+        # Seed replicas of the goals' runs, so a ramp and its dense reference of one seed are paired on the same samples.
         for seed in o.seeds:
-            for job in [j for j in jobs if j.name in SEEDED]:
-                callbacks = [{**c, "init_args": {**c["init_args"], "seed": seed}} if c["class_path"] == L0 else c
-                             for c in job.callbacks]
-                jobs.append(Job(f"{job.name}_seed{seed}", job.verb, callbacks,
-                                [*job.overrides, f"--seed_everything={seed}", f"--data.init_args.seed={seed}"]))
+            jobs += [seed_replica(job, seed) for job in jobs if job.name in SEEDED]
         return jobs
 
     def oneshot_jobs(self) -> list[Job]:
