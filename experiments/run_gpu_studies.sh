@@ -229,12 +229,15 @@ fi
 # compute (trained like the base: its recipe file), improved L0 distilled from the base, and the dense reference
 # fine-tuned as long ($L0_STEPS, default 1000, exported); then improved L0 distilled from that reference. L0_RUNS picks
 # runs (e.g. l0_50_improved_keep_hidden), L0_WORKERS each run's loader workers (default 6). Fifteenth run, two
-# H200s: 277 s for the base, 206 s for the first four.
+# H200s: 277 s for the base, 206 s for the first four. Runs of another length than 1000 steps carry it in their
+# names (L0_STEPS=3000: l0_50_improved_3000steps, its reference dense_finetune_l0_3000steps); L0_RUNS names them
+# with or without it.
 l0_study() {
-  local runs
+  local runs tag=""
   read -r -a runs <<< "${L0_RUNS:-dense_finetune_l0 l0_50_plain l0_scratch50_l0compute l0_50_improved_distill l0_50_improved_distill_ft}"
+  [ "${L0_STEPS:-1000}" != 1000 ] && tag="${L0_STEPS}steps"
   $PY "${SP[@]}" sweep collect --only "${runs[@]}" --ft_steps "${FT_STEPS:-400}" --l0_steps "${L0_STEPS:-1000}" \
-    --parallel 4 --workers "${L0_WORKERS:-6}" --gpus "$GPUS" --base_args "--config experiments/pretrain/gpu_reading.yaml" \
+    ${tag:+--run_tag "$tag"} --parallel 4 --workers "${L0_WORKERS:-6}" --gpus "$GPUS" --base_args "--config experiments/pretrain/gpu_reading.yaml" \
     > "$WORK/logs/l0.log" 2>&1
   log "l0 rc=$?"
 }

@@ -14,6 +14,7 @@
    (``l0_50_improved_keep_hidden``, ``_keep_heads``, ``_keep_layers``); the 75% and 2:4 ramps again with
    distillation from the dense base (``ramp75_distill``, ``ramp2of4_distill``) and, once the sweep's other runs are
    done, from the dense fine-tune, the ramps' reference (``ramp75_distill_ft``, ``ramp2of4_distill_ft``).
+   ``--run_tag T`` ends the names of the runs as long as ``--l0_steps`` in ``_T`` (``l0_50_improved_3000steps``).
 4. ``latency`` of the exported pruned models against the dense base, and ``overhead`` of each plugin in training
    (``vlmc bench --without_plugins``), both with the GPU otherwise idle.
    ``scratch`` alone runs only the from-scratch model of the 50%-pruned shape with the L0 run's compute (the
@@ -34,6 +35,7 @@ import argparse
 import fcntl
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -294,7 +296,7 @@ class Study:
         configs, _ = split_configs(shlex.split(o.base_args))
         overrides = [*configs, f"--model.init_args.model={spec}", *self.steps(steps)]
         if not with_base:  # a sweep-sized run, placed like the sweep's
-            return Job("l0_scratch50_l0compute", "fit", overrides=overrides)
+            return Job(f"l0_scratch50_l0compute{self.l0_tag}", "fit", overrides=overrides)
         # On the second GPU when there is one; the sweep's first jobs go to the others.
         workers = f"--data.init_args.num_workers={max(o.workers, o.base_workers // 2 if not o.smoke else 0)}"
         return Job("l0_scratch50", "fit", overrides=[*overrides, workers], gpu=1)
@@ -322,20 +324,28 @@ class Study:
             return [-1]
         return sorted({layers // 3, 2 * layers // 3} - {0}) + [-1]
 
+    @property
+    def l0_tag(self) -> str:
+        """``_<--run_tag>``, or nothing: ends the names of the runs as long as ``--l0_steps`` (the L0 runs, their
+        dense reference and the from-scratch shape with their compute), so runs of two lengths share a work folder."""
+        tag = getattr(self.opts, "run_tag", "")
+        return f"_{tag}" if tag else ""
+
     def sweep_jobs(self) -> list[Job]:
         """The fine-tunes, longest first so the pool's last runs are short ones."""
         o = self.opts
+        tag, exports = self.l0_tag, self.work / "exports"
         ramp = dict(schedule="cubic", start=0.0, end=0.7, update_every=max(1, o.ft_steps // 50), targets=LANGUAGE_MODEL)
         jobs = []
         for l0_name, fraction, method in (("l0_50_improved", 0.5, "improved"), ("l0_50_plain", 0.5, "plain"),
                                           ("l0_90_improved", 0.9, "improved"), ("l0_90_plain", 0.9, "plain")):
-            jobs.append(Job(l0_name, "fit", [callback(L0, target_fraction=fraction,
-                                                      method=method, multiple_of=self.multiple_of)],
-                            self.from_base(o.l0_steps, o.ft_lr), export_to=self.work / "exports" / l0_name))
+            jobs.append(Job(l0_name + tag, "fit", [callback(L0, target_fraction=fraction,
+                                                            method=method, multiple_of=self.multiple_of)],
+                            self.from_base(o.l0_steps, o.ft_lr), export_to=exports / (l0_name + tag)))
         # Ablation of the exact-mask recovery share (the default, 0.8, against 0.2 and 0.5): at 50% of the GPU base
         # it is worth 4 F1 points (experiments/results/sparsity/README.md); 90% shows whether that holds there.
         for fraction, hard_from in ((0.5, 0.2), (0.5, 0.5), (0.9, 0.2)):
-            name = f"l0_{round(fraction * 100)}_improved_hard{round(hard_from * 100)}"
+            name = f"l0_{round(fraction * 100)}_improved_hard{round(hard_from * 100)}{tag}"
             jobs.append(Job(name, "fit", [callback(L0, target_fraction=fraction,
                                                    method="improved", multiple_of=self.multiple_of,
                                                    hard_from=hard_from)],
@@ -345,36 +355,36 @@ class Study:
         # width (keep_hidden), copying them from the image tokens is attention's work (keep_heads: the default run
         # keeps 6 of 8 query heads), and the default run drops 3 of 12 layers (keep_layers).
         for kept in ("hidden", "heads", "layers"):
-            name = f"l0_50_improved_keep_{kept}"
+            name = f"l0_50_improved_keep_{kept}{tag}"
             jobs.append(Job(name, "fit", [callback(L0, target_fraction=0.5, method="improved",
                                                    multiple_of=self.multiple_of, **{f"prune_{kept}": False})],
                             self.from_base(o.l0_steps, o.ft_lr), export_to=self.work / "exports" / name))
-        dense_finetune_l0 = self.work / "exports" / "dense_finetune_l0"
+        dense_finetune_l0 = exports / f"dense_finetune_l0{tag}"
         if o.l0_steps != o.ft_steps:  # the L0 runs' dense reference: fine-tuned as long as they are
-            jobs.append(Job("dense_finetune_l0", "fit", overrides=self.from_base(o.l0_steps, o.ft_lr),
+            jobs.append(Job(dense_finetune_l0.name, "fit", overrides=self.from_base(o.l0_steps, o.ft_lr),
                             export_to=dense_finetune_l0))
         # Improved L0 at 50% recovering toward a dense teacher (distillation on the answers): the base, or the dense
         # reference of the L0 runs once it is exported (the dense fine-tune when both have the same length).
         l0_teacher = dense_finetune_l0 if o.l0_steps != o.ft_steps else self.work / "exports" / "dense_finetune"
         for suffix, teacher_path, after in (("_distill", self.base_export, None),
                                             ("_distill_ft", l0_teacher, l0_teacher.name)):
-            jobs.append(Job(f"l0_50_improved{suffix}", "fit",
+            jobs.append(Job(f"l0_50_improved{suffix}{tag}", "fit",
                             [callback(L0, target_fraction=0.5, method="improved",
                                       multiple_of=self.multiple_of),
                              callback("plugins.distillation.Distillation", teacher=str(teacher_path), weight=1.0,
                                       temperature=2.0)],
                             self.from_base(o.l0_steps, o.ft_lr),
-                            export_to=self.work / "exports" / f"l0_50_improved{suffix}", after=after))
+                            export_to=exports / f"l0_50_improved{suffix}{tag}", after=after))
         # The same with layer-wise distillation as well (CoFi pairs it with structured pruning): the hidden states
         # after a third and two thirds of the text tower's layers and the last, against the dense reference's.
         # Pruned hidden dims are zero in the student, a constant part of the error once the masks are exact.
-        jobs.append(Job("l0_50_improved_distill_ft_features", "fit",
+        jobs.append(Job(f"l0_50_improved_distill_ft_features{tag}", "fit",
                         [callback(L0, target_fraction=0.5, method="improved",
                                   multiple_of=self.multiple_of),
                          callback("plugins.distillation.Distillation", teacher=str(l0_teacher), weight=1.0,
                                   temperature=2.0, feature_weight=1.0, feature_layers=self.feature_layers())],
                         self.from_base(o.l0_steps, o.ft_lr),
-                        export_to=self.work / "exports" / "l0_50_improved_distill_ft_features", after=l0_teacher.name))
+                        export_to=exports / f"l0_50_improved_distill_ft_features{tag}", after=l0_teacher.name))
         dense_finetune = self.work / "exports" / "dense_finetune"
         jobs.append(Job("dense_finetune", "fit", overrides=self.from_base(o.ft_steps, o.ft_lr),
                         export_to=dense_finetune))
@@ -396,7 +406,7 @@ class Study:
                                 after=after))
         # Seed replicas of the goals' runs, so a ramp and its dense reference of one seed are paired on the same samples.
         for seed in o.seeds:
-            jobs += [seed_replica(job, seed) for job in jobs if job.name in SEEDED]
+            jobs += [seed_replica(job, seed) for job in jobs if job.name.removesuffix(tag) in SEEDED]
         return jobs
 
     def oneshot_jobs(self) -> list[Job]:
@@ -568,15 +578,28 @@ def check_seeds(parser: argparse.ArgumentParser, flag: str, seeds: list[int]) ->
         parser.error(f"{flag}: distinct seeds >= 1 (0 is the runs' own seed), got {' '.join(map(str, seeds))}")
 
 
+def split_seed(name: str) -> tuple[str, str]:
+    """``name`` as (its run, its ``_seed<n>`` suffix or ``""``)."""
+    run, sep, seed = name.rpartition("_seed")
+    return (run, sep + seed) if sep and seed.isdigit() else (name, "")
+
+
 def check_only(study: Study, only: list[str]) -> None:
     """Fails before any run starts when ``--only`` names a run the study does not have. A seed replica named there
-    (``<run>_seed<n>``) asks for its seed, as ``--seeds n`` would."""
+    (``<run>_seed<n>``) asks for its seed, as ``--seeds n`` would. With ``--run_tag``, a run's name without the tag
+    names it too (``l0_50_improved`` for ``l0_50_improved_3000steps``; ``only`` is rewritten in place)."""
+    tag = study.l0_tag
+    tagged = {job.name for job in study.sweep_jobs()} | {f"l0_scratch50_l0compute{tag}"} if tag else set()
+    for i, name in enumerate(only):
+        run, seed = split_seed(name)
+        if run + tag in tagged:
+            only[i] = run + tag + seed
     for name in only:
-        run, _, seed = name.rpartition("_seed")
-        if run in SEEDED and seed.isdigit() and int(seed) not in study.opts.seeds:
-            study.opts.seeds.append(int(seed))
+        run, seed = split_seed(name)
+        if run.removesuffix(tag) in SEEDED and seed and int(seed[5:]) not in study.opts.seeds:
+            study.opts.seeds.append(int(seed[5:]))
     known = {job.name for job in study.sweep_jobs() + study.oneshot_jobs()}
-    known |= {"dense_base", "l0_scratch50", "l0_scratch50_l0compute"}
+    known |= {"dense_base", "l0_scratch50", f"l0_scratch50_l0compute{study.l0_tag}"}
     unknown = sorted(set(only) - known)
     if unknown:
         raise SystemExit(f"--only: no run named {', '.join(unknown)}; the runs are {', '.join(sorted(known))}")
@@ -592,10 +615,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ft_lr", type=float, default=2e-4)
     parser.add_argument("--seeds", type=int, nargs="+", default=[],
                         help=f"more seeds of {', '.join(SEEDED)} (runs named <run>_seed<n>; model and data seed)")
+    parser.add_argument("--run_tag", default="",
+                        help="ends the names of the runs as long as --l0_steps (the L0 runs, their dense reference, "
+                        "the from-scratch shape with their compute) in _<tag>, e.g. 3000steps, so runs of another "
+                        "length never meet these runs' summaries or exports; --only takes their names with or "
+                        "without it")
     parser.add_argument("--only", nargs="+", help="run only these jobs of the base and sweep stages (seed replicas "
                         "follow their run's name; the from-scratch baseline l0_scratch50 only when named)")
     opts = parser.parse_args(argv)
     check_seeds(parser, "--seeds", opts.seeds)
+    if not re.fullmatch(r"[A-Za-z0-9.\-_]*", opts.run_tag):
+        parser.error(f"--run_tag: letters, digits, '.', '-' and '_' only (it ends run names), got {opts.run_tag!r}")
     if opts.smoke:
         opts.base_steps, opts.ft_steps, opts.l0_steps, opts.ft_batch = 6, 4, 6, 4
     resolve_gpus(opts)
@@ -618,7 +648,7 @@ def main(argv: list[str] | None = None) -> None:
             codes["dense_base"] = study.run(study.base_job())
         if "scratch" in opts.stages and "sweep" not in opts.stages:
             # The L0 run's compute alone, without the base or the sweep (the sweep includes it).
-            codes["l0_scratch50_l0compute"] = study.run(study.scratch_job(study.write_scratch_spec(), with_base=False))
+            codes[f"l0_scratch50_l0compute{study.l0_tag}"] = study.run(study.scratch_job(study.write_scratch_spec(), with_base=False))
         if "sweep" in opts.stages:
             if not (study.base_export / "config.json").exists():
                 raise SystemExit(f"sweep: no dense base at {study.base_export}; run the `base` stage first")

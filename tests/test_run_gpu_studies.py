@@ -136,3 +136,14 @@ def test_pack_takes_summaries_and_the_validation_history_of_unfinished_runs(tmp_
         names = set(packed.getnames())
     assert names == {"results/quantization/summary_done.json", "quantization/logs/unfinished.log",
                      "quantization/runs/unfinished/runs/csv/version_0/metrics.csv"}  # no weights
+
+
+def test_reading_l0_of_another_length_tags_its_runs(tmp_path: Path) -> None:
+    result, calls = _drive(tmp_path, "reading_l0", L0_STEPS="3000", L0_RUNS="dense_finetune_l0 l0_50_improved")
+    assert result.returncode == 0, result.stderr
+    (l0,) = [call for call in calls if "sweep collect" in call]
+    assert "--only dense_finetune_l0 l0_50_improved --ft_steps 400 --l0_steps 3000 --run_tag 3000steps" in l0
+    second = tmp_path / "second"
+    second.mkdir()
+    _, calls = _drive(second, "reading_l0", L0_RUNS="l0_50_improved")
+    assert "--run_tag" not in calls[-1]  # the default length keeps the names the earlier runs have

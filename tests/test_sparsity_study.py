@@ -258,6 +258,33 @@ def test_only_names_a_seed_replica_or_fails_before_any_run(tmp_path: Path,
         assert "--seeds: distinct seeds >= 1" in capsys.readouterr().err
 
 
+def test_run_tag_names_the_runs_as_long_as_l0(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    study = _study(tmp_path)
+    module = sys.modules["sparsity_study"]
+    study.opts.run_tag = "3000steps"
+    jobs = {job.name: job for job in study.sweep_jobs()}
+    # The L0 runs and their dense reference carry the tag, in their exports too; the sweep's other runs do not.
+    assert {"l0_50_improved_3000steps", "dense_finetune_l0_3000steps", "l0_50_improved_keep_layers_3000steps",
+            "l0_50_improved_distill_ft_3000steps", "dense_finetune", "ramp75"} <= set(jobs)
+    assert not {"l0_50_improved", "dense_finetune_l0", "ramp75_3000steps"} & set(jobs)
+    assert jobs["l0_50_improved_3000steps"].export_to.name == "l0_50_improved_3000steps"
+    # Distillation from the reference waits for, and reads, the reference of the same length.
+    distill = jobs["l0_50_improved_distill_ft_3000steps"]
+    assert distill.after == "dense_finetune_l0_3000steps"
+    assert distill.callbacks[1]["init_args"]["teacher"].endswith("dense_finetune_l0_3000steps")
+    # --only takes the names with or without the tag; a replica asks for its seed either way.
+    only = ["l0_50_improved", "dense_finetune_l0_seed2", "l0_50_improved_keep_layers_3000steps"]
+    module.check_only(study, only)
+    assert only == ["l0_50_improved_3000steps", "dense_finetune_l0_3000steps_seed2",
+                    "l0_50_improved_keep_layers_3000steps"]
+    assert study.opts.seeds == [2]
+    assert {"dense_finetune_l0_3000steps_seed2", "l0_50_improved_3000steps_seed2"} <= {
+        job.name for job in study.sweep_jobs()}
+    with pytest.raises(SystemExit):
+        module.main(["sweep", "--smoke", "--run_tag", "a b", "--out", str(tmp_path / "o"), "--work", str(tmp_path)])
+    assert "--run_tag: letters, digits" in capsys.readouterr().err
+
+
 def test_validation_interval_fits_the_base_configs_epoch(tmp_path: Path) -> None:
     # Lightning refuses a val_check_interval longer than an epoch: the quickstart's is 600 batches, the GPU base's 1000.
     study = _study(tmp_path)
