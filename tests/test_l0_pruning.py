@@ -33,6 +33,8 @@ from plugins.l0_pruning import (
     pruned_spec,
     soft_topk,
 )
+from plugins.l0_pruning.gates import KINDS
+from plugins.l0_pruning.spec import shape_for_spec
 from plugins.l0_pruning.surgery import MASKS_ATTR
 
 ALL_KINDS_SHAPE = {"num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
@@ -187,6 +189,23 @@ def test_pruned_spec_builds_the_pruned_shape() -> None:
     assert spec["hf_config"]["text_config"]["hidden_size"] == 16 and spec["hf_config"]["vision_config"]["hidden_size"] == 16
     shipped = json.loads((FAMILY_SPECS["llava"].parent / "llava-base-gpu-l0-50.json").read_text())
     assert shipped["hf_config"]["text_config"]["num_hidden_layers"] < 12
+
+
+@pytest.mark.parametrize(("spec", "kinds", "trained"), [
+    ("llava-base-gpu-l0-50.json", KINDS, "gpu_h200x2_run19/exports/l0_50_improved_3000steps.json"),
+    ("llava-base-gpu-l0-50-keep-layers.json", ("heads", "mlp", "hidden"),
+     "gpu_h200x2_run19/exports/l0_50_improved_keep_layers.json"),
+])
+def test_shipped_pruned_specs_are_the_shapes_the_gpu_runs_reached(spec: str, kinds: tuple[str, ...],
+                                                                  trained: str) -> None:
+    # The from-scratch baselines and the latency tables use these specs: each is the exact target shape of its
+    # L0 setting, which is also the shape the GPU run's export has.
+    models = FAMILY_SPECS["llava"].parent
+    shape = shape_for_spec(models / "llava-base-gpu.json", 0.5, kinds, multiple_of=8)
+    text = json.loads((models / spec).read_text())["hf_config"]["text_config"]
+    assert {k: text[k] for k in shape} == shape
+    kept = json.loads((ROOT / "experiments" / "results" / "sparsity" / trained).read_text())["kept_shape"]
+    assert kept == shape
 
 
 # ----------------------------------------------------------------------------------------------- training

@@ -58,8 +58,10 @@ def main(argv: list[str] | None = None) -> None:
     kinds = tuple(k for k in opts.kinds.split(",") if k)
     shape = shape_for_spec(opts.base, opts.fraction, kinds, opts.multiple_of)
     spec = pruned_spec(opts.base, shape)
+    # The switches of the unit kinds left whole, as L0Pruning takes them (prune_layers=False, ...).
+    kept = "".join(f", prune_{kind}=False" for kind in KINDS if kind not in kinds)
     spec["description"] = (f"{Path(opts.base).name} with its text tower in the shape L0Pruning(target_fraction="
-                           f"{opts.fraction}) prunes it to: {shape}; for the same-shape-from-scratch baseline.")
+                           f"{opts.fraction}{kept}) prunes it to: {shape}; for the same-shape-from-scratch baseline.")
     Path(opts.out).write_text(json.dumps(spec, indent=2) + "\n")
     print(f"wrote {opts.out}: {shape}")
 
