@@ -56,8 +56,9 @@ RAMPS = {"ramp50": {"final_sparsity": 0.5}, "ramp65": {"final_sparsity": 0.65}, 
          "ramp75": {"final_sparsity": 0.75}, "ramp90": {"final_sparsity": 0.9},
          "ramp2of4": {"pattern": "2:4"}, "ramp4of8": {"pattern": "4:8"}}
 LANGUAGE_MODEL = {"include": "language_model", "exclude": "lm_head"}
-#: The runs ``--seeds`` repeats: the goals' gaps (the 75% and 2:4 ramps, L0 at 50%) and their dense references.
-SEEDED = ("dense_finetune", "ramp75", "ramp2of4", "l0_50_improved", "dense_finetune_l0")
+#: The runs ``--seeds`` repeats: the goals' gaps (the 75% and 2:4 ramps, L0 at 50%, also with every layer kept) and
+#: their dense references.
+SEEDED = ("dense_finetune", "ramp75", "ramp2of4", "l0_50_improved", "l0_50_improved_keep_layers", "dense_finetune_l0")
 L0 = "plugins.l0_pruning.L0Pruning"
 
 
