@@ -152,6 +152,12 @@ fi
 # The base every `reading*` mode starts from: experiments/pretrain/gpu_reading.yaml on GPU 0 for $BASE_STEPS steps
 # with $BASE_WORKERS loader workers (the recipe is loader-bound), exported to $base; stops the script without one.
 SP=(experiments/sparsity_study.py --out "$RES/sparsity" --work "$WORK/sparsity")
+# The L0 runs' length on the base that reads ($L0_STEPS, default 1000); another length is also in their names
+# (--run_tag <n>steps: l0_50_improved_3000steps), so runs of two lengths never share a summary or an export.
+l0_length() {
+  echo "--l0_steps ${L0_STEPS:-1000}"
+  [ "${L0_STEPS:-1000}" = 1000 ] || echo "--run_tag ${L0_STEPS}steps"
+}
 base=$WORK/sparsity/exports/dense_base
 # KEEP_BASE=1: a base exported by an earlier call in the same $WORK is used as it is (a follow-up call on one host).
 reading_base() {
@@ -172,7 +178,7 @@ if [ "${1:-}" = reading ]; then
   $PY "${SP[@]}" sweep collect --only dense_finetune ramp50 ramp75 ramp2of4 ramp75_distill_ft ramp2of4_distill_ft dense \
     oneshot_mag_50 oneshot_act_50 oneshot_mag_75 oneshot_act_75 oneshot_mag_2of4 oneshot_act_2of4 --seeds 1 \
     --ft_steps "${FT_STEPS:-400}" --parallel "$((2 * GPUS))" --gpus "$GPUS" > "$WORK/logs/sparsity_study.log" 2>&1 &
-  $PY "${SP[@]}" sweep --only l0_50_improved dense_finetune_l0 --ft_steps "${FT_STEPS:-400}" --l0_steps "${L0_STEPS:-1500}" \
+  $PY "${SP[@]}" sweep --only l0_50_improved dense_finetune_l0 --ft_steps "${FT_STEPS:-400}" $(l0_length) \
     --parallel 2 --gpus "$GPUS" > "$WORK/logs/l0.log" 2>&1 &
   $PY experiments/quantization_study.py table stacked qalft collect --base_export "$base" --out "$RES/quantization" \
     --work "$WORK/quantization" --settings w8a8 w4a8 w2a8 --granularities ch --qat_steps "${FT_STEPS:-400}" \
@@ -211,7 +217,7 @@ if [ "${1:-}" = reading_rest ] || [ "${1:-}" = reading_qalft ]; then
   reading_base
   if [ "$1" = reading_rest ]; then
     $PY "${SP[@]}" sweep collect --only l0_50_improved dense_finetune_l0 --ft_steps "${FT_STEPS:-400}" \
-      --l0_steps "${L0_STEPS:-1000}" --parallel 2 --workers 4 --gpus "$GPUS" > "$WORK/logs/l0.log" 2>&1 &
+      $(l0_length) --parallel 2 --workers 4 --gpus "$GPUS" > "$WORK/logs/l0.log" 2>&1 &
   fi
   read -r -a qlora <<< "${QLORA_BASES:-}"
   $PY experiments/quantization_study.py qalft collect --base_export "$base" --out "$RES/quantization" \
@@ -233,11 +239,9 @@ fi
 # names (L0_STEPS=3000: l0_50_improved_3000steps, its reference dense_finetune_l0_3000steps); L0_RUNS names them
 # with or without it.
 l0_study() {
-  local runs tag=""
+  local runs
   read -r -a runs <<< "${L0_RUNS:-dense_finetune_l0 l0_50_plain l0_scratch50_l0compute l0_50_improved_distill l0_50_improved_distill_ft}"
-  [ "${L0_STEPS:-1000}" != 1000 ] && tag="${L0_STEPS}steps"
-  $PY "${SP[@]}" sweep collect --only "${runs[@]}" --ft_steps "${FT_STEPS:-400}" --l0_steps "${L0_STEPS:-1000}" \
-    ${tag:+--run_tag "$tag"} --parallel 4 --workers "${L0_WORKERS:-6}" --gpus "$GPUS" --base_args "--config experiments/pretrain/gpu_reading.yaml" \
+  $PY "${SP[@]}" sweep collect --only "${runs[@]}" --ft_steps "${FT_STEPS:-400}" $(l0_length) --parallel 4 --workers "${L0_WORKERS:-6}" --gpus "$GPUS" --base_args "--config experiments/pretrain/gpu_reading.yaml" \
     > "$WORK/logs/l0.log" 2>&1
   log "l0 rc=$?"
 }

@@ -147,3 +147,13 @@ def test_reading_l0_of_another_length_tags_its_runs(tmp_path: Path) -> None:
     second.mkdir()
     _, calls = _drive(second, "reading_l0", L0_RUNS="l0_50_improved")
     assert "--run_tag" not in calls[-1]  # the default length keeps the names the earlier runs have
+    # The other modes with L0 runs name them the same way.
+    for mode in ("reading", "reading_rest"):
+        folder = tmp_path / mode
+        folder.mkdir()
+        _, calls = _drive(folder, mode, L0_STEPS="3000")
+        (l0,) = [call for call in calls if "--only l0_50_improved dense_finetune_l0" in call]
+        assert "--l0_steps 3000 --run_tag 3000steps" in l0
+        (folder / "default").mkdir()
+        _, calls = _drive(folder / "default", mode)
+        assert all("--run_tag" not in call for call in calls if "sparsity_study" in call)
