@@ -1024,3 +1024,115 @@ def test_whole_model_stack_packs_every_table_and_layer(tmp_path: Path) -> None:
     assert figure["parameters"] == sum(p.numel() for p in exported.parameters())
     assert figure["bits_per_weight"] == pytest.approx(
         (report["summary"]["storage_bits"] + 16 * (figure["parameters"] - packed)) / figure["parameters"])
+
+
+# ---------------------------------------------------------------------------------------------- convolutions
+WITH_PATCHES = {"include": ".*", "exclude": "position_embedding", "types": ["Linear", "Embedding", "Conv2d"]}
+
+
+def test_patch_convolution_is_quantized_per_channel_packed_and_loaded_back(tmp_path: Path) -> None:
+    """The vision tower's patch embedding on the 4-bit grid, one scale per output channel: exported with its codes
+    and encoding, counted among the packed tensors of the whole-model figure, and placed again from the encodings."""
+    from plugins.quantization import attach_from_encodings
+    from plugins.quantization.placement import QuantConv2d
+
+    loaded, plugin, batch = _quantized_model(QuantSpec(bits=4, granularity="channel"),
+                                             QuantSpec(bits=8, granularity="tensor", symmetric=False),
+                                             targets=ModuleSelection(**WITH_PATCHES))
+    model = loaded.model
+    conv = model.model.vision_tower.embeddings.patch_embedding
+    name = "model.vision_tower.embeddings.patch_embedding.weight"
+    assert type(conv) is QuantConv2d and name in plugin.quantizers
+    quantizer = plugin.quantizers[name]
+    assert quantizer.scale.numel() == conv.out_channels
+    codes = quantizer.codes(conv.weight.detach())
+    scale, zero_point = quantizer.qparams(conv.weight)
+    assert codes.min() >= -8 and codes.max() <= 7 and codes.shape == conv.weight.shape
+    pixels = batch["pixel_values"]
+    kernel = ((codes.reshape(conv.out_channels, -1) - zero_point) * scale).reshape(conv.weight.shape)
+    with torch.no_grad():
+        expected = torch.nn.functional.conv2d(plugin.quantizers[name.replace(".weight", ".input")](pixels),
+                                              kernel.float(), conv.bias, conv.stride)
+        torch.testing.assert_close(conv(pixels), expected, atol=0, rtol=0)
+        logits = model(**batch).logits
+    out = export_model(model, loaded.tokenizer, loaded.image_processor, tmp_path / "export", [plugin])
+    encodings = json.loads((out / "ptq.encodings").read_text())
+    assert len(encodings["param_encodings"][name]) == conv.out_channels
+    assert encodings["vlmc"]["layouts"][name]["shape"] == list(conv.weight.shape)
+    assert torch.equal(load_unpacked(out / "ptq_int_weights.safetensors")[name].long(), codes)
+    report = json.loads((out / "ptq_bpv.json").read_text())
+    row = next(r for r in report["layers"] if r["name"] == name)
+    assert row["numel"] == conv.weight.numel() and row["bpv"] <= 4.0 + 64 / conv.weight[0].numel()
+    exported = load_vlm(str(out)).model.eval()
+    assert report["model"]["packed_parameters"] == sum(
+        m.weight.numel() for n, m in exported.named_modules()
+        if isinstance(m, (nn.Linear, nn.Embedding, nn.Conv2d)) and "position_embedding" not in n)
+    # The export as a frozen quantized base: the kernel's quantizer comes back from the encodings alone, and the
+    # whole model computes what the fake-quantized one did.
+    placed = attach_from_encodings(exported, out / "ptq.encodings")
+    assert name in placed and type(exported.model.vision_tower.embeddings.patch_embedding) is QuantConv2d
+    with torch.no_grad():
+        torch.testing.assert_close(exported(**batch).logits, logits)
+    IntegerRuntime(out)  # loads the 4-D kernel's codes as the matrix of unfolded patches
+
+
+def test_convolution_takes_tensor_or_channel_scales_only() -> None:
+    model = load_vlm(str(FAMILY_SPECS["llava"])).model
+    with pytest.raises(ValueError, match=r"qat.weights.granularity: group on .*patch_embedding, a Conv2d; a "
+                                         r"convolution's kernel is quantized per tensor or per output channel"):
+        attach_quantizers(model, QuantSpec(bits=4, granularity="group", group_size=16),
+                          targets=ModuleSelection(include="patch_embedding", types=["Conv2d"]), key="qat")
+    with pytest.raises(ValueError, match=r"qat.targets: .*embeddings is a CLIPVisionEmbeddings; weights are quantized "
+                                         r"on Linear, Embedding, Conv2d and Conv3d layers"):
+        attach_quantizers(model, QuantSpec(bits=4), targets=ModuleSelection(include=r"vision_tower\.embeddings$",
+                                                                            types=["CLIPVisionEmbeddings"]), key="qat")
+
+
+def test_qwen2_vl_patch_convolution_is_a_quantized_conv3d() -> None:
+    import math
+
+    from plugins.quantization.placement import QuantConv3d, remove_quantizers
+
+    model = load_vlm(str(FAMILY_SPECS["qwen2_vl"])).model
+    quantizers = attach_quantizers(model, QuantSpec(bits=4, granularity="channel"),
+                                   targets=ModuleSelection(include="patch_embed", types=["Conv3d"]), key="qat")
+    ((name, quantizer),) = quantizers.items()
+    conv = model.get_submodule(name.removesuffix(".weight"))
+    assert type(conv) is QuantConv3d
+    quantizer.calibrate(conv.weight)
+    patches = torch.randn(4, conv.in_channels * math.prod(conv.kernel_size))
+    with torch.no_grad():
+        quantized = conv(patches.reshape(-1, conv.in_channels, *conv.kernel_size))
+        remove_quantizers(model)  # baked: the plain Conv3d computes the same with the grid's kernel
+        assert type(conv) is nn.Conv3d
+        torch.testing.assert_close(conv(patches.reshape(-1, conv.in_channels, *conv.kernel_size)), quantized,
+                                   atol=0, rtol=0)
+
+
+def test_qat_fit_learns_the_patch_convolution_on_its_grid_beside_a_pruned_text_tower(tmp_path: Path) -> None:
+    """The stack whose vision tower stays dense: the text tower 75% sparse, every Linear, the token table and the
+    patch convolution 4-bit under QAT; the kernel's scale learns, the export packs it."""
+    ramp = {"class_path": "plugins.sparsity.SparsityRamp",
+            "init_args": {"final_sparsity": 0.75, "start_step": 0, "end_step": 2,
+                          "targets": {"include": "language_model", "exclude": "lm_head"}}}
+    qat = _qat({"bits": 4, "granularity": "channel"}, {"bits": 8, "granularity": "tensor", "symmetric": False},
+               targets=WITH_PATCHES, calibration_batches=1)
+    config = tiny_config(tmp_path, max_steps=3, callbacks=[ramp, qat], **NO_VAL)
+    cli = make_cli(config)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    conv = cli.model.model.model.vision_tower.embeddings.patch_embedding
+    quantizer = conv.weight_quantizer
+    assert quantizer.is_initialized and quantizer.scale.shape == (conv.out_channels, 1, 1, 1)
+    assert quantizer.scale.requires_grad and quantizer.scale.grad is not None, "LSQ learns the kernel's scales"
+    main(["export", "--config", str(config), "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt"),
+          "--out", str(tmp_path / "export")])
+    report = json.loads((tmp_path / "export" / "qat_bpv.json").read_text())
+    name = "model.vision_tower.embeddings.patch_embedding.weight"
+    row = next(r for r in report["layers"] if r["name"] == name)
+    assert row["numel"] == conv.weight.numel()
+    exported = load_vlm(str(tmp_path / "export")).model
+    kernel = exported.model.vision_tower.embeddings.patch_embedding.weight
+    codes = load_unpacked(tmp_path / "export" / "qat_int_weights.safetensors")[name].long()
+    scale, zero_point = quantizer.qparams(conv.weight)
+    rows = (codes.reshape(conv.out_channels, -1) - zero_point) * scale.detach()
+    torch.testing.assert_close(kernel, rows.reshape(kernel.shape).float(), atol=0, rtol=0)

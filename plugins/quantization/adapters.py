@@ -39,6 +39,7 @@ from plugins.quantization.encodings import decode_entries, load_encodings
 from plugins.quantization.placement import (
     INPUT,
     OUTPUT,
+    WEIGHT_LAYERS,
     _input_hook,
     _output_hook,
     attach_quantizers,
@@ -106,7 +107,7 @@ def specs_from_encodings(model: nn.Module, encodings: dict[str, Any]) -> dict[st
 
     Raises:
         ValueError: naming the tensor: not an encodings file, a module the model does not have, a weight encoding
-            on a module that is not a Linear or Embedding, a malformed entry.
+            on a module that is not a Linear, Embedding or convolution, a malformed entry.
     """
     for section in ("param_encodings", "activation_encodings"):
         if not isinstance(encodings.get(section), dict):
@@ -125,9 +126,9 @@ def specs_from_encodings(model: nn.Module, encodings: dict[str, Any]) -> dict[st
 
     for name, items in encodings["param_encodings"].items():
         module = module_of(name)
-        if not name.endswith(".weight") or not isinstance(module, (nn.Linear, nn.Embedding)):
+        if not name.endswith(".weight") or not isinstance(module, WEIGHT_LAYERS):
             raise ValueError(f"encodings: {name} is a param encoding but {type(module).__name__} "
-                             f"{name.rpartition('.')[0]} is not a Linear or Embedding weight")
+                             f"{name.rpartition('.')[0]} is not a Linear, Embedding or convolution weight")
         specs[name] = _spec_of(name, items, layouts.get(name), module.weight)
     for name, items in encodings["activation_encodings"].items():
         module_of(name)
@@ -192,7 +193,7 @@ def attach_from_encodings(model: nn.Module, encodings: dict[str, Any] | str | Pa
             attach_quantizers(model, None, spec, selection, [point], key=key)
     for spec, module_names in weights_by_spec.values():
         selection = ModuleSelection(include="^(" + "|".join(re.escape(n) for n in module_names) + ")$",
-                                    types=["Linear", "Embedding"])
+                                    types=[layer.__name__ for layer in WEIGHT_LAYERS])
         attach_quantizers(model, spec, None, selection, key=key)
     share_quantizers(model, encodings.get("vlmc", {}).get("shared_activations", {}))
     load_encodings(model, encodings, freeze=True)

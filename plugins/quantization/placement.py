@@ -4,7 +4,9 @@ Parameter names of the HF model never change. A quantized Linear keeps its ``wei
 becomes :class:`QuantLinear` (a subclass of ``nn.Linear`` whose forward multiplies by the fake-quantized weight),
 so PEFT still recognises and wraps it. A quantized Embedding (token embeddings: at 4 bits the table of a small
 model is a tenth of its bits, so a whole-model size goal needs it) becomes :class:`QuantEmbedding` the same way;
-its rows are its channels (one scale per token, or per group of a row). Activation quantizers run in forward
+its rows are its channels (one scale per token, or per group of a row). A quantized convolution (a vision tower's
+patch embedding: 16-bit, it can be a tenth of a 1.8-bit model's bits) becomes :class:`QuantConv2d` /
+:class:`QuantConv3d`, one scale per output channel or per tensor. Activation quantizers run in forward
 pre-hooks (inputs) and forward hooks (outputs) of the existing modules, which works on any module (the KV
 projections, the vision projector). Quantizers are submodules named ``weight_quantizer``, ``input_quantizer`` and
 ``output_quantizer``, so their scales are checkpointed beside the weights. A quantized tensor is named by its module and point:
@@ -78,8 +80,29 @@ class QuantEmbedding(nn.Embedding):
                            self.sparse)
 
 
-_QUANT_CLASS = {nn.Linear: QuantLinear, nn.Embedding: QuantEmbedding}
-_FLOAT_CLASS = {QuantLinear: nn.Linear, QuantEmbedding: nn.Embedding}
+class _QuantConv:
+    """The forward of a convolution whose ``weight_quantizer`` fake-quantizes its kernel (names unchanged)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 (the convolutions' argument name)
+        quantizer = self._modules.get(WEIGHT)
+        weight = self.weight if quantizer is None else quantizer(self.weight)
+        return self._conv_forward(input, weight, self.bias)
+
+
+class QuantConv2d(_QuantConv, nn.Conv2d):
+    """``nn.Conv2d`` whose forward uses its ``weight_quantizer``'s fake-quantized kernel (a patch embedding)."""
+
+
+class QuantConv3d(_QuantConv, nn.Conv3d):
+    """``nn.Conv3d`` whose forward uses its ``weight_quantizer``'s fake-quantized kernel (Qwen2-VL's patches)."""
+
+
+_QUANT_CLASS = {nn.Linear: QuantLinear, nn.Embedding: QuantEmbedding, nn.Conv2d: QuantConv2d,
+                nn.Conv3d: QuantConv3d}
+_FLOAT_CLASS = {quant: float_class for float_class, quant in _QUANT_CLASS.items()}
+#: The layers whose weights take a quantizer; a convolution's kernel is quantized per tensor or per output channel.
+WEIGHT_LAYERS = tuple(_QUANT_CLASS)
+CONVOLUTIONS = (nn.Conv2d, nn.Conv3d)
 
 
 def tied_weights(model: nn.Module) -> dict[str, list[str]]:
@@ -182,7 +205,7 @@ def attach_quantizers(
     *,
     key: str = "quantization",
 ) -> dict[str, FakeQuantizer]:
-    """Put weight quantizers on the chosen Linear and Embedding layers and activation quantizers at
+    """Put weight quantizers on the chosen Linear, Embedding and convolution layers and activation quantizers at
     ``activation_points`` of every chosen module. Idempotent (a quantizer with the same spec is kept). An
     Embedding's input is token ids, not an activation: it gets no input quantizer (its output can have one).
 
@@ -198,8 +221,9 @@ def attach_quantizers(
         ``{tensor name: quantizer}`` for this call (``<module>.weight`` / ``.input`` / ``.output``).
 
     Raises:
-        ValueError: nothing matched, weights asked of a module that is not a Linear or Embedding, a group size that
-            does not divide a layer's inputs (an embedding's width), a weight tied to another module's that is not
+        ValueError: nothing matched, weights asked of a module that is not a Linear, Embedding or convolution, a
+            group size that does not divide a layer's inputs (an embedding's width), groups asked of a
+            convolution, a weight tied to another module's that is not
             selected too (naming both; tied ones share one quantizer), or a point already quantized with another
             spec.
 
@@ -219,16 +243,20 @@ def attach_quantizers(
     if weights is not None:
         tied = tied_weights(model)
         for name, module in chosen.items():
-            if not isinstance(module, (nn.Linear, nn.Embedding)):
-                raise ValueError(f"{key}.targets: {name} is a {type(module).__name__}; weights are quantized on Linear "
-                                 "and Embedding layers (use activation_sites for other modules)")
+            if not isinstance(module, WEIGHT_LAYERS):
+                raise ValueError(f"{key}.targets: {name} is a {type(module).__name__}; weights are quantized on Linear, "
+                                 "Embedding, Conv2d and Conv3d layers (use activation_sites for other modules)")
+            if isinstance(module, CONVOLUTIONS) and weights.granularity not in ("tensor", "channel"):
+                raise ValueError(f"{key}.weights.granularity: {weights.granularity} on {name}, a "
+                                 f"{type(module).__name__}; a convolution's kernel is quantized per tensor or per "
+                                 "output channel (narrow `targets` to give it its own plugin)")
             width = module.weight.shape[1]
             if weights.granularity == "group" and width % weights.group_size:
                 raise ValueError(f"{key}.weights.group_size: {weights.group_size} does not divide the "
                                  f"{width} inputs of {name}; choose a divisor or narrow `targets`")
             if type(module) not in (*_QUANT_CLASS, *_FLOAT_CLASS):
                 raise ValueError(f"{key}.targets: {name} is a {type(module).__name__}, a subclass with its own "
-                                 "forward; quantize the plain nn.Linear / nn.Embedding before wrapping it")
+                                 "forward; quantize the plain nn.Linear / nn.Embedding / nn.ConvNd before wrapping it")
             for other in tied.get(name, []):
                 # One tensor, one quantizer: the modules sharing a weight (tied input and output embeddings) are
                 # quantized together, or baking one would change the other's float weight behind its back.
@@ -395,8 +423,8 @@ def set_quantizers(model: nn.Module, *, enabled: bool | None = None, observing: 
 @torch.no_grad()
 def remove_quantizers(model: nn.Module, *, bake_weights: bool = True, names: set[str] | None = None) -> None:
     """Remove every quantizer and hook (or those of the tensors in ``names``); with ``bake_weights`` write the
-    fake-quantized weights into the layers first (what HF ``from_pretrained`` then loads). Linear and Embedding
-    layers without quantizers left become plain ``nn.Linear`` / ``nn.Embedding`` again."""
+    fake-quantized weights into the layers first (what HF ``from_pretrained`` then loads). Linear, Embedding and
+    convolution layers without quantizers left become plain ``nn.Linear`` / ``nn.Embedding`` / ``nn.ConvNd`` again."""
     modules = None if names is None else {n.rpartition(".")[0] for n in names}
     baked: set[int] = set()  # a tied weight is baked once
     for name, module in list(model.named_modules()):

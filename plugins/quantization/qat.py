@@ -31,8 +31,8 @@ class QuantizationAwareTraining(QuantizedModules):
     Args:
         weights: spec of the weight quantizers (``null``: weights stay float); default 8-bit per channel.
         activations: spec of the activation quantizers at ``activation_points`` of ``targets``.
-        targets: which Linear (and Embedding: token tables, types [Linear, Embedding]) layers; default the language
-            model's Linear layers, except ``lm_head``.
+        targets: which Linear (and Embedding: token tables, types [Linear, Embedding]; Conv2d / Conv3d: patch
+            embeddings, per tensor or channel) layers; default the language model's Linear layers, except ``lm_head``.
         activation_points: ``input`` and/or ``output`` of each target.
         activation_sites: more activation quantizers, e.g. the KV cache (outputs of ``k_proj`` / ``v_proj``) or
             the vision projector's output (:class:`~plugins.quantization.config.ActivationSite`).

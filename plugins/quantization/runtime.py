@@ -115,9 +115,12 @@ class IntegerRuntime:
             raise ValueError(f"{name} has a param encoding but no integer codes in the export")
         codes = self.codes[name].to(torch.int64)
         scale, zero_point, _, _ = decode_entries(name, self.params[name])
+        if codes.dim() > 2 and self.layouts.get(name, {}).get("granularity") in ("tensor", "channel"):
+            # A convolution's kernel as the matrix of its unfolded patches ([out, in x kernel]), as a device runs it.
+            codes = codes.reshape(codes.shape[0], -1)
         if codes.dim() != 2:
             raise ValueError(f"{name}: integer codes of shape {tuple(codes.shape)}; a Linear or Embedding weight "
-                             "is 2-D")
+                             "is 2-D, a convolution's is quantized per tensor or channel")
         try:
             return integer_rows(codes, zero_point, scale)
         except ValueError as err:
