@@ -515,3 +515,20 @@ def test_run_tag_names_the_float_fine_tune_and_the_stacks(tmp_path: Path, capsys
     with pytest.raises(SystemExit):
         sys.modules["quantization_study"].main(["stacked", "--smoke", "--base_export", str(tmp_path), "--run_tag", "a/b"])
     assert "--run_tag: letters, digits" in capsys.readouterr().err
+
+
+def test_size_stage_packs_each_stack_before_training_it(tmp_path: Path) -> None:
+    """`size`: each scope's whole-model bits per weight from a one-shot pruned and rounded base, exported and packed
+    as a trained stack is; the 4-bit patch convolution leaves only norms, biases and position embeddings at 16 bits."""
+    _study(tmp_path)  # loads the module
+    out = tmp_path / "out"
+    sys.modules["quantization_study"].main(
+        ["size", "--smoke", "--stack_scopes", "whole_vision40_text80", "whole_vision40_text80_patches",
+         "--out", str(out), "--work", str(tmp_path / "work")])
+    sizes = json.loads((out / "stack_size.json").read_text())
+    plain, patches = sizes["whole_vision40_text80"], sizes["whole_vision40_text80_patches"]
+    assert plain["source"].endswith("llava-test.json")  # no base export: the spec's initial weights
+    assert "patches" in patches["parts"] and "patches" not in plain["parts"]
+    assert patches["rest_parameters"] == plain["rest_parameters"] - patches["parts"]["patches"]["parameters"]
+    assert patches["model_bits_per_weight"] < plain["model_bits_per_weight"] < 16
+    assert plain["parts"]["text linears"]["bits_per_weight"] < plain["parts"]["vision tower"]["bits_per_weight"]
