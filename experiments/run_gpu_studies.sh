@@ -241,7 +241,8 @@ fi
 l0_study() {
   local runs
   read -r -a runs <<< "${L0_RUNS:-dense_finetune_l0 l0_50_plain l0_scratch50_l0compute l0_50_improved_distill l0_50_improved_distill_ft}"
-  $PY "${SP[@]}" sweep collect --only "${runs[@]}" --ft_steps "${FT_STEPS:-400}" $(l0_length) --parallel 4 --workers "${L0_WORKERS:-6}" --gpus "$GPUS" --base_args "--config experiments/pretrain/gpu_reading.yaml" \
+  $PY "${SP[@]}" sweep collect --only "${runs[@]}" --ft_steps "${FT_STEPS:-400}" $(l0_length) --parallel 4 \
+    --workers "${L0_WORKERS:-6}" --gpus "$GPUS" --base_args "--config experiments/pretrain/gpu_reading.yaml" \
     > "$WORK/logs/l0.log" 2>&1
   log "l0 rc=$?"
 }

@@ -590,7 +590,7 @@ def check_only(study: Study, only: list[str]) -> None:
     (``<run>_seed<n>``) asks for its seed, as ``--seeds n`` would. With ``--run_tag``, a run's name without the tag
     names it too (``l0_50_improved`` for ``l0_50_improved_3000steps``; ``only`` is rewritten in place)."""
     tag = study.l0_tag
-    tagged = {job.name for job in study.sweep_jobs()} | {f"l0_scratch50_l0compute{tag}"} if tag else set()
+    tagged = ({job.name for job in study.sweep_jobs()} | {f"l0_scratch50_l0compute{tag}"}) if tag else set()
     for i, name in enumerate(only):
         run, seed = split_seed(name)
         if run + tag in tagged:
@@ -649,7 +649,8 @@ def main(argv: list[str] | None = None) -> None:
             codes["dense_base"] = study.run(study.base_job())
         if "scratch" in opts.stages and "sweep" not in opts.stages:
             # The L0 run's compute alone, without the base or the sweep (the sweep includes it).
-            codes[f"l0_scratch50_l0compute{study.l0_tag}"] = study.run(study.scratch_job(study.write_scratch_spec(), with_base=False))
+            scratch_job = study.scratch_job(study.write_scratch_spec(), with_base=False)
+            codes[scratch_job.name] = study.run(scratch_job)
         if "sweep" in opts.stages:
             if not (study.base_export / "config.json").exists():
                 raise SystemExit(f"sweep: no dense base at {study.base_export}; run the `base` stage first")
