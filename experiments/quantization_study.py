@@ -466,6 +466,9 @@ class Study(sparsity_study.Study):
 
         if (self.base_export / "config.json").exists():
             source = self.base_export
+        elif self.opts.base_export:
+            raise SystemExit(f"size: --base_export {self.opts.base_export} holds no exported model (config.json); "
+                             "leave it out to size the GPU base's spec")
         else:
             source = sparsity_study.BASE_SPEC if not self.opts.smoke else ROOT / "experiments/models/llava-test.json"
         parts = {"patches": "patch_embedding", "vision tower": "vision_tower", "projector": "multi_modal_projector",
