@@ -218,10 +218,13 @@ def loader_throughput(datamodule: Any, workers: int, batches: int) -> dict[str, 
     """Batches per second out of the training DataLoader with ``workers`` worker processes, in steady state.
 
     The workers first fill their prefetch queues (the DataLoader's ``prefetch_factor`` batches each), which a short
-    run mistakes for throughput, so that many batches are taken untimed first; the next ``batches`` are timed. This is the step rate the loader alone allows (``loader_steps_per_s_bound``)."""
-    configured = datamodule.num_workers
-    datamodule.num_workers = workers
-    try:
+    run mistakes for throughput, so that many batches are taken untimed first; the next ``batches`` are timed. This is
+    the step rate the loader alone allows (``loader_steps_per_s_bound``), measured beside the other way of handing
+    images over (``data.pixel_levels`` on and off: ``..._pixel_levels``, ``..._float_pixels``)."""
+    configured, levels = datamodule.num_workers, datamodule.pixel_levels
+
+    def rate(pixel_levels: bool) -> float:
+        datamodule.pixel_levels = pixel_levels
         loader = datamodule.train_dataloader()
         iterator = iter(loader)
         for _ in range(loader.prefetch_factor * workers):
@@ -231,9 +234,18 @@ def loader_throughput(datamodule: Any, workers: int, batches: int) -> dict[str, 
             next(iterator)
         seconds = time.perf_counter() - start
         del iterator, loader  # stops the workers
+        return batches / seconds
+
+    datamodule.num_workers = workers
+    try:
+        # Side by side, the configured pixels last: images as 8-bit levels (data.pixel_levels) against float pixels.
+        other = rate(not levels)
+        configured_rate = rate(levels)
     finally:
-        datamodule.num_workers = configured
-    return {"loader_workers": workers, "loader_steps_per_s_bound": batches / seconds}
+        datamodule.num_workers, datamodule.pixel_levels = configured, levels
+    levels_rate, float_rate = (configured_rate, other) if levels else (other, configured_rate)
+    return {"loader_workers": workers, "loader_steps_per_s_bound": configured_rate,
+            "loader_steps_per_s_bound_pixel_levels": levels_rate, "loader_steps_per_s_bound_float_pixels": float_rate}
 
 
 def loader_speed(datamodule: Any, batches: int, steps_per_s: float) -> dict[str, float]:

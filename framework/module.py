@@ -22,7 +22,7 @@ from framework.compiling import CUDA_GRAPH_MODES, compile_blocks
 from framework.metrics import MeanTokenLoss, TaskMetrics
 from framework.models import load_vlm
 from framework.plugin import check_plugins, find_plugins, writes_step_logs
-from framework.processing import VLMProcessor, family_for
+from framework.processing import VLMProcessor, expand_pixel_levels, family_for
 from framework.sharding import fsdp_root, shard_model
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -30,7 +30,8 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_
 
 
 def model_inputs(batch: dict[str, Any], *, labels: bool = True) -> dict[str, Any]:
-    """The tensors of a batch that the HF forward takes."""
+    """The tensors of a batch that the HF forward takes (8-bit pixel levels expanded first, in the batch)."""
+    expand_pixel_levels(batch)
     keys = MODEL_INPUTS if labels else MODEL_INPUTS[:2] + MODEL_INPUTS[3:]
     return {k: batch[k] for k in keys if k in batch}
 

@@ -64,7 +64,8 @@ def glyph_targets(glyphs: list[tuple[str, float, float]] | None, image_side: flo
     return torch.tensor(rows, dtype=torch.long)
 
 
-def square_pixels_lookup(image_processor: Any, images: list) -> torch.Tensor | None:
+def square_pixels_lookup(image_processor: Any, images: list, *, as_levels: bool = False
+                         ) -> torch.Tensor | dict[str, torch.Tensor] | None:
     """``pixel_values`` of RGB images already at a CLIP-style processor's output size, through a lookup table.
 
     Such a processor's resize and centre crop leave these images unchanged, and its rescale and normalize map each
@@ -72,6 +73,10 @@ def square_pixels_lookup(image_processor: Any, images: list) -> torch.Tensor | N
     (float64 rescale, float32 normalize) gives its output bit for bit, about three times as fast, which is the data
     workers' largest cost after drawing the images. ``None`` when that does not hold (another processor, other
     sizes or modes, or a step the table does not cover); the caller then runs the processor.
+
+    With ``as_levels`` the lookup is left to whoever holds the batch: ``{"pixel_levels": uint8 [n, 3, side, side],
+    "pixel_table": float32 [3, 256]}``, a quarter of the bytes for data workers to hand over, and
+    :func:`expand_pixel_levels` turns them into the same ``pixel_values`` (on the GPU, after the copy).
     """
     ip = image_processor
     if not type(ip).__name__.startswith("CLIPImageProcessor") or not images:
@@ -89,11 +94,29 @@ def square_pixels_lookup(image_processor: Any, images: list) -> torch.Tensor | N
     if mean.shape != (3,) or std.shape != (3,):
         return None
     table = (levels[None, :] - mean[:, None]) / std[:, None]
+    if as_levels:
+        codes = np.empty((len(images), 3, side, side), dtype=np.uint8)
+        for i, image in enumerate(images):
+            codes[i] = np.asarray(image).transpose(2, 0, 1)
+        return {"pixel_levels": torch.from_numpy(codes), "pixel_table": torch.from_numpy(table)}
     out = np.empty((len(images), 3, side, side), dtype=np.float32)
     for i, image in enumerate(images):
         for channel, band in enumerate(image.split()):
             np.take(table[channel], np.asarray(band), out=out[i, channel])
     return torch.from_numpy(out)
+
+
+def expand_pixel_levels(batch: dict[str, Any]) -> dict[str, Any]:
+    """Replace a batch's ``pixel_levels`` and ``pixel_table`` (:func:`square_pixels_lookup` with ``as_levels``) by
+    the ``pixel_values`` the image processor gives, bit for bit, on the levels' device; in place, and returned. A
+    batch without levels is returned as it is."""
+    if "pixel_levels" not in batch:
+        return batch
+    levels = batch.pop("pixel_levels")
+    table = batch.pop("pixel_table").to(levels.device)
+    channels = torch.arange(table.shape[0], device=levels.device).view(1, -1, 1, 1)
+    batch["pixel_values"] = table[channels, levels.long()]
+    return batch
 
 
 class Family:
@@ -109,8 +132,9 @@ class Family:
         self.tokenizer = tokenizer
         self.image_processor = image_processor
 
-    def pixel_inputs(self, images: list) -> tuple[dict[str, torch.Tensor], list[int]]:
-        """Pixel tensors for ``images`` and the number of placeholder tokens each image takes."""
+    def pixel_inputs(self, images: list, *, as_levels: bool = False) -> tuple[dict[str, torch.Tensor], list[int]]:
+        """Pixel tensors for ``images`` and the number of placeholder tokens each image takes. ``as_levels``: 8-bit
+        levels and their table where the lookup applies (:func:`square_pixels_lookup`), else ``pixel_values``."""
         raise NotImplementedError
 
     def placeholder(self, n_tokens: int) -> str:
@@ -138,11 +162,13 @@ class LlavaFamily(Family):
             n += 1
         self.tokens_per_image = n
 
-    def pixel_inputs(self, images: list) -> tuple[dict[str, torch.Tensor], list[int]]:
-        pixels = square_pixels_lookup(self.image_processor, images) if self.pixel_lookup else None
+    def pixel_inputs(self, images: list, *, as_levels: bool = False) -> tuple[dict[str, torch.Tensor], list[int]]:
+        pixels = (square_pixels_lookup(self.image_processor, images, as_levels=as_levels) if self.pixel_lookup
+                  else None)
         if pixels is None:
             pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        return {"pixel_values": pixels}, [self.tokens_per_image] * len(images)
+        inputs = pixels if isinstance(pixels, dict) else {"pixel_values": pixels}
+        return inputs, [self.tokens_per_image] * len(images)
 
     def patch_grid(self) -> int | None:
         vision = self.config.vision_config
@@ -161,8 +187,8 @@ class QwenVLFamily(Family):
         self.end = tokenizer.convert_ids_to_tokens(config.vision_end_token_id)
         self.merge = image_processor.merge_size
 
-    def pixel_inputs(self, images: list) -> tuple[dict[str, torch.Tensor], list[int]]:
-        out = self.image_processor(images=images, return_tensors="pt")
+    def pixel_inputs(self, images: list, *, as_levels: bool = False) -> tuple[dict[str, torch.Tensor], list[int]]:
+        out = self.image_processor(images=images, return_tensors="pt")  # dynamic patches: no level table
         grid = out["image_grid_thw"]
         counts = [int(g.prod()) // (self.merge**2) for g in grid]
         return {"pixel_values": out["pixel_values"], "image_grid_thw": grid}, counts
@@ -215,10 +241,12 @@ class VLMProcessor:
         # One call for the batch: the tokenizer's per-call overhead, not its work, dominated per-text calls.
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
 
-    def encode(self, samples: list[Sample], *, with_answer: bool = True) -> dict[str, Any]:
-        """A padded batch. With ``with_answer`` the answer and EOS follow the prompt and labels are set."""
+    def encode(self, samples: list[Sample], *, with_answer: bool = True, pixel_levels: bool = False) -> dict[str, Any]:
+        """A padded batch. With ``with_answer`` the answer and EOS follow the prompt and labels are set. With
+        ``pixel_levels`` images come as 8-bit levels and their table where the family allows it (a quarter of the
+        bytes from a data worker); :func:`expand_pixel_levels` makes ``pixel_values`` of them."""
         images = [s.image for s in samples if s.image is not None]
-        pixel, counts = self.family.pixel_inputs(images) if images else ({}, [])
+        pixel, counts = self.family.pixel_inputs(images, as_levels=pixel_levels) if images else ({}, [])
         counts_iter = iter(counts)
         prompts = self._tokens([(self.family.placeholder(next(counts_iter)) if s.image is not None else "")
                                 + s.prompt + "\n" for s in samples])

@@ -198,6 +198,9 @@ def test_bench_times_the_loader_with_worker_processes(tmp_path: Path) -> None:
     results = main_bench(["--config", str(tiny_config(tmp_path)), "--steps", "1", "--warmup", "0", "--new_tokens", "1",
                           "--repeats", "1", "--loader", "3", "--loader_workers", "1"])
     assert results["loader_workers"] == 1 and results["loader_steps_per_s_bound"] > 0
+    # Both pixel hand-overs, side by side; the configured one (levels, by default) is the bound.
+    assert results["loader_steps_per_s_bound"] == results["loader_steps_per_s_bound_pixel_levels"]
+    assert results["loader_steps_per_s_bound_float_pixels"] > 0
     with pytest.raises(SystemExit, match="--loader_workers K needs --loader N"):
         main_bench(["--config", str(tiny_config(tmp_path, name="w.yaml")), "--loader_workers", "2"])
 

@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FAMILY_SPECS, MODELS
+from helpers import TINY_DATA, make_cli, tiny_config
 
 from framework.data.sample import Sample
 from framework.data.tasks import make_task
 from framework.models import load_vlm, resolve_gguf
-from framework.processing import IGNORE_INDEX, VLMProcessor, family_for
+from framework.processing import IGNORE_INDEX, VLMProcessor, expand_pixel_levels, family_for
 
 
 def _processor(loaded, max_length: int = 4096) -> VLMProcessor:
@@ -161,3 +162,31 @@ def test_pixel_lookup_matches_the_image_processor_bit_for_bit(spec: str) -> None
     assert square_pixels_lookup(processor, [images[0].convert("L")]) is None
     assert square_pixels_lookup(processor, [images[0].convert("RGBA")]) is None
     assert square_pixels_lookup(object(), images) is None
+    # As 8-bit levels and their table (what training workers hand over): expanded, the same tensor bit for bit.
+    levels = square_pixels_lookup(processor, images, as_levels=True)
+    assert levels["pixel_levels"].dtype == torch.uint8 and levels["pixel_table"].shape == (3, 256)
+    batch = expand_pixel_levels({**levels, "input_ids": torch.zeros(1)})
+    assert set(batch) == {"pixel_values", "input_ids"} and torch.equal(batch["pixel_values"], reference)
+    assert square_pixels_lookup(processor, [images[0].convert("L")], as_levels=True) is None
+
+
+def test_training_loader_hands_over_pixel_levels_that_train_like_pixel_values(tmp_path: Path) -> None:
+    """The training loader's batches carry 8-bit levels (a quarter of the bytes); model_inputs expands them to the
+    processor's pixel_values, so the loss is the one of the float batch, and evaluation batches stay float."""
+    from framework.data.datamodule import Collator
+    from framework.module import model_inputs
+
+    # Images at the processor's own size (32 px), where the lookup stands in for it.
+    data = {**TINY_DATA, "init_args": {**TINY_DATA["init_args"], "image_size": 32}}
+    cli = make_cli(tiny_config(tmp_path, max_steps=1, data=data))
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)  # a fit on levels; the trainer links model and data
+    batch = next(iter(cli.datamodule.train_dataloader()))
+    assert batch["pixel_levels"].dtype == torch.uint8 and "pixel_values" not in batch
+    keys = cli.datamodule.train_dataloader().batch_sampler.batch_at(batch["position"])
+    float_batch = Collator(cli.model.processor)([cli.datamodule.train_sources[key] for key in keys])
+    inputs = model_inputs(batch)
+    assert torch.equal(inputs["pixel_values"], float_batch["pixel_values"]) and "pixel_levels" not in batch
+    with torch.no_grad():
+        torch.testing.assert_close(cli.model.model(**inputs).loss, cli.model.model(**model_inputs(float_batch)).loss,
+                                   atol=0, rtol=0)
+    assert "pixel_values" in next(iter(cli.datamodule.val_dataloader()[0]))

@@ -107,12 +107,13 @@ class MixtureBatchSampler(Sampler[list[SampleKey]]):
 class Collator:
     """Encodes samples with the model's processor and keeps what the metrics need."""
 
-    def __init__(self, processor: Any, with_prompts: bool = False) -> None:
+    def __init__(self, processor: Any, with_prompts: bool = False, pixel_levels: bool = False) -> None:
         self.processor = processor
         self.with_prompts = with_prompts
+        self.pixel_levels = pixel_levels  # images as 8-bit levels, expanded after the copy (model_inputs)
 
     def __call__(self, items: list[Sample]) -> dict[str, Any]:
-        batch = self.processor.encode(items, with_answer=True)
+        batch = self.processor.encode(items, with_answer=True, pixel_levels=self.pixel_levels)
         if self.with_prompts:  # evaluation also generates from the bare prompts
             batch["prompt_inputs"] = self.processor.encode(items, with_answer=False)
         batch["task"] = items[0].task
@@ -160,6 +161,9 @@ class VLMDataModule(pl.LightningDataModule):
         skip_corrupt: skip JSONL records with missing or unreadable images instead of failing (reported).
         pad_to_max_length: pad every training batch to ``max_length`` tokens: fixed shapes, so a compiled model
             (``model.init_args.compile``) never recompiles and CUDA graphs can replay; costs the padded compute.
+        pixel_levels: training batches carry images as 8-bit levels and their 3 x 256 table where the image
+            processor allows it (CLIP-style, images at its size), expanded to the same ``pixel_values`` after the
+            copy to the device: a quarter of the bytes for workers to hand over and pin. Off: float pixels.
 
     Example::
 
@@ -184,6 +188,7 @@ class VLMDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         skip_corrupt: bool = False,
         pad_to_max_length: bool = False,
+        pixel_levels: bool = True,
     ) -> None:
         super().__init__()
         self.tasks = dict(tasks if tasks is not None else {"caption": 1.0, "autofill": 1.0})
@@ -218,6 +223,9 @@ class VLMDataModule(pl.LightningDataModule):
                 raise ValueError(f"data.{key}: must be an integer >= {low}, got {value!r}")
         self.image_size = image_size
         self.pad_to_max_length = bool(pad_to_max_length)
+        if not isinstance(pixel_levels, bool):
+            raise ValueError(f"data.pixel_levels: must be true or false, got {pixel_levels!r}")
+        self.pixel_levels = pixel_levels
         self.seed = seed
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
@@ -289,7 +297,9 @@ class VLMDataModule(pl.LightningDataModule):
         return DataLoader(
             _KeyedDataset(self.train_sources),  # type: ignore[arg-type]
             batch_sampler=sampler,
-            collate_fn=PositionCollator(self._processor()),
+            # Images leave the workers as 8-bit levels: a quarter of the bytes to hand over and pin, which bounded the
+            # loader-bound recipes; model_inputs makes the same pixel_values of them on the GPU.
+            collate_fn=PositionCollator(self._processor(), pixel_levels=self.pixel_levels),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             # Page-locked batches copy to the GPU at full bandwidth (a batch of 1024 128-px images is 200 MB).

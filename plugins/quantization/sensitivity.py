@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from typing_extensions import Self
 
 from framework.io import atomic_write_json
+from framework.processing import expand_pixel_levels
 from framework.selection import ModuleSelection
 from plugins.quantization.config import BITS, QuantSpec, check_spec
 from plugins.quantization.placement import WEIGHT, quantization_disabled
@@ -93,6 +94,7 @@ def _token_mask(batch: Mapping[str, Any], metric: str) -> torch.Tensor:
 
 def _scored_logits(model: nn.Module, batch: Mapping[str, Any], mask: torch.Tensor) -> torch.Tensor:
     """Float32 logits ``[scored tokens, vocab]`` that predict the tokens under ``mask``."""
+    expand_pixel_levels(batch)
     out = model(**{k: batch[k] for k in _INPUT_KEYS if k in batch})
     return out.logits[:, :-1][mask].float()
 
