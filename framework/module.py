@@ -30,7 +30,8 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_
 
 
 def model_inputs(batch: dict[str, Any], *, labels: bool = True) -> dict[str, Any]:
-    """The tensors of a batch that the HF forward takes (8-bit pixel levels expanded first, in the batch)."""
+    """The tensors of a batch that the HF forward takes. 8-bit pixel levels are expanded first, in the batch: the
+    trainer's batches already were (``VLMDataModule.on_after_batch_transfer``), a loader iterated directly's not."""
     expand_pixel_levels(batch)
     keys = MODEL_INPUTS if labels else MODEL_INPUTS[:2] + MODEL_INPUTS[3:]
     return {k: batch[k] for k in keys if k in batch}

@@ -184,8 +184,11 @@ def test_training_loader_hands_over_pixel_levels_that_train_like_pixel_values(tm
     assert batch["pixel_levels"].dtype == torch.uint8 and "pixel_values" not in batch
     keys = cli.datamodule.train_dataloader().batch_sampler.batch_at(batch["position"])
     float_batch = Collator(cli.model.processor)([cli.datamodule.train_sources[key] for key in keys])
-    inputs = model_inputs(batch)
+    inputs = model_inputs(batch)  # a loader iterated directly (calibration): expanded here
     assert torch.equal(inputs["pixel_values"], float_batch["pixel_values"]) and "pixel_levels" not in batch
+    # What the trainer hands to hooks and steps is expanded once it is on the device.
+    handed = cli.datamodule.on_after_batch_transfer(next(iter(cli.datamodule.train_dataloader())), 0)
+    assert "pixel_levels" not in handed and torch.equal(handed["pixel_values"], float_batch["pixel_values"])
     with torch.no_grad():
         torch.testing.assert_close(cli.model.model(**inputs).loss, cli.model.model(**model_inputs(float_batch)).loss,
                                    atol=0, rtol=0)

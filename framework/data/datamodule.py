@@ -22,6 +22,7 @@ from typing_extensions import override
 from framework.data.jsonl import JsonlDataset
 from framework.data.sample import Sample
 from framework.data.tasks import TASKS, make_task
+from framework.processing import expand_pixel_levels
 
 VAL_SEED_OFFSET = 1_000_003  # validation samples come from a different seed than training ones
 
@@ -298,7 +299,7 @@ class VLMDataModule(pl.LightningDataModule):
             _KeyedDataset(self.train_sources),  # type: ignore[arg-type]
             batch_sampler=sampler,
             # Images leave the workers as 8-bit levels: a quarter of the bytes to hand over and pin, which bounded the
-            # loader-bound recipes; model_inputs makes the same pixel_values of them on the GPU.
+            # loader-bound recipes; on_after_batch_transfer makes the same pixel_values of them on the device.
             collate_fn=PositionCollator(self._processor(), pixel_levels=self.pixel_levels),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
@@ -338,7 +339,8 @@ class VLMDataModule(pl.LightningDataModule):
         # Called right before training_step (after any prefetching), so this counts batches really trained on.
         if self.trainer is not None and self.trainer.training and isinstance(batch, dict) and "position" in batch:
             self._next_position = int(batch["position"]) + 1
-        return batch
+        # On the device now: the 8-bit pixel levels become pixel_values before any hook or step sees the batch.
+        return expand_pixel_levels(batch) if isinstance(batch, dict) else batch
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -117,7 +117,7 @@ class GlyphSupervision(CompressionPlugin):
         return logits.view(*features.shape[:2], GLYPH_SLOTS, 1 + len(GLYPH_CLASSES))
 
     def _targets(self, batch: dict[str, Any]) -> torch.Tensor | None:
-        if "pixel_values" not in batch and "pixel_levels" not in batch:
+        if "pixel_values" not in batch:
             return None  # a text-only batch
         targets = batch.get("glyph_targets")
         if targets is None:
