@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from typing_extensions import Self
 
 from framework.io import atomic_write_json
-from framework.processing import expand_pixel_levels
+from framework.module import model_inputs
 from framework.selection import ModuleSelection
 from plugins.quantization.config import BITS, QuantSpec, check_spec
 from plugins.quantization.placement import WEIGHT, quantization_disabled
@@ -48,7 +48,6 @@ DEFAULT_BITS = (2, 3, 4, 8)
 #: Largest number of budget states of the dynamic programme (fewer for many layers, so its choice table stays
 #: near 20M entries); beyond it costs are rounded up (plans stay within the budget).
 MAX_STATES = 200_000
-_INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
 
 
 # ---------------------------------------------------------------------------------------------- measuring
@@ -94,8 +93,7 @@ def _token_mask(batch: Mapping[str, Any], metric: str) -> torch.Tensor:
 
 def _scored_logits(model: nn.Module, batch: Mapping[str, Any], mask: torch.Tensor) -> torch.Tensor:
     """Float32 logits ``[scored tokens, vocab]`` that predict the tokens under ``mask``."""
-    expand_pixel_levels(batch)
-    out = model(**{k: batch[k] for k in _INPUT_KEYS if k in batch})
+    out = model(**model_inputs(batch, labels=False))
     return out.logits[:, :-1][mask].float()
 
 
