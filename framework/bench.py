@@ -240,13 +240,11 @@ def loader_throughput(datamodule: Any, workers: int, batches: int) -> dict[str, 
     datamodule.num_workers = workers
     try:
         # Side by side, the configured pixels last: images as 8-bit levels (data.pixel_levels) against float pixels.
-        other = rate(not levels)
-        configured_rate = rate(levels)
+        rates = {setting: rate(setting) for setting in (not levels, levels)}
     finally:
         datamodule.num_workers, datamodule.pixel_levels = configured, levels
-    levels_rate, float_rate = (configured_rate, other) if levels else (other, configured_rate)
-    return {"loader_workers": workers, "loader_steps_per_s_bound": configured_rate,
-            "loader_steps_per_s_bound_pixel_levels": levels_rate, "loader_steps_per_s_bound_float_pixels": float_rate}
+    return {"loader_workers": workers, "loader_steps_per_s_bound": rates[levels],
+            "loader_steps_per_s_bound_pixel_levels": rates[True], "loader_steps_per_s_bound_float_pixels": rates[False]}
 
 
 def loader_speed(datamodule: Any, batches: int, steps_per_s: float) -> dict[str, float]:
