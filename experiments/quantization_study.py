@@ -147,6 +147,13 @@ BUDGETS = (3, 4, 5)
 STACK_RAMP_END = 0.7
 
 
+def stack_scope(scope: str) -> tuple[tuple[tuple[dict[str, Any], str, float], ...], dict[str, Any]]:
+    """A ``STACK_SCOPES`` entry as (its ramps, each (targets, ranking, final sparsity: 0.75 unless given), and
+    QAT's targets)."""
+    ramps, qat_targets = STACK_SCOPES[scope]
+    return tuple((ramp[0], ramp[1], ramp[2] if len(ramp) > 2 else 0.75) for ramp in ramps), qat_targets
+
+
 def weight_spec(bits: int, granularity: str, observer: str | None = None) -> dict[str, Any]:
     spec: dict[str, Any] = {"bits": bits, "symmetric": True, **GRANULARITY[granularity]}
     if observer is not None:
@@ -412,8 +419,7 @@ class Study(sparsity_study.Study):
         o = self.opts
         jobs = []
         for scope in o.stack_scopes:
-            ramps, qat_targets = STACK_SCOPES[scope]
-            ramps = tuple((ramp[0], ramp[1], ramp[2] if len(ramp) > 2 else 0.75) for ramp in ramps)
+            ramps, qat_targets = stack_scope(scope)
             if o.stack_sparsity_scope and any(ranking != o.stack_sparsity_scope for _, ranking, _ in ramps):
                 ramps, suffix = tuple((targets, o.stack_sparsity_scope, final) for targets, _, final in ramps), \
                     f"_{o.stack_sparsity_scope}"
@@ -475,12 +481,11 @@ class Study(sparsity_study.Study):
                  "token table": "embed_tokens", "head": "lm_head", "text linears": ""}
         rows = {}
         for scope in self.opts.stack_scopes:
-            ramps, qat_targets = STACK_SCOPES[scope]
+            ramps, qat_targets = stack_scope(scope)
             loaded = load_vlm(str(source))
             model, plugins = loaded.model, []
-            for index, ramp in enumerate(ramps):
-                final = ramp[2] if len(ramp) > 2 else 0.75
-                pruning = OneShotPruning(ModuleSelection(**ramp[0]), "magnitude", final, scope=ramp[1],
+            for index, (targets, ranking, final) in enumerate(ramps):
+                pruning = OneShotPruning(ModuleSelection(**targets), "magnitude", final, scope=ranking,
                                          name="sparsity" if index == 0 else f"sparsity_{index}")
                 pruning.transform(model)
                 pruning.prune(None, None)
