@@ -430,13 +430,14 @@ class Study(sparsity_study.Study):
                                  update_every=max(1, o.qat_steps // 50), targets=targets, scope=ranking,
                                  name="sparsity" if index == 0 else f"sparsity_{index}")
                         for index, (targets, ranking, final) in enumerate(ramps)]
-            qat = self.qat(4)
+            qat = self.qat(4, o.stack_activation_bits)
             qat["init_args"]["targets"] = qat_targets
             # Shares other than 75%: the scope's name says them.
             ramp = "" if any(final != 0.75 for _, _, final in ramps) else "_ramp75"
             if o.stack_ramp_end != STACK_RAMP_END:  # the share of the run the ramp takes, when not the default
                 ramp += f"_end{round(o.stack_ramp_end * 100)}"
-            name = ("stacked" if scope == "language_model" else f"stacked_{scope}") + f"{suffix}{ramp}_qat_w4a8"
+            name = (("stacked" if scope == "language_model" else f"stacked_{scope}")
+                    + f"{suffix}{ramp}_qat_w4a{o.stack_activation_bits}")
             plugins = [*sparsity, qat]
             if o.stack_distill:
                 # Recovery toward a float model's answer distributions as well as the labels: the base, or the float
@@ -641,6 +642,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="a tag for runs of another length or rate, e.g. 1000steps_lr2e-4: the float fine-tune and "
                              "the stacked runs are named <run>_<tag>, so they do not meet the default runs' summaries "
                              "and exports (letters, digits, '.', '-' and '_')")
+    parser.add_argument("--stack_activation_bits", type=int, choices=[8, 16], default=8,
+                        help="the stacked runs' activation bits (their weights are 4-bit): 8 (W4A8) or 16 (W4A16; "
+                             "activations are not counted in bits per weight); run names say which (_qat_w4a16)")
     parser.add_argument("--stack_seeds", type=int, nargs="+", default=[],
                         help="more seeds of the stacked runs (named <run>_seed<n>), each beside a float fine-tune of "
                              "its seed (float_finetune_seed<n>) to compare with; not exported")

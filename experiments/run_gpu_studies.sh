@@ -261,7 +261,8 @@ fi
 # measures agreement against the base and skips the float fine-tune (its numbers are known from an earlier call);
 # STACK_TEACHER=float_finetune distils from that fine-tune instead of the base (it then trains first);
 # STACK_FEATURE_WEIGHT=1 adds layer-wise distillation (the hidden states) to it; STACK_RAMP_END (default 0.7) is where
-# the ramps end, as a share of the run (the rest recovers at the final sparsity). STACK_SEEDS="1" adds seed
+# the ramps end, as a share of the run (the rest recovers at the final sparsity); STACK_ABITS=16 quantizes activations
+# to 16 bits instead of 8 (W4A16, named _qat_w4a16). STACK_SEEDS="1" adds seed
 # replicas of each run, each beside a float fine-tune of its seed; all run at once. Runs of another length or rate
 # than 300 steps at 1e-4 (and their float fine-tune) carry both in their names, e.g. _1000steps_lr2e-4.
 stack_study() {
@@ -272,6 +273,7 @@ stack_study() {
   $PY experiments/quantization_study.py stacked collect --base_export "$base" --out "$RES/quantization" \
     --work "$WORK/quantization" --stack_scopes "${scopes[@]}" --qat_steps "${QAT_STEPS:-300}" \
     --qat_lr "${QAT_LR:-1e-4}" --qat_reference "${QAT_REFERENCE:-float_finetune}" --stack_ramp_end "${STACK_RAMP_END:-0.7}" \
+    --stack_activation_bits "${STACK_ABITS:-8}" \
     ${STACK_DISTILL:+--stack_distill --stack_teacher "${STACK_TEACHER:-base}" \
       --stack_feature_weight "${STACK_FEATURE_WEIGHT:-0}"} ${STACK_SEEDS:+--stack_seeds "${seeds[@]}"} ${tag:+--run_tag "$tag"} \
     --parallel "$(( ${#scopes[@]} * (1 + ${#seeds[@]}) + ${#seeds[@]} ))" \

@@ -34,7 +34,7 @@ def _study(tmp_path: Path):
                                    "whole_vision50_text80", "whole_vision50_text78", "whole_vision40_text80",
                                    "whole_vision40_text80_patches", "whole_dense_vision_text80_patches"],
                      stack_distill=False, stack_teacher="base", stack_feature_weight=0.0,
-                     stack_sparsity_scope=None, stack_ramp_end=0.7,
+                     stack_sparsity_scope=None, stack_ramp_end=0.7, stack_activation_bits=8,
                      lora_float_base="base", qlora_bases=["bnb_nf4", "bnb_int8"])
     return module.Study(opts)
 
@@ -463,6 +463,20 @@ def test_stacked_runs_take_another_ramp_end_in_their_names(tmp_path: Path) -> No
     with pytest.raises(SystemExit):
         sys.modules["quantization_study"].main(["stacked", "--smoke", "--stack_ramp_end", "0", "--base_export",
                                                 str(tmp_path)])
+
+
+def test_stacked_runs_take_16_bit_activations_in_their_names(tmp_path: Path) -> None:
+    study = _study(tmp_path)
+    study.opts.stack_activation_bits = 16
+    jobs = {job.name: job for job in study.stacked_jobs()}
+    assert {"stacked_ramp75_qat_w4a16", "stacked_whole_dense_vision_text80_patches_qat_w4a16"} <= set(jobs)
+    for job in jobs.values():
+        (qat,) = [c["init_args"] for c in job.callbacks if c["class_path"] == "plugins.quantization.QuantizationAwareTraining"]
+        assert qat["weights"]["bits"] == 4 and qat["activations"]["bits"] == 16
+        assert all(site.get("spec") is None or site["spec"]["bits"] == 16 for site in qat["activation_sites"])
+    with pytest.raises(SystemExit):
+        sys.modules["quantization_study"].main(["stacked", "--smoke", "--stack_activation_bits", "4",
+                                                "--base_export", str(tmp_path)])
 
 
 def test_stacked_runs_take_another_sparsity_ranking_in_their_names(tmp_path: Path) -> None:

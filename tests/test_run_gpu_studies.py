@@ -94,7 +94,8 @@ def test_reading_stack_takes_its_scopes_steps_and_distillation(tmp_path: Path) -
     assert result.returncode == 0, result.stderr
     (stack,) = [call for call in calls if "quantization_study.py stacked" in call]
     assert "--stack_scopes whole_dense_head whole_dense_head_global --qat_steps 1000 --qat_lr 2e-4" in stack
-    assert "--qat_reference float_finetune --stack_ramp_end 0.7 --stack_distill --stack_teacher base" in stack
+    assert ("--qat_reference float_finetune --stack_ramp_end 0.7 --stack_activation_bits 8 --stack_distill "
+            "--stack_teacher base") in stack
     assert "--run_tag 1000steps_lr2e-4 --parallel 2" in stack  # not the default length: the names say it
     assert "--parallel 2" in stack
     # QAT_REFERENCE=base: agreement against the base, no float fine-tune first.
@@ -102,11 +103,11 @@ def test_reading_stack_takes_its_scopes_steps_and_distillation(tmp_path: Path) -
     second.mkdir()
     result, calls = _drive(second, "reading_stack", STACK_SCOPES="whole_vision50_text80", QAT_REFERENCE="base",
                            STACK_DISTILL="1", STACK_TEACHER="float_finetune", STACK_FEATURE_WEIGHT="1",
-                           STACK_RAMP_END="0.5")
+                           STACK_RAMP_END="0.5", STACK_ABITS="16")
     assert result.returncode == 0, result.stderr
     (stack,) = [call for call in calls if "quantization_study.py stacked" in call]
     assert ("--stack_scopes whole_vision50_text80 --qat_steps 300 --qat_lr 1e-4 --qat_reference base "
-            "--stack_ramp_end 0.5 --stack_distill "
+            "--stack_ramp_end 0.5 --stack_activation_bits 16 --stack_distill "
             "--stack_teacher float_finetune --stack_feature_weight 1 --parallel 1") in stack
     # STACK_SEEDS: the replicas and their float fine-tunes run beside the seed-0 runs.
     third = tmp_path / "third"
@@ -115,7 +116,7 @@ def test_reading_stack_takes_its_scopes_steps_and_distillation(tmp_path: Path) -
                            STACK_SEEDS="1 2")
     assert result.returncode == 0, result.stderr
     (stack,) = [call for call in calls if "quantization_study.py stacked" in call]
-    assert "--stack_ramp_end 0.7 --stack_seeds 1 2 --parallel 8" in stack  # 2 scopes x 3 seeds + 2 fine-tunes
+    assert "--stack_ramp_end 0.7 --stack_activation_bits 8 --stack_seeds 1 2 --parallel 8" in stack  # 2 scopes x 3 seeds + 2 fine-tunes
     assert "--run_tag" not in stack
 
 
