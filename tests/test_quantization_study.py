@@ -546,6 +546,11 @@ def test_size_stage_packs_each_stack_before_training_it(tmp_path: Path) -> None:
     assert patches["rest_parameters"] == plain["rest_parameters"] - patches["parts"]["patches"]["parameters"]
     assert patches["model_bits_per_weight"] < plain["model_bits_per_weight"] < 16
     assert plain["parts"]["text linears"]["bits_per_weight"] < plain["parts"]["vision tower"]["bits_per_weight"]
+    # The spec's initial weights are seeded: a second sizing gives the same figures.
+    sys.modules["quantization_study"].main(
+        ["size", "--smoke", "--stack_scopes", "whole_vision40_text80", "--out", str(tmp_path / "again"),
+         "--work", str(tmp_path / "work")])
+    assert json.loads((tmp_path / "again" / "stack_size.json").read_text())["whole_vision40_text80"] == plain
     # A base named but not there is an error, not a silent fall back to the spec.
     with pytest.raises(SystemExit, match=r"size: --base_export .*missing holds no exported model"):
         sys.modules["quantization_study"].main(["size", "--smoke", "--base_export", str(tmp_path / "missing"),
