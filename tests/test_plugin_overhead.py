@@ -47,10 +47,13 @@ def test_isolated_rounds_alternate_fresh_processes(tmp_path: Path) -> None:
     rows = _overhead_module().main(["--smoke", "--plugins", "ramp_2of4", "--steps", "2", "--warmup", "2",
                                     "--batch_size", "4", "--isolated", "--rounds", "2", "--out", str(out)])
     (row,) = rows
-    assert row["isolated"] and len(row["overhead_rounds"]) == 2
+    assert row["isolated"] and len(row["overhead_rounds"]) == len(row["overhead_rounds_median"]) == 2
     assert row["overhead"] == statistics.median(row["overhead_rounds"])
     assert len(row["step_ms_with_each"]) == len(row["step_ms_without_each"]) == 4  # two rounds of two steps
     assert all(t > 0 for t in row["step_ms_with_each"] + row["step_ms_without_each"])
+    for i, ratio in enumerate(row["overhead_rounds_median"]):  # each round's median step, with over without
+        with_steps, without_steps = (row[f"step_ms_{half}_each"][2 * i:2 * i + 2] for half in ("with", "without"))
+        assert ratio == statistics.median(with_steps) / statistics.median(without_steps)
     assert json.loads(out.read_text())["rows"] == rows
 
 
