@@ -29,10 +29,7 @@ def _study(tmp_path: Path):
                      mixed_ptq_only=False, mixed_bits=[2, 3, 4, 8], sensitivity_context_bits=None,
                      base_config=str(ROOT / "experiments" / "pretrain" / "gpu_base.yaml"),
                      settings=["w8a8", "w4a8", "w4a16", "w2a8"], granularities=["ch", "g32"],
-                     stack_scopes=["language_model", "whole", "whole_dense_head", "whole_dense_head_global",
-                                   "whole_dense_tables", "whole_dense_head_rows", "whole_dense_head_table_rows",
-                                   "whole_vision50_text80", "whole_vision50_text78", "whole_vision40_text80",
-                                   "whole_vision40_text80_patches", "whole_dense_vision_text80_patches"],
+                     stack_scopes=list(module.STACK_SCOPES),  # every scope, so a new one is built by the tests
                      stack_distill=False, stack_teacher="base", stack_feature_weight=0.0,
                      stack_sparsity_scope=None, stack_ramp_end=0.7, stack_activation_bits=8,
                      lora_float_base="base", qlora_bases=["bnb_nf4", "bnb_int8"])
@@ -306,7 +303,8 @@ def test_stacked_runs_can_distil_from_the_float_base(tmp_path: Path) -> None:
                          "stacked_whole_vision50_text78_qat_w4a8_distill",
                          "stacked_whole_vision40_text80_qat_w4a8_distill",
                          "stacked_whole_vision40_text80_patches_qat_w4a8_distill",
-                         "stacked_whole_dense_vision_text80_patches_qat_w4a8_distill"}
+                         "stacked_whole_dense_vision_text80_patches_qat_w4a8_distill",
+                         "stacked_whole_dense_vision_text79_patches_qat_w4a8_distill"}
     # A scope with its own sparsity per ramp: each ramp gets its share, under its own state key.
     ramps = [cb["init_args"] for cb in jobs["stacked_whole_vision50_text80_qat_w4a8_distill"].callbacks
              if cb["class_path"].endswith("SparsityRamp")]
@@ -317,13 +315,17 @@ def test_stacked_runs_can_distil_from_the_float_base(tmp_path: Path) -> None:
                  if cb["class_path"].endswith("SparsityRamp")]
         assert [r["final_sparsity"] for r in ramps] == [text, text, vision]
     # The _patches scopes quantize the patch convolution as well; the dense-vision one prunes only the text tower.
-    for scope in ("whole_vision40_text80_patches", "whole_dense_vision_text80_patches"):
+    for scope in ("whole_vision40_text80_patches", "whole_dense_vision_text80_patches",
+                  "whole_dense_vision_text79_patches"):
         qat = next(cb for cb in jobs[f"stacked_{scope}_qat_w4a8_distill"].callbacks
                    if cb["class_path"].endswith("QuantizationAwareTraining"))
         assert qat["init_args"]["targets"]["types"] == ["Linear", "Embedding", "Conv2d"]
     ramps = [cb["init_args"]["final_sparsity"] for cb in jobs[
         "stacked_whole_dense_vision_text80_patches_qat_w4a8_distill"].callbacks if cb["class_path"].endswith("Ramp")]
     assert ramps == [0.8, 0.8]
+    ramps = [cb["init_args"]["final_sparsity"] for cb in jobs[
+        "stacked_whole_dense_vision_text79_patches_qat_w4a8_distill"].callbacks if cb["class_path"].endswith("Ramp")]
+    assert ramps == [0.79, 0.79]
     for job in jobs.values():
         distill = _instantiate(job.callbacks[-1])
         assert type(distill).__name__ == "Distillation"
