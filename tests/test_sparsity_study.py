@@ -121,13 +121,13 @@ def test_base_argument_configs_resolve_from_where_the_study_starts(tmp_path: Pat
 
 def test_seed_replicas_pair_a_ramp_with_its_reference(tmp_path: Path) -> None:
     jobs = {job.name: job for job in _study(tmp_path, seeds=(1, 2)).sweep_jobs()}
-    for name in ("dense_finetune", "ramp75", "ramp2of4"):
+    for name in ("dense_finetune", "ramp50", "ramp75", "ramp2of4"):
         for seed in (1, 2):
             replica = jobs[f"{name}_seed{seed}"]
             assert replica.callbacks == jobs[name].callbacks
             assert replica.overrides[-2:] == [f"--seed_everything={seed}", f"--data.init_args.seed={seed}"]
             assert replica.export_to is None and replica.after is None
-    assert not any(name.startswith("ramp50_seed") for name in jobs)
+    assert not any(name.startswith(("ramp65_seed", "ramp2of4_distill_seed")) for name in jobs)
     # L0 and its dense reference are paired too; the gates' noise follows the seed, the other arguments do not change.
     for seed in (1, 2):
         replica = jobs[f"l0_50_improved_seed{seed}"]
@@ -206,7 +206,7 @@ def test_distillation_from_the_dense_finetune_runs_after_it(tmp_path: Path) -> N
     study = _study(tmp_path)
     jobs = {job.name: job for job in study.sweep_jobs()}
     reference = jobs["dense_finetune"].export_to
-    for name in ("ramp75_distill_ft", "ramp2of4_distill_ft"):
+    for name in ("ramp50_distill_ft", "ramp75_distill_ft", "ramp2of4_distill_ft"):
         teacher = next(c for c in jobs[name].callbacks if c["class_path"].endswith("Distillation"))
         assert teacher["init_args"]["teacher"] == str(reference) and jobs[name].after == "dense_finetune"
     assert jobs["ramp75_distill"].after is None  # the base is there before the sweep starts
@@ -249,7 +249,7 @@ def test_only_names_a_seed_replica_or_fails_before_any_run(tmp_path: Path,
     names = {job.name for job in study.sweep_jobs()}
     assert {"l0_50_improved_seed1", "dense_finetune_l0_seed1"} <= names
     # A name with no run (a typo, or a replica of a run --seeds does not repeat) stops the study, naming it.
-    for wrong in ("l0_50_improvd", "ramp50_seed1"):
+    for wrong in ("l0_50_improvd", "ramp65_seed1"):
         with pytest.raises(SystemExit, match=f"--only: no run named {wrong}; the runs are .*l0_50_improved"):
             module.check_only(_study(tmp_path), [wrong])
     for wrong in (["0"], ["2", "2"], ["-1"]):
