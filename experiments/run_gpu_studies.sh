@@ -175,8 +175,8 @@ reading_base() {
 # 4-bit stack and QALFT. Each run takes the least busy GPU.
 if [ "${1:-}" = reading ]; then
   reading_base
-  $PY "${SP[@]}" sweep collect --only dense_finetune ramp50 ramp75 ramp2of4 ramp50_distill_ft ramp75_distill_ft ramp2of4_distill_ft dense \
-    oneshot_mag_50 oneshot_act_50 oneshot_mag_75 oneshot_act_75 oneshot_mag_2of4 oneshot_act_2of4 --seeds 1 \
+  $PY "${SP[@]}" sweep collect --only dense_finetune ramp50 ramp75 ramp2of4 ramp50_distill_ft ramp75_distill_ft \
+    ramp2of4_distill_ft dense oneshot_mag_50 oneshot_act_50 oneshot_mag_75 oneshot_act_75 oneshot_mag_2of4 oneshot_act_2of4 --seeds 1 \
     --ft_steps "${FT_STEPS:-400}" --parallel "$((2 * GPUS))" --gpus "$GPUS" > "$WORK/logs/sparsity_study.log" 2>&1 &
   $PY "${SP[@]}" sweep --only l0_50_improved dense_finetune_l0 --ft_steps "${FT_STEPS:-400}" $(l0_length) \
     --parallel 2 --gpus "$GPUS" > "$WORK/logs/l0.log" 2>&1 &
