@@ -5,6 +5,7 @@
 #   bash experiments/run_gpu_studies.sh pack results.tgz   # results, logs and export JSONs so far, one archive
 #   REUSE=experiments/results/sparsity/summaries bash experiments/run_gpu_studies.sh   # only the missing sparsity runs
 #   REUSE=... RERUN="dense_finetune ramp75 ramp2of4" bash experiments/run_gpu_studies.sh   # and these again
+#   QUANT_REUSE="experiments/results/quantization/gpu_h200x2_run19" ... reading_stack   # those quantization runs not again
 #   QUANT_STAGES="mixed qalft runtime collect" bash experiments/run_gpu_studies.sh      # some quantization stages
 #   bash experiments/run_gpu_studies.sh reading   # the studies on the base that reads (gpu_reading.yaml), see below
 #   bash experiments/run_gpu_studies.sh reading_goals   # its goals' runs that fit 10 minutes on two GPUs, see below
@@ -74,6 +75,13 @@ if [ -n "${REUSE:-}" ]; then
     case " dense_base ${RERUN:-} " in *" $run "*) ;; *) cp "$f" "$RES/sparsity/" ;; esac
   done
 fi
+# QUANT_REUSE="<folder> ...": the quantization runs with a summary in these folders are not run again (a run with a
+# summary is skipped): the float fine-tunes and stacks an earlier call trained from the same base, which is
+# deterministic on one GPU type, e.g. QUANT_REUSE=experiments/results/quantization/gpu_h200x2_run19.
+for dir in ${QUANT_REUSE:-}; do
+  compgen -G "$dir/summary_*.json" > /dev/null || { log "QUANT_REUSE: no summary_*.json in $dir"; exit 1; }
+  cp "$dir"/summary_*.json "$RES/quantization/"
+done
 # The last two GPUs (of four or more) first serve the framework's own measurements: each 10-minute base recipe
 # ($RECIPES) is sized by a throughput benchmark on its GPU, then trained; afterwards one GPU measures training
 # throughput (the MFU table) and the other the plugins' training overhead, both otherwise idle. Until then the

@@ -158,3 +158,19 @@ def test_reading_l0_of_another_length_tags_its_runs(tmp_path: Path) -> None:
         (folder / "default").mkdir()
         _, calls = _drive(folder / "default", mode)
         assert all("--run_tag" not in call for call in calls if "sparsity_study" in call)
+
+
+def test_quant_reuse_places_earlier_summaries_or_fails_naming_the_folder(tmp_path: Path) -> None:
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "summary_float_finetune_seed1.json").write_text("{}")
+    result, calls = _drive(tmp_path, "reading_stack", QUANT_REUSE=str(earlier))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "work" / "results" / "quantization" / "summary_float_finetune_seed1.json").read_text() == "{}"
+    assert any("quantization_study.py stacked" in call for call in calls)
+    missing = tmp_path / "missing"
+    again = tmp_path / "again"
+    again.mkdir()
+    result, calls = _drive(again, "reading_stack", QUANT_REUSE=str(missing))
+    assert result.returncode == 1 and f"QUANT_REUSE: no summary_*.json in {missing}" in result.stdout
+    assert calls == []  # nothing started
