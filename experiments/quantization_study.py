@@ -64,7 +64,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import re
 import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -243,12 +242,6 @@ class Study(sparsity_study.Study):
         return args
 
     # ------------------------------------------------------------------ the study's runs
-    @property
-    def run_tag(self) -> str:
-        """``_<--run_tag>``, or nothing: ends the names of the float fine-tune and the stacked runs."""
-        tag = getattr(self.opts, "run_tag", "")
-        return f"_{tag}" if tag else ""
-
     @property
     def float_finetune(self) -> Path:
         """The float model QAT rows are compared with: the base fine-tuned like them, without quantization."""
@@ -672,8 +665,7 @@ def main(argv: list[str] | None = None) -> None:
                              "PTQ; runs other than W4A8 carry it in their names")
     opts = parser.parse_args(argv)
     sparsity_study.check_seeds(parser, "--stack_seeds", opts.stack_seeds)
-    if not re.fullmatch(r"[A-Za-z0-9.\-_]*", opts.run_tag):
-        parser.error(f"--run_tag: letters, digits, '.', '-' and '_' only (it ends run names), got {opts.run_tag!r}")
+    sparsity_study.check_run_tag(parser, opts.run_tag)
     if not 0.0 < opts.stack_ramp_end <= 1.0:
         parser.error(f"--stack_ramp_end: a share of the run in (0, 1], got {opts.stack_ramp_end}")
     if opts.stack_teacher != "base" and not opts.stack_distill:

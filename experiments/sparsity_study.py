@@ -299,7 +299,7 @@ class Study:
         configs, _ = split_configs(shlex.split(o.base_args))
         overrides = [*configs, f"--model.init_args.model={spec}", *self.steps(steps)]
         if not with_base:  # a sweep-sized run, placed like the sweep's
-            return Job(f"l0_scratch50_l0compute{self.l0_tag}", "fit", overrides=overrides)
+            return Job(f"l0_scratch50_l0compute{self.run_tag}", "fit", overrides=overrides)
         # On the second GPU when there is one; the sweep's first jobs go to the others.
         workers = f"--data.init_args.num_workers={max(o.workers, o.base_workers // 2 if not o.smoke else 0)}"
         return Job("l0_scratch50", "fit", overrides=[*overrides, workers], gpu=1)
@@ -328,16 +328,17 @@ class Study:
         return sorted({layers // 3, 2 * layers // 3} - {0}) + [-1]
 
     @property
-    def l0_tag(self) -> str:
-        """``_<--run_tag>``, or nothing: ends the names of the runs as long as ``--l0_steps`` (the L0 runs, their
-        dense reference and the from-scratch shape with their compute), so runs of two lengths share a work folder."""
+    def run_tag(self) -> str:
+        """``_<--run_tag>``, or nothing: ends the names of the runs the tag marks, so runs of two lengths share a work
+        folder (here the runs as long as ``--l0_steps``: the L0 runs, their dense reference and the from-scratch shape
+        with their compute; the quantization study's float fine-tune and stacked runs)."""
         tag = getattr(self.opts, "run_tag", "")
         return f"_{tag}" if tag else ""
 
     def sweep_jobs(self) -> list[Job]:
         """The fine-tunes, longest first so the pool's last runs are short ones."""
         o = self.opts
-        tag, exports = self.l0_tag, self.work / "exports"
+        tag, exports = self.run_tag, self.work / "exports"
         ramp = dict(schedule="cubic", start=0.0, end=0.7, update_every=max(1, o.ft_steps // 50), targets=LANGUAGE_MODEL)
         jobs = []
         for l0_name, fraction, method in (("l0_50_improved", 0.5, "improved"), ("l0_50_plain", 0.5, "plain"),
@@ -352,7 +353,7 @@ class Study:
             jobs.append(Job(name, "fit", [callback(L0, target_fraction=fraction,
                                                    method="improved", multiple_of=self.multiple_of,
                                                    hard_from=hard_from)],
-                            self.from_base(o.l0_steps, o.ft_lr), export_to=self.work / "exports" / name))
+                            self.from_base(o.l0_steps, o.ft_lr), export_to=exports / name))
         # One kind of unit kept whole while the others pay for the 50%, to find what the reading needs. On the base
         # that reads the pruned model loses on the digits: they pass through the projector into the full hidden
         # width (keep_hidden), copying them from the image tokens is attention's work (keep_heads: the default run
@@ -361,14 +362,14 @@ class Study:
             name = f"l0_50_improved_keep_{kept}{tag}"
             jobs.append(Job(name, "fit", [callback(L0, target_fraction=0.5, method="improved",
                                                    multiple_of=self.multiple_of, **{f"prune_{kept}": False})],
-                            self.from_base(o.l0_steps, o.ft_lr), export_to=self.work / "exports" / name))
+                            self.from_base(o.l0_steps, o.ft_lr), export_to=exports / name))
         dense_finetune_l0 = exports / f"dense_finetune_l0{tag}"
         if o.l0_steps != o.ft_steps:  # the L0 runs' dense reference: fine-tuned as long as they are
             jobs.append(Job(dense_finetune_l0.name, "fit", overrides=self.from_base(o.l0_steps, o.ft_lr),
                             export_to=dense_finetune_l0))
         # Improved L0 at 50% recovering toward a dense teacher (distillation on the answers): the base, or the dense
         # reference of the L0 runs once it is exported (the dense fine-tune when both have the same length).
-        l0_teacher = dense_finetune_l0 if o.l0_steps != o.ft_steps else self.work / "exports" / "dense_finetune"
+        l0_teacher = dense_finetune_l0 if o.l0_steps != o.ft_steps else exports / "dense_finetune"
         for suffix, teacher_path, after in (("_distill", self.base_export, None),
                                             ("_distill_ft", l0_teacher, l0_teacher.name)):
             jobs.append(Job(f"l0_50_improved{suffix}{tag}", "fit",
@@ -388,12 +389,12 @@ class Study:
                                   temperature=2.0, feature_weight=1.0, feature_layers=self.feature_layers())],
                         self.from_base(o.l0_steps, o.ft_lr),
                         export_to=exports / f"l0_50_improved_distill_ft_features{tag}", after=l0_teacher.name))
-        dense_finetune = self.work / "exports" / "dense_finetune"
+        dense_finetune = exports / "dense_finetune"
         jobs.append(Job("dense_finetune", "fit", overrides=self.from_base(o.ft_steps, o.ft_lr),
                         export_to=dense_finetune))
         for name, args in RAMPS.items():
             jobs.append(Job(name, "fit", [callback("plugins.sparsity.SparsityRamp", **ramp, **args)],
-                            self.from_base(o.ft_steps, o.ft_lr), export_to=self.work / "exports" / name))
+                            self.from_base(o.ft_steps, o.ft_lr), export_to=exports / name))
         # The ramps where captions lag most, recovering toward the dense base too (distillation on the answers).
         teacher = callback("plugins.distillation.Distillation", teacher=str(self.base_export), weight=1.0,
                            temperature=2.0)
@@ -405,7 +406,7 @@ class Study:
             for suffix, distill, after in (("_distill", teacher, None), ("_distill_ft", finetuned, "dense_finetune")):
                 jobs.append(Job(f"{name}{suffix}", "fit",
                                 [callback("plugins.sparsity.SparsityRamp", **ramp, **RAMPS[name]), distill],
-                                self.from_base(o.ft_steps, o.ft_lr), export_to=self.work / "exports" / f"{name}{suffix}",
+                                self.from_base(o.ft_steps, o.ft_lr), export_to=exports / f"{name}{suffix}",
                                 after=after))
         # Seed replicas of the goals' runs, so a ramp and its dense reference of one seed are paired on the same samples.
         for seed in o.seeds:
@@ -581,6 +582,12 @@ def check_seeds(parser: argparse.ArgumentParser, flag: str, seeds: list[int]) ->
         parser.error(f"{flag}: distinct seeds >= 1 (0 is the runs' own seed), got {' '.join(map(str, seeds))}")
 
 
+def check_run_tag(parser: argparse.ArgumentParser, tag: str) -> None:
+    """A ``--run_tag`` ends run names (and their folders): letters, digits, '.', '-' and '_' only."""
+    if not re.fullmatch(r"[A-Za-z0-9.\-_]*", tag):
+        parser.error(f"--run_tag: letters, digits, '.', '-' and '_' only (it ends run names), got {tag!r}")
+
+
 def split_seed(name: str) -> tuple[str, str]:
     """``name`` as (its run, its ``_seed<n>`` suffix or ``""``)."""
     run, sep, seed = name.rpartition("_seed")
@@ -591,7 +598,7 @@ def check_only(study: Study, only: list[str]) -> None:
     """Fails before any run starts when ``--only`` names a run the study does not have. A seed replica named there
     (``<run>_seed<n>``) asks for its seed, as ``--seeds n`` would. With ``--run_tag``, a run's name without the tag
     names it too (``l0_50_improved`` for ``l0_50_improved_3000steps``; ``only`` is rewritten in place)."""
-    tag = study.l0_tag
+    tag = study.run_tag
     tagged = ({job.name for job in study.sweep_jobs()} | {f"l0_scratch50_l0compute{tag}"}) if tag else set()
     for i, name in enumerate(only):
         run, seed = split_seed(name)
@@ -602,7 +609,7 @@ def check_only(study: Study, only: list[str]) -> None:
         if run.removesuffix(tag) in SEEDED and seed and int(seed[5:]) not in study.opts.seeds:
             study.opts.seeds.append(int(seed[5:]))
     known = {job.name for job in study.sweep_jobs() + study.oneshot_jobs()}
-    known |= {"dense_base", "l0_scratch50", f"l0_scratch50_l0compute{study.l0_tag}"}
+    known |= {"dense_base", "l0_scratch50", f"l0_scratch50_l0compute{study.run_tag}"}
     unknown = sorted(set(only) - known)
     if unknown:
         raise SystemExit(f"--only: no run named {', '.join(unknown)}; the runs are {', '.join(sorted(known))}")
@@ -627,8 +634,7 @@ def main(argv: list[str] | None = None) -> None:
                         "follow their run's name; the from-scratch baseline l0_scratch50 only when named)")
     opts = parser.parse_args(argv)
     check_seeds(parser, "--seeds", opts.seeds)
-    if not re.fullmatch(r"[A-Za-z0-9.\-_]*", opts.run_tag):
-        parser.error(f"--run_tag: letters, digits, '.', '-' and '_' only (it ends run names), got {opts.run_tag!r}")
+    check_run_tag(parser, opts.run_tag)
     if opts.smoke:
         opts.base_steps, opts.ft_steps, opts.l0_steps, opts.ft_batch = 6, 4, 6, 4
     resolve_gpus(opts)
