@@ -14,7 +14,9 @@
    (``l0_50_improved_keep_hidden``, ``_keep_heads``, ``_keep_layers``); the 50%, 75% and 2:4 ramps again with
    distillation from the dense base (``ramp50_distill``, ``ramp75_distill``, ``ramp2of4_distill``) and, once the
    sweep's other runs are done, from the dense fine-tune, the ramps' reference (``ramp50_distill_ft``, ...).
-   ``--run_tag T`` ends the names of the runs as long as ``--l0_steps`` in ``_T`` (``l0_50_improved_3000steps``).
+   ``--run_tag T`` ends the names of the runs as long as ``--l0_steps`` in ``_T`` (``l0_50_improved_3000steps``);
+   ``--ft_tag T`` those of the runs as long as ``--ft_steps``: the dense fine-tune, the ramps and their distilled
+   variants (``ramp75_1000steps``).
 4. ``latency`` of the exported pruned models against the dense base, and ``overhead`` of each plugin in training
    (``vlmc bench --without_plugins``), both with the GPU otherwise idle.
    ``scratch`` alone runs only the from-scratch model of the 50%-pruned shape with the L0 run's compute (the
@@ -335,10 +337,21 @@ class Study:
         tag = getattr(self.opts, "run_tag", "")
         return f"_{tag}" if tag else ""
 
+    @property
+    def ft_tag(self) -> str:
+        """``_<--ft_tag>``, or nothing: ends the names of the runs as long as ``--ft_steps`` (the dense fine-tune, the
+        ramps and their distilled variants), so fine-tunes of two lengths share a work and a results folder."""
+        tag = getattr(self.opts, "ft_tag", "")
+        return f"_{tag}" if tag else ""
+
+    def untagged(self, name: str) -> str:
+        """``name`` without the tag of its kind of run."""
+        return name.removesuffix(self.run_tag).removesuffix(self.ft_tag)
+
     def sweep_jobs(self) -> list[Job]:
         """The fine-tunes, longest first so the pool's last runs are short ones."""
         o = self.opts
-        tag, exports = self.run_tag, self.work / "exports"
+        tag, ft_tag, exports = self.run_tag, self.ft_tag, self.work / "exports"
         ramp = dict(schedule="cubic", start=0.0, end=0.7, update_every=max(1, o.ft_steps // 50), targets=LANGUAGE_MODEL)
         jobs = []
         for l0_name, fraction, method in (("l0_50_improved", 0.5, "improved"), ("l0_50_plain", 0.5, "plain"),
@@ -369,7 +382,8 @@ class Study:
                             export_to=dense_finetune_l0))
         # Improved L0 at 50% recovering toward a dense teacher (distillation on the answers): the base, or the dense
         # reference of the L0 runs once it is exported (the dense fine-tune when both have the same length).
-        l0_teacher = dense_finetune_l0 if o.l0_steps != o.ft_steps else exports / "dense_finetune"
+        dense_finetune = exports / f"dense_finetune{ft_tag}"
+        l0_teacher = dense_finetune_l0 if o.l0_steps != o.ft_steps else dense_finetune
         for suffix, teacher_path, after in (("_distill", self.base_export, None),
                                             ("_distill_ft", l0_teacher, l0_teacher.name)):
             jobs.append(Job(f"l0_50_improved{suffix}{tag}", "fit",
@@ -389,12 +403,11 @@ class Study:
                                   temperature=2.0, feature_weight=1.0, feature_layers=self.feature_layers())],
                         self.from_base(o.l0_steps, o.ft_lr),
                         export_to=exports / f"l0_50_improved_distill_ft_features{tag}", after=l0_teacher.name))
-        dense_finetune = exports / "dense_finetune"
-        jobs.append(Job("dense_finetune", "fit", overrides=self.from_base(o.ft_steps, o.ft_lr),
+        jobs.append(Job(dense_finetune.name, "fit", overrides=self.from_base(o.ft_steps, o.ft_lr),
                         export_to=dense_finetune))
         for name, args in RAMPS.items():
-            jobs.append(Job(name, "fit", [callback("plugins.sparsity.SparsityRamp", **ramp, **args)],
-                            self.from_base(o.ft_steps, o.ft_lr), export_to=exports / name))
+            jobs.append(Job(name + ft_tag, "fit", [callback("plugins.sparsity.SparsityRamp", **ramp, **args)],
+                            self.from_base(o.ft_steps, o.ft_lr), export_to=exports / (name + ft_tag)))
         # The ramps where captions lag most, recovering toward the dense base too (distillation on the answers).
         teacher = callback("plugins.distillation.Distillation", teacher=str(self.base_export), weight=1.0,
                            temperature=2.0)
@@ -403,14 +416,14 @@ class Study:
         finetuned = callback("plugins.distillation.Distillation", teacher=str(dense_finetune), weight=1.0,
                              temperature=2.0)
         for name in ("ramp50", "ramp75", "ramp2of4"):
-            for suffix, distill, after in (("_distill", teacher, None), ("_distill_ft", finetuned, "dense_finetune")):
-                jobs.append(Job(f"{name}{suffix}", "fit",
+            for suffix, distill, after in (("_distill", teacher, None), ("_distill_ft", finetuned, dense_finetune.name)):
+                jobs.append(Job(f"{name}{suffix}{ft_tag}", "fit",
                                 [callback("plugins.sparsity.SparsityRamp", **ramp, **RAMPS[name]), distill],
-                                self.from_base(o.ft_steps, o.ft_lr), export_to=exports / f"{name}{suffix}",
+                                self.from_base(o.ft_steps, o.ft_lr), export_to=exports / f"{name}{suffix}{ft_tag}",
                                 after=after))
         # Seed replicas of the goals' runs, so a ramp and its dense reference of one seed are paired on the same samples.
         for seed in o.seeds:
-            jobs += [seed_replica(job, seed) for job in jobs if job.name.removesuffix(tag) in SEEDED]
+            jobs += [seed_replica(job, seed) for job in jobs if self.untagged(job.name) in SEEDED]
         return jobs
 
     def oneshot_jobs(self) -> list[Job]:
@@ -582,10 +595,10 @@ def check_seeds(parser: argparse.ArgumentParser, flag: str, seeds: list[int]) ->
         parser.error(f"{flag}: distinct seeds >= 1 (0 is the runs' own seed), got {' '.join(map(str, seeds))}")
 
 
-def check_run_tag(parser: argparse.ArgumentParser, tag: str) -> None:
-    """A ``--run_tag`` ends run names (and their folders): letters, digits, '.', '-' and '_' only."""
+def check_run_tag(parser: argparse.ArgumentParser, tag: str, flag: str = "--run_tag") -> None:
+    """A tag ends run names (and their folders): letters, digits, '.', '-' and '_' only."""
     if not re.fullmatch(r"[A-Za-z0-9.\-_]*", tag):
-        parser.error(f"--run_tag: letters, digits, '.', '-' and '_' only (it ends run names), got {tag!r}")
+        parser.error(f"{flag}: letters, digits, '.', '-' and '_' only (it ends run names), got {tag!r}")
 
 
 def split_seed(name: str) -> tuple[str, str]:
@@ -596,17 +609,20 @@ def split_seed(name: str) -> tuple[str, str]:
 
 def check_only(study: Study, only: list[str]) -> None:
     """Fails before any run starts when ``--only`` names a run the study does not have. A seed replica named there
-    (``<run>_seed<n>``) asks for its seed, as ``--seeds n`` would. With ``--run_tag``, a run's name without the tag
-    names it too (``l0_50_improved`` for ``l0_50_improved_3000steps``; ``only`` is rewritten in place)."""
-    tag = study.run_tag
-    tagged = ({job.name for job in study.sweep_jobs()} | {f"l0_scratch50_l0compute{tag}"}) if tag else set()
+    (``<run>_seed<n>``) asks for its seed, as ``--seeds n`` would. With ``--run_tag`` or ``--ft_tag``, a run's name
+    without its tag names it too (``l0_50_improved`` for ``l0_50_improved_3000steps``, ``ramp75`` for
+    ``ramp75_1000steps``; ``only`` is rewritten in place)."""
+    tags = [tag for tag in (study.run_tag, study.ft_tag) if tag]
+    tagged = ({job.name for job in study.sweep_jobs()} | {f"l0_scratch50_l0compute{study.run_tag}"}) if tags else set()
     for i, name in enumerate(only):
         run, seed = split_seed(name)
-        if run + tag in tagged:
-            only[i] = run + tag + seed
+        for tag in tags:
+            if run + tag in tagged:
+                only[i] = run + tag + seed
+                break
     for name in only:
         run, seed = split_seed(name)
-        if run.removesuffix(tag) in SEEDED and seed and int(seed[5:]) not in study.opts.seeds:
+        if study.untagged(run) in SEEDED and seed and int(seed[5:]) not in study.opts.seeds:
             study.opts.seeds.append(int(seed[5:]))
     known = {job.name for job in study.sweep_jobs() + study.oneshot_jobs()}
     known |= {"dense_base", "l0_scratch50", f"l0_scratch50_l0compute{study.run_tag}"}
@@ -630,11 +646,16 @@ def main(argv: list[str] | None = None) -> None:
                         "the from-scratch shape with their compute) in _<tag>, e.g. 3000steps, so runs of another "
                         "length never meet these runs' summaries or exports; --only takes their names with or "
                         "without it")
+    parser.add_argument("--ft_tag", default="",
+                        help="the same for the runs as long as --ft_steps (the dense fine-tune, the ramps and their "
+                        "distilled variants), e.g. --ft_steps 1000 --ft_tag 1000steps: ramp75_1000steps beside the "
+                        "400-step ramp75")
     parser.add_argument("--only", nargs="+", help="run only these jobs of the base and sweep stages (seed replicas "
                         "follow their run's name; the from-scratch baseline l0_scratch50 only when named)")
     opts = parser.parse_args(argv)
     check_seeds(parser, "--seeds", opts.seeds)
     check_run_tag(parser, opts.run_tag)
+    check_run_tag(parser, opts.ft_tag, "--ft_tag")
     if opts.smoke:
         opts.base_steps, opts.ft_steps, opts.l0_steps, opts.ft_batch = 6, 4, 6, 4
     resolve_gpus(opts)

@@ -285,6 +285,36 @@ def test_run_tag_names_the_runs_as_long_as_l0(tmp_path: Path, capsys: pytest.Cap
     assert "--run_tag: letters, digits" in capsys.readouterr().err
 
 
+def test_ft_tag_names_the_fine_tunes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    study = _study(tmp_path)
+    module = sys.modules["sparsity_study"]
+    study.opts.ft_tag = "1000steps"
+    jobs = {job.name: job for job in study.sweep_jobs()}
+    # The dense fine-tune, the ramps and their distilled variants carry the tag, in their exports too; L0 does not.
+    assert {"dense_finetune_1000steps", "ramp75_1000steps", "ramp2of4_1000steps", "ramp50_distill_ft_1000steps",
+            "l0_50_improved", "dense_finetune_l0"} <= set(jobs)
+    assert not {"dense_finetune", "ramp75", "l0_50_improved_1000steps"} & set(jobs)
+    assert jobs["ramp75_1000steps"].export_to.name == "ramp75_1000steps"
+    # Distillation from the ramps' reference waits for, and reads, the reference of the same length.
+    distill = jobs["ramp75_distill_ft_1000steps"]
+    assert distill.after == "dense_finetune_1000steps"
+    assert distill.callbacks[1]["init_args"]["teacher"].endswith("dense_finetune_1000steps")
+    # --only takes the names with or without the tag; a replica asks for its seed either way.
+    only = ["ramp75_seed1", "dense_finetune", "ramp50_1000steps"]
+    module.check_only(study, only)
+    assert only == ["ramp75_1000steps_seed1", "dense_finetune_1000steps", "ramp50_1000steps"]
+    assert study.opts.seeds == [1]
+    assert {"ramp75_1000steps_seed1", "dense_finetune_1000steps_seed1", "ramp50_1000steps_seed1"} <= {
+        job.name for job in study.sweep_jobs()}
+    # Both tags at once: each kind of run takes its own.
+    study.opts.run_tag = "3000steps"
+    names = {job.name for job in study.sweep_jobs()}
+    assert {"l0_50_improved_3000steps", "ramp75_1000steps", "l0_50_improved_keep_layers_3000steps_seed1"} <= names
+    with pytest.raises(SystemExit):
+        module.main(["sweep", "--smoke", "--ft_tag", "1000 steps", "--out", str(tmp_path / "o"), "--work", str(tmp_path)])
+    assert "--ft_tag: letters, digits" in capsys.readouterr().err
+
+
 def test_validation_interval_fits_the_base_configs_epoch(tmp_path: Path) -> None:
     # Lightning refuses a val_check_interval longer than an epoch: the quickstart's is 600 batches, the GPU base's 1000.
     study = _study(tmp_path)
