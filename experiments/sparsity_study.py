@@ -511,7 +511,8 @@ class Study:
                 self.collect()
             except (FileNotFoundError, ValueError) as err:  # keep the run's own error visible
                 print(f"collect: {err}", flush=True)
-        record_status(self.out / "study_status.json", codes, sys.argv[1:])
+        if codes:  # runs or stages ran: a `collect` alone over a results folder leaves nothing beside its table
+            record_status(self.out / "study_status.json", codes, sys.argv[1:])
         if opts.pack:
             self.pack(Path(opts.pack))
         failed = {k: v for k, v in codes.items() if v}

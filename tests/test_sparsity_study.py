@@ -104,6 +104,22 @@ def test_studies_side_by_side_keep_each_others_status(tmp_path: Path) -> None:
     assert json.loads(path.read_text())["codes"]["run3"] == 0
 
 
+def test_collect_alone_writes_only_the_table(tmp_path: Path) -> None:
+    # Collecting a committed results folder again must not leave a status file of an invocation that ran nothing.
+    _study(tmp_path)
+    module = sys.modules["sparsity_study"]
+    out = tmp_path / "collected"
+    out.mkdir()
+    source = ROOT / "experiments/results/sparsity/gpu_h200x2_run21"
+    for name in ("summary_ramp75_seed1.json", "summary_dense_finetune_seed1.json"):
+        (out / name).write_text((source / name).read_text())
+    module.main(["collect", "--out", str(out), "--work", str(tmp_path / "work")])
+    rows = (out / "accuracy.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[1].startswith("dense_finetune_seed1,")
+    assert sorted(p.name for p in out.iterdir()) == ["accuracy.csv", "summary_dense_finetune_seed1.json",
+                                                     "summary_ramp75_seed1.json"]
+
+
 def test_base_argument_configs_resolve_from_where_the_study_starts(tmp_path: Path, monkeypatch) -> None:
     # Each run starts in its own folder under --work: a relative --config in --base_args must not be read from there.
     monkeypatch.chdir(ROOT)
