@@ -58,11 +58,11 @@ RAMPS = {"ramp50": {"final_sparsity": 0.5}, "ramp65": {"final_sparsity": 0.65}, 
          "ramp75": {"final_sparsity": 0.75}, "ramp90": {"final_sparsity": 0.9},
          "ramp2of4": {"pattern": "2:4"}, "ramp4of8": {"pattern": "4:8"}}
 LANGUAGE_MODEL = {"include": "language_model", "exclude": "lm_head"}
-#: The runs ``--seeds`` repeats: the goals' gaps (the 50%, 75% and 2:4 ramps, L0 at 50%, also with every layer kept)
-#: and their dense references. "No loss" at 50% is a claim about a mean over seeds: one seed's 256 samples per task
-#: move F1 by about a point.
-SEEDED = ("dense_finetune", "ramp50", "ramp75", "ramp2of4", "l0_50_improved", "l0_50_improved_keep_layers",
-          "dense_finetune_l0")
+#: The runs ``--seeds`` repeats: the goals' gaps (the 50%, 75% and 2:4 ramps, also distilled from the dense
+#: fine-tune, and L0 at 50%, also with every layer kept) and their dense references. "No loss" at 50% is a claim
+#: about a mean over seeds: one seed's 256 samples per task move F1 by about a point.
+SEEDED = ("dense_finetune", "ramp50", "ramp75", "ramp2of4", "ramp50_distill_ft", "ramp75_distill_ft",
+          "ramp2of4_distill_ft", "l0_50_improved", "l0_50_improved_keep_layers", "dense_finetune_l0")
 L0 = "plugins.l0_pruning.L0Pruning"
 
 
@@ -79,11 +79,12 @@ class Job:
 
 def seed_replica(job: Job, seed: int) -> Job:
     """``job`` again as ``<name>_seed<seed>``, not exported: model and data seed both set (data order and validation
-    samples), and L0's gate noise too."""
+    samples), and L0's gate noise too. It waits for what ``job`` waits for (a teacher's export: teachers stay the
+    seed-0 models)."""
     callbacks = [{**c, "init_args": {**c["init_args"], "seed": seed}} if c["class_path"] == L0 else c
                  for c in job.callbacks]
     return Job(f"{job.name}_seed{seed}", job.verb, callbacks,
-               [*job.overrides, f"--seed_everything={seed}", f"--data.init_args.seed={seed}"])
+               [*job.overrides, f"--seed_everything={seed}", f"--data.init_args.seed={seed}"], after=job.after)
 
 
 def split_configs(args: list[str]) -> tuple[list[str], list[str]]:

@@ -320,8 +320,10 @@ def test_ft_tag_names_the_fine_tunes(tmp_path: Path, capsys: pytest.CaptureFixtu
     module.check_only(study, only)
     assert only == ["ramp75_1000steps_seed1", "dense_finetune_1000steps", "ramp50_1000steps"]
     assert study.opts.seeds == [1]
-    assert {"ramp75_1000steps_seed1", "dense_finetune_1000steps_seed1", "ramp50_1000steps_seed1"} <= {
-        job.name for job in study.sweep_jobs()}
+    replicas = {job.name: job for job in study.sweep_jobs()}
+    assert {"ramp75_1000steps_seed1", "dense_finetune_1000steps_seed1", "ramp50_1000steps_seed1"} <= set(replicas)
+    # A distilled ramp's replica waits for the same teacher (the seed-0 reference) as its run.
+    assert replicas["ramp75_distill_ft_1000steps_seed1"].after == "dense_finetune_1000steps"
     # Both tags at once: each kind of run takes its own.
     study.opts.run_tag = "3000steps"
     names = {job.name for job in study.sweep_jobs()}
