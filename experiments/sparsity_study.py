@@ -335,14 +335,17 @@ class Study:
         """``_<--run_tag>``, or nothing: ends the names of the runs the tag marks, so runs of two lengths share a work
         folder (here the runs as long as ``--l0_steps``: the L0 runs, their dense reference and the from-scratch shape
         with their compute; the quantization study's float fine-tune and stacked runs)."""
-        tag = getattr(self.opts, "run_tag", "")
-        return f"_{tag}" if tag else ""
+        return self._suffix("run_tag")
 
     @property
     def ft_tag(self) -> str:
         """``_<--ft_tag>``, or nothing: ends the names of the runs as long as ``--ft_steps`` (the dense fine-tune, the
         ramps and their distilled variants), so fine-tunes of two lengths share a work and a results folder."""
-        tag = getattr(self.opts, "ft_tag", "")
+        return self._suffix("ft_tag")
+
+    def _suffix(self, option: str) -> str:
+        """``_<value of the tag option>``, or nothing when it is unset (studies without the option have none)."""
+        tag = getattr(self.opts, option, "")
         return f"_{tag}" if tag else ""
 
     def untagged(self, name: str) -> str:
